@@ -1,0 +1,21 @@
+"""User-facing errors: the CLI prints their message on one line and exits with status 2."""
+
+
+class LongtrainError(Exception):
+    """Bad input or environment that the user can fix; never a bug in longtrain."""
+
+
+class ConfigError(LongtrainError):
+    pass
+
+
+class LaunchError(LongtrainError):
+    pass
+
+
+class CheckpointError(LongtrainError):
+    pass
+
+
+class DataError(LongtrainError):
+    pass

@@ -1,0 +1,159 @@
+"""Sharded checkpoints with torch.distributed.checkpoint (DCP), published atomically.
+
+Layout under the checkpoint folder:
+  step_00000100/      a complete checkpoint: DCP shards + .metadata + meta.json
+  step_00000150.tmp/  a save in progress (or a crashed one: removed at the next start)
+  latest              text file naming the newest complete checkpoint (replaced atomically)
+
+A save writes into `<name>.tmp`, then rank 0 renames it to `<name>` and rewrites `latest`
+(write + fsync + os.replace), so a crash at any moment leaves the previous checkpoint usable.
+meta.json holds the step, the global data position and the run's shape; nothing is ever
+unpickled (DCP reads tensors; meta is JSON).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import shutil
+import signal
+import time
+from pathlib import Path
+from typing import Any
+
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+
+from longtrain.errors import CheckpointError
+
+log = logging.getLogger("longtrain")
+
+_STEP_RE = re.compile(r"^step_(\d+)$")
+
+
+def _barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def _rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def is_complete(path: Path) -> bool:
+    return (path / ".metadata").is_file() and (path / "meta.json").is_file()
+
+
+def read_meta(path: str | os.PathLike) -> dict[str, Any]:
+    """meta.json of a checkpoint folder; CheckpointError if it is missing or unreadable."""
+    p = Path(path)
+    if not p.is_dir():
+        raise CheckpointError(f"checkpoint not found: {p}")
+    if not is_complete(p):
+        raise CheckpointError(f"checkpoint {p} is incomplete or unreadable (no .metadata/meta.json)")
+    try:
+        meta = json.loads((p / "meta.json").read_text())
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"checkpoint {p} has an unreadable meta.json: {e}") from None
+    if not isinstance(meta, dict) or "step" not in meta:
+        raise CheckpointError(f"checkpoint {p} has a meta.json without a step")
+    return meta
+
+
+class Checkpointer:
+    def __init__(self, root: str | os.PathLike, keep_last: int = 2) -> None:
+        self.root = Path(root)
+        self.keep_last = keep_last
+
+    def prepare(self) -> None:
+        """Create the folder and remove partial saves left by a crash (rank 0)."""
+        if _rank() == 0:
+            self.root.mkdir(parents=True, exist_ok=True)
+            for p in self.root.glob("*.tmp"):
+                log.warning("removing partial checkpoint %s (a save was interrupted)", p)
+                shutil.rmtree(p, ignore_errors=True)
+        _barrier()
+
+    def complete(self) -> list[Path]:
+        """Complete checkpoints, oldest first."""
+        if not self.root.is_dir():
+            return []
+        found = [p for p in self.root.iterdir() if _STEP_RE.match(p.name) and is_complete(p)]
+        return sorted(found, key=lambda p: int(_STEP_RE.match(p.name).group(1)))
+
+    def latest(self) -> Path | None:
+        """The checkpoint named by `latest` if complete, else the newest complete one."""
+        pointer = self.root / "latest"
+        if pointer.is_file():
+            p = self.root / pointer.read_text().strip()
+            if is_complete(p):
+                return p
+            log.warning("'latest' names %s, which is incomplete; using the newest complete checkpoint", p)
+        done = self.complete()
+        return done[-1] if done else None
+
+    def save(self, step: int, state: dict[str, Any], meta: dict[str, Any]) -> Path:
+        """Collective: every rank calls it. Returns the published folder."""
+        name = f"step_{step:08d}"
+        final, tmp = self.root / name, self.root / f"{name}.tmp"
+        if _rank() == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+        _barrier()
+        t0 = time.perf_counter()
+        dcp.save(state, checkpoint_id=str(tmp))
+        if _rank() == 0:
+            with open(tmp / "meta.json", "w") as f:
+                json.dump({**meta, "step": step, "saved_at": time.time()}, f, indent=1)
+                f.flush()
+                os.fsync(f.fileno())
+        _fault("crash_during_save", step)
+        _barrier()
+        if _rank() == 0:
+            if final.exists():
+                shutil.rmtree(final)
+            os.replace(tmp, final)
+            ptr_tmp = self.root / "latest.tmp"
+            with open(ptr_tmp, "w") as f:
+                f.write(name)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(ptr_tmp, self.root / "latest")
+            _fsync_dir(self.root)
+            for old in self.complete()[:-self.keep_last]:
+                shutil.rmtree(old, ignore_errors=True)
+            log.info("checkpoint %s saved in %.2fs", final, time.perf_counter() - t0)
+        _barrier()
+        return final
+
+    @staticmethod
+    def load(path: Path, state: dict[str, Any]) -> dict[str, Any]:
+        """Load DCP shards into `state` in place (any world size); return meta."""
+        meta = read_meta(path)
+        try:
+            dcp.load(state, checkpoint_id=str(path))
+        except Exception as e:  # DCP wraps errors from every rank in CheckpointException
+            first = str(e).strip().splitlines()
+            raise CheckpointError(f"cannot load checkpoint {path}: {first[-1] if first else type(e).__name__}") from None
+        return meta
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except OSError:
+        pass
+
+
+def _fault(kind: str, step: int) -> None:
+    """Test hook: LONGTRAIN_FAULT='crash_during_save:STEP' kills rank 0 mid-save at STEP."""
+    spec = os.environ.get("LONGTRAIN_FAULT", "")
+    if spec == f"{kind}:{step}" and _rank() == 0:
+        log.error("fault injection: %s at step %d", kind, step)
+        os.kill(os.getpid(), signal.SIGKILL)

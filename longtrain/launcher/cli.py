@@ -1,0 +1,127 @@
+"""`longtrain train|plan|slurm|eval|convert|bench`.
+
+Bad input exits with status 2 and one line `longtrain: error: ...` (no traceback).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from longtrain.errors import LongtrainError
+
+BENCHES = ("step", "sp", "lightning", "mesa", "models", "moh")
+
+
+def _error(msg: str) -> int:
+    print(f"longtrain: error: {msg}", file=sys.stderr, flush=True)
+    return 2
+
+
+def _train_parser(sub) -> None:
+    p = sub.add_parser("train", help="train from a recipe (starts torchrun itself with --nproc)")
+    p.add_argument("recipe", help="TOML recipe, e.g. recipes/tiny-cpu.toml")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a recipe value, e.g. --set training.lr=1e-3 (repeatable)")
+    p.add_argument("--nproc", type=int, default=None,
+                   help="processes to start on this machine when not already under torchrun/Slurm/MPI")
+    p.add_argument("--dry-run", action="store_true", help="validate recipe, mesh, data and model; do not train")
+
+
+def _spawn_torchrun(args: argparse.Namespace) -> int:
+    n = args.nproc
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={n}",
+           "--module", "longtrain.launcher.cli", "train", args.recipe]
+    for o in args.overrides:
+        cmd += ["--set", o]
+    if args.dry_run:
+        cmd.append("--dry-run")
+    env = dict(os.environ)
+    env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // n)))
+    env.setdefault("TORCHELASTIC_ERROR_FILE", "")
+    env["LONGTRAIN_QUIET_TORCHRUN"] = "1"
+    proc = subprocess.run(cmd, env=env)
+    return 0 if proc.returncode == 0 else (2 if proc.returncode == 2 else proc.returncode)
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from longtrain.launcher.config import load_recipe
+    from longtrain.launcher.env import under_launcher
+
+    recipe = load_recipe(args.recipe, args.overrides)
+    if args.nproc is not None and args.nproc <= 0:
+        raise LongtrainError(f"--nproc must be > 0, got {args.nproc}")
+    if not under_launcher() and args.nproc and args.nproc > 1:
+        if recipe.checkpoint.resume not in ("auto", "none"):
+            from longtrain.launcher.checkpoint import read_meta
+
+            read_meta(recipe.checkpoint.resume)
+        if args.nproc % recipe.parallel.sp:
+            raise LongtrainError(f"--nproc {args.nproc} is not divisible by parallel.sp = {recipe.parallel.sp}")
+        return _spawn_torchrun(args)
+    from longtrain.launcher.trainer import train
+
+    train(recipe, dry_run=args.dry_run)
+    return 0
+
+
+def cmd_bench(argv: list[str]) -> int:
+    if not argv or argv[0] in ("-h", "--help"):
+        print(f"usage: longtrain bench {{{','.join(BENCHES)}}} [options]\n"
+              "Each bench prints a table and writes JSON (bench-results/NAME.json by default).")
+        return 0 if argv else 2
+    name = argv[0]
+    if name not in BENCHES:
+        return _error(f"unknown bench {name!r}; choose one of: {', '.join(BENCHES)}")
+    try:
+        mod = importlib.import_module(f"longtrain.bench.{name}")
+    except ModuleNotFoundError as e:
+        return _error(f"bench {name!r} is not available ({e})")
+    return int(mod.main(argv[1:]) or 0)
+
+
+def _sub_main(module: str, argv: list[str]) -> int:
+    mod = importlib.import_module(module)
+    return int(mod.main(argv) or 0)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    # sub-tools with their own argument parsers
+    passthrough = {"bench": None, "plan": "longtrain.launcher.plan", "slurm": "longtrain.launcher.slurm",
+                   "eval": "longtrain.launcher.evaluate", "convert": "longtrain.launcher.convert"}
+    try:
+        if argv and argv[0] in passthrough:
+            if argv[0] == "bench":
+                return cmd_bench(argv[1:])
+            try:
+                return _sub_main(passthrough[argv[0]], argv[1:])
+            except ModuleNotFoundError as e:
+                if e.name and e.name.startswith("longtrain"):
+                    return _error(f"'longtrain {argv[0]}' is not available in this build ({e.name} missing)")
+                raise
+        parser = argparse.ArgumentParser(prog="longtrain", description=__doc__)
+        sub = parser.add_subparsers(dest="command", required=True)
+        _train_parser(sub)
+        for name, helptext in (("plan", "size a job: memory per GPU and step time"),
+                               ("slurm", "print or submit an sbatch script for a recipe"),
+                               ("eval", "passkey retrieval / perplexity by position"),
+                               ("convert", "export a training checkpoint to a Hugging Face folder"),
+                               ("bench", "benchmarks: " + ", ".join(BENCHES))):
+            sub.add_parser(name, help=helptext, add_help=False)
+        args = parser.parse_args(argv)
+        if args.command == "train":
+            return cmd_train(args)
+        return 2
+    except LongtrainError as e:
+        return _error(str(e))
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

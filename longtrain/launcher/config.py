@@ -1,0 +1,410 @@
+"""Recipe schema (TOML) -> dataclasses, `--set a.b=c` overrides, validation.
+
+Every section maps to a dataclass below; unknown keys, wrong types and
+impossible values raise ConfigError with a one-line message naming the key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import os
+import tomllib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from longtrain.errors import ConfigError
+from longtrain.models.config import PRESETS, ModelConfig, MoHConfig, model_config
+
+
+@dataclass
+class RunSection:
+    name: str = "run"
+    output_dir: str = ""  # default: runs/<name>
+    seed: int = 0
+
+
+@dataclass
+class ModelSection:
+    """A preset plus any ModelConfig field as an override."""
+
+    preset: str | None = "tiny"
+    init_from: str | None = None  # HF LLaMA folder to continue-tune from
+    vocab_size: int | None = None
+    dim: int | None = None
+    n_layers: int | None = None
+    n_heads: int | None = None
+    n_kv_heads: int | None = None
+    head_dim: int | None = None
+    ffn_dim: int | None = None
+    norm_eps: float | None = None
+    rope_theta: float | None = None
+    rope_scaling: dict | None = None
+    max_seq_len: int | None = None
+    tie_embeddings: bool | None = None
+    attention: list[str] | None = None
+    moh: dict | None = None
+    init_std: float | None = None
+
+
+@dataclass
+class DataSection:
+    source: str = "stdlib"  # "stdlib" | a file, folder or glob of local text/json/parquet files
+    format: str = "auto"  # auto | text | json | parquet
+    text_field: str = "text"
+    tokenizer: str = "bytes"  # "bytes" | path to tokenizer.json | HF folder containing one
+    seq_len: int = 256
+    document_mask: bool = False  # no attention across packed documents; positions restart per document
+    max_documents: int = 0  # 0 = all
+    shuffle: bool = True
+    passkey_fraction: float = 0.0  # share of synthetic passkey documents mixed in (eval recipes)
+
+
+@dataclass
+class TrainingSection:
+    steps: int = 100
+    micro_batch: int = 4
+    grad_accum: int = 1
+    lr: float = 3e-3
+    min_lr_ratio: float = 0.1
+    warmup: int = 10
+    schedule: str = "cosine"  # cosine | linear | constant
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0
+    dtype: str = "fp32"  # fp32 | bf16
+    activation_checkpointing: bool = False
+    device: str = "auto"  # auto | cpu | cuda
+
+
+@dataclass
+class StageSection:
+    """A stage of a staged long-context recipe: from `start_step` on, use this seq_len / rope_theta."""
+
+    start_step: int = 0
+    seq_len: int | None = None
+    rope_theta: float | None = None
+
+
+@dataclass
+class ParallelSection:
+    sp: int = 1
+    sp_impl: str = "tokenring"  # ring | tokenring | ulysses | hybrid
+    sp_layout: str = "zigzag"  # zigzag | contiguous
+    ulysses_degree: int = 0  # hybrid only: ranks per Ulysses group (0 = auto)
+    dp_engine: str = "fsdp2"  # fsdp2 | ddp | deepspeed
+    zero_stage: int = 1  # deepspeed only
+    deepspeed_config: dict | None = None  # merged over the generated DeepSpeed config
+
+
+@dataclass
+class MesaSection:
+    enabled: bool = False
+    bits: int = 8
+    group: str = "head"  # head | channel
+    ema_decay: float = 0.9
+    stochastic: bool = True
+    skip_layers: list[int] = field(default_factory=list)  # layers kept exact (negative = from the end)
+
+
+@dataclass
+class CheckpointSection:
+    interval: int = 50
+    keep_last: int = 2
+    resume: str = "auto"  # auto | none | path to a checkpoint folder
+    dir: str = ""  # default: <output_dir>/checkpoints
+
+
+@dataclass
+class MetricsSection:
+    log_every: int = 10
+    tensorboard: bool = True
+
+
+@dataclass
+class EvalSection:
+    every: int = 0  # steps between in-training evaluations (0 = off)
+    lengths: list[int] = field(default_factory=list)
+    passkey: bool = False
+    depths: list[float] = field(default_factory=lambda: [0.0, 0.25, 0.5, 0.75, 1.0])
+    samples: int = 4
+
+
+@dataclass
+class Recipe:
+    run: RunSection = field(default_factory=RunSection)
+    model: ModelSection = field(default_factory=ModelSection)
+    data: DataSection = field(default_factory=DataSection)
+    training: TrainingSection = field(default_factory=TrainingSection)
+    stages: list[StageSection] = field(default_factory=list)
+    parallel: ParallelSection = field(default_factory=ParallelSection)
+    mesa: MesaSection = field(default_factory=MesaSection)
+    checkpoint: CheckpointSection = field(default_factory=CheckpointSection)
+    metrics: MetricsSection = field(default_factory=MetricsSection)
+    eval: EvalSection = field(default_factory=EvalSection)
+    source_path: str = ""  # where the recipe was read from (not a TOML key)
+
+    # ---- derived -------------------------------------------------------------------------
+    @property
+    def output_dir(self) -> Path:
+        return Path(self.run.output_dir or os.path.join("runs", self.run.name))
+
+    @property
+    def checkpoint_dir(self) -> Path:
+        return Path(self.checkpoint.dir) if self.checkpoint.dir else self.output_dir / "checkpoints"
+
+    def model_config(self) -> ModelConfig:
+        """The ModelConfig the recipe asks for (without an HF init_from folder applied)."""
+        m = self.model
+        overrides = {f.name: getattr(m, f.name) for f in dataclasses.fields(m)
+                     if f.name not in ("preset", "init_from") and getattr(m, f.name) is not None}
+        if "moh" in overrides:
+            overrides["moh"] = MoHConfig(**overrides["moh"])
+        return model_config(m.preset, **overrides)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d.pop("source_path", None)
+        return d
+
+
+# ---- parsing ---------------------------------------------------------------------------------
+
+_SECTIONS = {f.name: f for f in dataclasses.fields(Recipe) if f.name != "source_path"}
+
+
+def _closest(name: str, options: list[str], prefix: str = "") -> str:
+    close = difflib.get_close_matches(name, options, n=1, cutoff=0.5)
+    return f" (did you mean '{prefix}{close[0]}'?)" if close else f" (valid: {', '.join(options)})"
+
+
+def _type_ok(value: Any, tp: Any) -> bool:
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        return any(_type_ok(value, a) for a in typing.get_args(tp))
+    if tp is type(None):
+        return value is None
+    if tp is bool:
+        return isinstance(value, bool)
+    if tp is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if tp is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if tp is str:
+        return isinstance(value, str)
+    if tp is dict or origin is dict:
+        return isinstance(value, dict)
+    if origin is list:
+        (inner,) = typing.get_args(tp)
+        return isinstance(value, list) and all(_type_ok(v, inner) for v in value)
+    return True
+
+
+def _type_name(tp: Any) -> str:
+    return str(tp).replace("typing.", "").replace("<class '", "").replace("'>", "")
+
+
+def _build(cls: type, data: dict[str, Any], where: str) -> Any:
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in data.items():
+        if key not in names:
+            raise ConfigError(f"unknown key '{where}.{key}'{_closest(key, names, where + '.')}")
+        tp = hints[key]
+        if tp is float and isinstance(value, int) and not isinstance(value, bool):
+            value = float(value)
+        if typing.get_origin(tp) in (typing.Union, types.UnionType) and float in typing.get_args(tp) \
+                and isinstance(value, int) and not isinstance(value, bool):
+            value = float(value)
+        if not _type_ok(value, tp):
+            raise ConfigError(f"'{where}.{key}' must be of type {_type_name(tp)}, got {value!r}")
+        kwargs[key] = value
+    return cls(**kwargs)
+
+
+def _parse_value(text: str) -> Any:
+    try:
+        return tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        return text  # a bare string
+
+
+def apply_override(data: dict[str, Any], assignment: str) -> None:
+    """Apply one `section.key=value` (value in TOML syntax, bare strings allowed) to raw recipe data."""
+    if "=" not in assignment:
+        raise ConfigError(f"override {assignment!r} must look like section.key=value")
+    path, value = assignment.split("=", 1)
+    parts = [p.strip() for p in path.strip().split(".") if p.strip()]
+    if len(parts) < 2:
+        raise ConfigError(f"override {assignment!r}: name a section and a key, e.g. training.lr=1e-3")
+    if parts[0] not in _SECTIONS:
+        raise ConfigError(f"unknown section '{parts[0]}'{_closest(parts[0], list(_SECTIONS))}")
+    node = data
+    for p in parts[:-1]:
+        node = node.setdefault(p, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"override {assignment!r}: {p!r} is not a table")
+    node[parts[-1]] = _parse_value(value.strip())
+
+
+def recipe_from_dict(data: dict[str, Any], source_path: str = "") -> Recipe:
+    kwargs: dict[str, Any] = {}
+    for section, value in data.items():
+        if section not in _SECTIONS:
+            raise ConfigError(f"unknown section '{section}'{_closest(section, list(_SECTIONS))}")
+        if section == "stages":
+            if not isinstance(value, list) or not all(isinstance(v, dict) for v in value):
+                raise ConfigError("'stages' must be an array of tables ([[stages]])")
+            kwargs["stages"] = [_build(StageSection, v, f"stages[{i}]") for i, v in enumerate(value)]
+            continue
+        if not isinstance(value, dict):
+            raise ConfigError(f"'{section}' must be a table ([{section}]), got {value!r}")
+        cls = typing.get_type_hints(Recipe)[section]
+        kwargs[section] = _build(cls, value, section)
+    recipe = Recipe(**kwargs, source_path=source_path)
+    validate(recipe)
+    return recipe
+
+
+def load_recipe(path: str | os.PathLike, overrides: list[str] | None = None) -> Recipe:
+    """Read a TOML recipe, apply `section.key=value` overrides, validate."""
+    p = Path(path)
+    if not p.is_file():
+        builtin = Path(__file__).resolve().parents[2] / "recipes" / p.name
+        if not p.suffix:
+            builtin = builtin.with_suffix(".toml")
+        if builtin.is_file() and not p.parent.parts:
+            p = builtin
+        else:
+            raise ConfigError(f"recipe file not found: {path}")
+    try:
+        data = tomllib.loads(p.read_text())
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"recipe {p} is not valid TOML: {e}") from None
+    for o in overrides or []:
+        apply_override(data, o)
+    return recipe_from_dict(data, str(p))
+
+
+def _positive(name: str, value: int | float, allow_zero: bool = False) -> None:
+    if value < 0 or (value == 0 and not allow_zero):
+        raise ConfigError(f"'{name}' must be {'>= 0' if allow_zero else '> 0'}, got {value}")
+
+
+def _choice(name: str, value: str, options: tuple[str, ...]) -> None:
+    if value not in options:
+        raise ConfigError(f"'{name}' must be one of {', '.join(options)}; got {value!r}{_closest(value, list(options))}")
+
+
+def validate(r: Recipe) -> None:
+    """Check values and cross-section consistency; raise ConfigError naming the key."""
+    t, d, p, c = r.training, r.data, r.parallel, r.checkpoint
+    for name in ("steps", "micro_batch", "grad_accum"):
+        _positive(f"training.{name}", getattr(t, name))
+    _positive("training.lr", t.lr)
+    _positive("training.warmup", t.warmup, allow_zero=True)
+    _positive("training.grad_clip", t.grad_clip, allow_zero=True)
+    _positive("training.weight_decay", t.weight_decay, allow_zero=True)
+    if not 0 <= t.min_lr_ratio <= 1:
+        raise ConfigError(f"'training.min_lr_ratio' must be in [0, 1], got {t.min_lr_ratio}")
+    _choice("training.schedule", t.schedule, ("cosine", "linear", "constant"))
+    _choice("training.dtype", t.dtype, ("fp32", "bf16"))
+    _choice("training.device", t.device, ("auto", "cpu", "cuda"))
+    _positive("data.seq_len", d.seq_len)
+    _positive("data.max_documents", d.max_documents, allow_zero=True)
+    _choice("data.format", d.format, ("auto", "text", "json", "parquet"))
+    if not 0 <= d.passkey_fraction <= 1:
+        raise ConfigError(f"'data.passkey_fraction' must be in [0, 1], got {d.passkey_fraction}")
+    _positive("parallel.sp", p.sp)
+    _choice("parallel.sp_impl", p.sp_impl, ("ring", "tokenring", "ulysses", "hybrid"))
+    _choice("parallel.sp_layout", p.sp_layout, ("zigzag", "contiguous"))
+    _choice("parallel.dp_engine", p.dp_engine, ("fsdp2", "ddp", "deepspeed"))
+    _positive("parallel.ulysses_degree", p.ulysses_degree, allow_zero=True)
+    if p.zero_stage not in (0, 1, 2, 3):
+        raise ConfigError(f"'parallel.zero_stage' must be 0, 1, 2 or 3, got {p.zero_stage}")
+    _positive("checkpoint.interval", c.interval)
+    _positive("checkpoint.keep_last", c.keep_last)
+    _positive("metrics.log_every", r.metrics.log_every)
+    if r.mesa.enabled:
+        if r.mesa.bits not in (8,):
+            raise ConfigError(f"'mesa.bits' must be 8 (other widths are not implemented), got {r.mesa.bits}")
+        _choice("mesa.group", r.mesa.group, ("head", "channel"))
+        if not 0 <= r.mesa.ema_decay < 1:
+            raise ConfigError(f"'mesa.ema_decay' must be in [0, 1), got {r.mesa.ema_decay}")
+    if r.model.preset is not None and r.model.preset not in PRESETS:
+        raise ConfigError(f"unknown 'model.preset' {r.model.preset!r}{_closest(r.model.preset, list(PRESETS))}")
+    if r.model.init_from is not None and not Path(r.model.init_from).is_dir():
+        raise ConfigError(f"'model.init_from' folder not found: {r.model.init_from}")
+    if r.model.init_from is None:
+        try:
+            mc = r.model_config()
+            mc.validate()
+        except (TypeError, ValueError) as e:
+            raise ConfigError(str(e)) from None
+        max_len = max([d.seq_len] + [s.seq_len or 0 for s in r.stages])
+        if max_len > mc.max_seq_len:
+            raise ConfigError(f"'data.seq_len' {max_len} exceeds the model's limit 'model.max_seq_len' = {mc.max_seq_len}")
+    for i, s in enumerate(r.stages):
+        _positive(f"stages[{i}].start_step", s.start_step, allow_zero=True)
+        if s.seq_len is not None:
+            _positive(f"stages[{i}].seq_len", s.seq_len)
+        if s.rope_theta is not None:
+            _positive(f"stages[{i}].rope_theta", s.rope_theta)
+    if d.source not in ("stdlib",) and not d.source.startswith("passkey") and not _source_exists(d.source):
+        raise ConfigError(f"'data.source' not found: {d.source}")
+    if d.tokenizer != "bytes" and not Path(d.tokenizer).exists():
+        raise ConfigError(f"'data.tokenizer' not found: {d.tokenizer} (use \"bytes\" or a tokenizer.json / HF folder)")
+    if r.eval.every < 0:
+        raise ConfigError(f"'eval.every' must be >= 0, got {r.eval.every}")
+
+
+def _source_exists(source: str) -> bool:
+    import glob
+
+    return any(Path(s).exists() or glob.glob(s) for s in source.split(","))
+
+
+# ---- writing -------------------------------------------------------------------------------
+
+def _toml_value(v: Any) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, (int, float)):
+        return repr(v)
+    if isinstance(v, str):
+        return '"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    if isinstance(v, list):
+        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
+    if isinstance(v, dict):
+        return "{ " + ", ".join(f"{k} = {_toml_value(x)}" for k, x in v.items() if x is not None) + " }"
+    raise TypeError(f"cannot write {v!r} as TOML")
+
+
+def to_toml(data: dict[str, Any]) -> str:
+    """Serialize a recipe dict (sections of scalars, lists, inline tables; None omitted)."""
+    lines: list[str] = []
+    for section, body in data.items():
+        if isinstance(body, list):
+            for item in body:
+                lines.append(f"[[{section}]]")
+                lines += [f"{k} = {_toml_value(v)}" for k, v in item.items() if v is not None]
+                lines.append("")
+            continue
+        lines.append(f"[{section}]")
+        lines += [f"{k} = {_toml_value(v)}" for k, v in body.items() if v is not None]
+        lines.append("")
+    return "\n".join(lines)
+
+
+def save_resolved(recipe: Recipe, path: str | os.PathLike, extra: dict[str, Any] | None = None) -> None:
+    """Write the fully resolved recipe (defaults filled in) as TOML; `extra` adds a [resolved] table."""
+    data = recipe.to_dict()
+    text = f"# resolved recipe (from {recipe.source_path or 'defaults'})\n" + to_toml(data)
+    if extra:
+        text += "\n# derived values, for reading only\n" + to_toml({"resolved": extra})
+    Path(path).write_text(text)

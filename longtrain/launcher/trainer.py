@@ -1,0 +1,399 @@
+"""The training loop: data -> shard -> forward/backward -> reduce -> clip -> step -> log -> checkpoint."""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from longtrain.errors import ConfigError, LaunchError
+from longtrain.launcher.checkpoint import Checkpointer, read_meta
+from longtrain.launcher.config import Recipe, save_resolved
+from longtrain.launcher.data import PackedCorpus, build_tokenizer, collate, load_documents
+from longtrain.launcher.env import init_distributed
+from longtrain.launcher.metrics import Metrics, memory_mb, peak_flops
+from longtrain.models import LocalAttention, Transformer, lm_loss_sum
+
+log = logging.getLogger("longtrain")
+
+
+def setup_logging(is_main: bool) -> None:
+    logging.basicConfig(level=logging.INFO if is_main else logging.WARNING,
+                        format="[%(asctime)s] %(message)s", datefmt="%H:%M:%S", force=True)
+
+
+def lr_lambda(recipe: Recipe):
+    t = recipe.training
+
+    def f(step: int) -> float:  # step = optimizer steps taken so far
+        if t.warmup and step < t.warmup:
+            return (step + 1) / t.warmup
+        if t.schedule == "constant":
+            return 1.0
+        progress = min(1.0, (step - t.warmup) / max(1, t.steps - t.warmup))
+        decay = 0.5 * (1 + math.cos(math.pi * progress)) if t.schedule == "cosine" else 1 - progress
+        return t.min_lr_ratio + (1 - t.min_lr_ratio) * decay
+
+    return f
+
+
+@dataclass
+class Layout:
+    world: int
+    rank: int
+    dp: int
+    sp: int
+    dp_rank: int
+    sp_rank: int
+    sp_group: Any
+
+
+def make_layout(sp: int) -> Layout:
+    """dp x sp mesh: consecutive ranks form one sequence-parallel group."""
+    world, rank = dist.get_world_size(), dist.get_rank()
+    if world % sp:
+        raise LaunchError(f"world size {world} is not divisible by parallel.sp = {sp}")
+    dp = world // sp
+    sp_group = None
+    for d in range(dp):  # every rank must create every group, in the same order
+        ranks = list(range(d * sp, (d + 1) * sp))
+        g = dist.new_group(ranks) if sp > 1 else None
+        if rank in ranks:
+            sp_group = g
+    return Layout(world, rank, dp, sp, rank // sp, rank % sp, sp_group)
+
+
+def build_model(recipe: Recipe, tokenizer_vocab: int) -> Transformer:
+    if recipe.model.init_from:
+        from longtrain.models.hf import load_hf_checkpoint
+
+        overrides = recipe.model_config()
+        model = load_hf_checkpoint(recipe.model.init_from, moh=overrides.moh if recipe.model.moh else None)
+        if recipe.model.attention is not None:
+            log.warning("model.attention is ignored with init_from (the HF model is all full attention)")
+    else:
+        torch.manual_seed(recipe.run.seed)
+        model = Transformer(recipe.model_config())
+        model.init_weights(seed=recipe.run.seed)
+    if model.cfg.vocab_size < tokenizer_vocab:
+        raise ConfigError(f"model vocab_size {model.cfg.vocab_size} is smaller than the tokenizer's {tokenizer_vocab}")
+    return model
+
+
+def enable_mesa(model: Transformer, recipe: Recipe) -> Any:
+    """Make every block save 8-bit activations (kernels/mesa); returns the Mesa state module or None."""
+    if not recipe.mesa.enabled:
+        return None
+    from longtrain.kernels.mesa import MesaConfig, attach_mesa
+
+    m = recipe.mesa
+    cfg = MesaConfig(enabled=True, bits=m.bits, group=m.group, ema_decay=m.ema_decay, stochastic=m.stochastic,
+                     skip_layers=tuple(m.skip_layers))
+    return attach_mesa(model, cfg)
+
+
+class Trainer:
+    def __init__(self, recipe: Recipe) -> None:
+        self.recipe = recipe
+        self.env, self.device = init_distributed(recipe.training.device)
+        setup_logging(self.env.is_main)
+        r = recipe
+        self.layout = make_layout(r.parallel.sp)
+        lay = self.layout
+        if lay.sp > 1 and r.data.seq_len % (2 * lay.sp if r.parallel.sp_layout == "zigzag" else lay.sp):
+            raise ConfigError(f"data.seq_len {r.data.seq_len} must be divisible by "
+                              f"{'2*' if r.parallel.sp_layout == 'zigzag' else ''}sp for the {r.parallel.sp_layout} layout")
+        self.tokenizer = build_tokenizer(self._tokenizer_spec())
+        t0 = time.perf_counter()
+        docs = load_documents(r.data.source, r.data.format, r.data.text_field, r.data.max_documents)
+        if r.data.passkey_fraction > 0:
+            from longtrain.launcher.passkey import mix_passkey_documents
+
+            docs = mix_passkey_documents(docs, r.data.passkey_fraction, seed=r.run.seed, seq_len=r.data.seq_len)
+        self.corpus = PackedCorpus(docs, self.tokenizer, r.data.seq_len, seed=r.run.seed, shuffle=r.data.shuffle)
+        log.info("data: %d documents, %d tokens, %d samples of %d tokens (%.1fs)", len(docs),
+                 len(self.corpus.tokens), self.corpus.n_samples, r.data.seq_len, time.perf_counter() - t0)
+        self.model = build_model(r, self.tokenizer.vocab_size)
+        self.mesa = enable_mesa(self.model, r)
+        self.model.activation_checkpointing = r.training.activation_checkpointing
+        self.model.to(self.device)
+        self.dtype = torch.bfloat16 if r.training.dtype == "bf16" else torch.float32
+        self.engine = r.parallel.dp_engine
+        self.ds_engine = None
+        if self.engine == "deepspeed":
+            from longtrain.parallel.deepspeed_engine import wrap_deepspeed
+
+            self.ds_engine, self.optimizer, self.scheduler = wrap_deepspeed(self.model, r, lr_lambda(r), self.dtype)
+            self.wrapped = self.ds_engine
+        else:
+            from longtrain.parallel.engines import wrap_model
+
+            self.wrapped = wrap_model(self.model, self.engine, self.device, dtype=self.dtype)
+            decay = [p for n, p in self.model.named_parameters() if p.dim() >= 2]
+            no_decay = [p for n, p in self.model.named_parameters() if p.dim() < 2]
+            t = r.training
+            self.optimizer = torch.optim.AdamW(
+                [{"params": decay, "weight_decay": t.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+                lr=t.lr, betas=(t.beta1, t.beta2), eps=1e-8, foreach=True)
+            self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(r))
+        self.step = 0
+        self.data_position = 0
+        self.checkpointer = Checkpointer(r.checkpoint_dir, r.checkpoint.keep_last)
+        self.metrics: Metrics | None = None
+
+    def _tokenizer_spec(self) -> str:
+        r = self.recipe
+        if r.model.init_from and r.data.tokenizer == "bytes":
+            path = os.path.join(r.model.init_from, "tokenizer.json")
+            if os.path.isfile(path):
+                return path
+        return r.data.tokenizer
+
+    # ---- state ----------------------------------------------------------------------------
+    def _state(self) -> dict[str, Any]:
+        if self.ds_engine is not None:
+            raise RuntimeError("DeepSpeed checkpoints go through its own engine")
+        from torch.distributed.checkpoint.state_dict import get_state_dict
+
+        model_sd, optim_sd = get_state_dict(self.wrapped, self.optimizer)
+        return {"model": model_sd, "optim": optim_sd}
+
+    def _meta(self) -> dict[str, Any]:
+        r = self.recipe
+        return {"data_position": self.data_position, "world_size": self.layout.world, "dp": self.layout.dp,
+                "sp": self.layout.sp, "global_batch": self.global_batch, "seq_len": r.data.seq_len,
+                "model": self.model.cfg.to_dict(), "engine": self.engine}
+
+    def save(self) -> None:
+        if self.ds_engine is not None:
+            from longtrain.parallel.deepspeed_engine import save_deepspeed
+
+            save_deepspeed(self, self.checkpointer)
+            return
+        self.checkpointer.save(self.step, self._state(), self._meta())
+
+    def resume(self) -> None:
+        r = self.recipe
+        self.checkpointer.prepare()
+        if r.checkpoint.resume == "none":
+            return
+        path = self.checkpointer.latest() if r.checkpoint.resume == "auto" else r.checkpoint.resume
+        if path is None:
+            return
+        meta = read_meta(path)
+        if meta.get("model") and meta["model"] != self.model.cfg.to_dict():
+            diff = [k for k in meta["model"] if meta["model"].get(k) != self.model.cfg.to_dict().get(k)]
+            raise ConfigError(f"checkpoint {path} was written for a different model (fields differ: {', '.join(diff)})")
+        if self.ds_engine is not None:
+            from longtrain.parallel.deepspeed_engine import load_deepspeed
+
+            load_deepspeed(self, path)
+        else:
+            state = self._state()
+            Checkpointer.load(path, state)
+            from torch.distributed.checkpoint.state_dict import set_state_dict
+
+            set_state_dict(self.wrapped, self.optimizer, model_state_dict=state["model"],
+                           optim_state_dict=state["optim"])
+        self.step = int(meta["step"])
+        self.data_position = int(meta["data_position"])
+        self.scheduler.last_epoch = self.step
+        for g, lr0 in zip(self.optimizer.param_groups, self.scheduler.base_lrs):
+            g["lr"] = lr0 * lr_lambda(r)(self.step)
+        if meta.get("global_batch") not in (None, self.global_batch):
+            log.warning("global batch changed from %s to %s: the sample order continues from position %d",
+                        meta.get("global_batch"), self.global_batch, self.data_position)
+        log.info("resumed from %s at step %d (data position %d, written by %s ranks)", path, self.step,
+                 self.data_position, meta.get("world_size"))
+
+    # ---- one step -------------------------------------------------------------------------
+    @property
+    def global_batch(self) -> int:
+        t = self.recipe.training
+        return self.layout.dp * t.micro_batch * t.grad_accum
+
+    def _micro_batches(self, seq_len: int) -> list[dict[str, Any]]:
+        r, lay = self.recipe, self.layout
+        mb, out = r.training.micro_batch, []
+        for m in range(r.training.grad_accum):
+            start = self.data_position + (m * lay.dp + lay.dp_rank) * mb
+            samples = self.corpus.batch(start, mb)
+            if seq_len != self.corpus.seq_len:
+                raise RuntimeError("stage seq_len change requires re-packing")  # handled by _apply_stage
+            out.append(collate(samples, r.data.document_mask))
+        return out
+
+    def _shard(self, batch: dict[str, Any]) -> dict[str, Any]:
+        lay, p = self.layout, self.recipe.parallel
+        dev = self.device
+        if lay.sp == 1:
+            ops = LocalAttention(batch["cu_seqlens"].to(dev) if batch["cu_seqlens"] is not None else None)
+            return {"tokens": batch["tokens"].to(dev), "labels": batch["labels"].to(dev),
+                    "positions": batch["positions"].to(dev), "ops": ops}
+        from longtrain.parallel import shard_sequence
+        from longtrain.parallel.ops import SequenceParallelOps
+
+        g = lay.sp_group
+        cu = batch["cu_seqlens"].to(dev) if batch["cu_seqlens"] is not None else None
+        ops = SequenceParallelOps(g, impl=p.sp_impl, layout=p.sp_layout, cu_seqlens=cu,
+                                  ulysses_degree=p.ulysses_degree or None)
+        return {"tokens": shard_sequence(batch["tokens"].to(dev), g, dim=1, layout=p.sp_layout),
+                "labels": shard_sequence(batch["labels"].to(dev), g, dim=1, layout=p.sp_layout),
+                "positions": shard_sequence(batch["positions"].to(dev), g, dim=0, layout=p.sp_layout),
+                "ops": ops}
+
+    def train_step(self) -> dict[str, float]:
+        r, lay = self.recipe, self.layout
+        torch.manual_seed(r.run.seed * 7919 + self.step * 104729 + lay.rank)  # exact resume, any world size
+        micro = [self._shard(b) for b in self._micro_batches(r.data.seq_len)]
+        local_count = sum(int((b["labels"] != -100).sum()) for b in micro)
+        counts = torch.tensor([float(local_count)], dtype=torch.float64)
+        dist.all_reduce(counts)
+        global_count = counts.item()
+        scale = lay.world / max(global_count, 1.0)  # engines average grads over all ranks
+        loss_sum = torch.zeros((), dtype=torch.float64)
+        aux_sum = torch.zeros((), dtype=torch.float64)
+        amp = (torch.autocast(self.device.type, dtype=torch.bfloat16)
+               if self.dtype == torch.bfloat16 and self.engine == "ddp" else nullcontext())
+        for i, b in enumerate(micro):
+            sync = i == len(micro) - 1
+            no_sync = (self.wrapped.no_sync() if (not sync and hasattr(self.wrapped, "no_sync")
+                                                   and self.engine == "ddp") else nullcontext())
+            if self.engine == "fsdp2" and hasattr(self.wrapped, "set_requires_gradient_sync"):
+                self.wrapped.set_requires_gradient_sync(sync)
+            with no_sync, amp:
+                logits = self.wrapped(b["tokens"], b["positions"], b["ops"])
+                loss, _ = lm_loss_sum(logits, b["labels"])
+                total = loss * scale
+                aux = self.model.aux_loss()
+                if aux is not None:
+                    total = total + aux / len(micro)  # engines average over ranks
+                    aux_sum += aux.detach().double()
+                if self.ds_engine is not None:
+                    self.ds_engine.backward(total)
+                else:
+                    total.backward()
+            loss_sum += loss.detach().double()
+        if self.ds_engine is not None:
+            gnorm = self.ds_engine.get_global_grad_norm() or 0.0
+            self.ds_engine.step()
+            gnorm = float(gnorm)
+        else:
+            if r.training.grad_clip > 0:
+                gn = torch.nn.utils.clip_grad_norm_(self.model.parameters(), r.training.grad_clip)
+            else:
+                gn = torch.nn.utils.clip_grad_norm_(self.model.parameters(), float("inf"))
+            gnorm = float(gn.full_tensor() if hasattr(gn, "full_tensor") else gn)
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+            self.scheduler.step()
+        dist.all_reduce(loss_sum)
+        self.step += 1
+        self.data_position += self.global_batch
+        out = {"loss": loss_sum.item() / max(global_count, 1.0), "tokens": global_count}
+        if aux_sum.item():
+            dist.all_reduce(aux_sum)
+            out["aux_loss"] = aux_sum.item() / lay.world / len(micro)
+        out["grad_norm"] = gnorm
+        return out
+
+    # ---- loop -----------------------------------------------------------------------------
+    def fit(self) -> dict[str, Any]:
+        r = self.recipe
+        self.resume()
+        out_dir = r.output_dir
+        if self.env.is_main:
+            out_dir.mkdir(parents=True, exist_ok=True)
+            save_resolved(r, out_dir / "recipe.resolved.toml", extra={
+                "world_size": self.layout.world, "dp": self.layout.dp, "sp": self.layout.sp,
+                "global_batch": self.global_batch, "tokens_per_step": self.global_batch * r.data.seq_len,
+                "n_params": self.model.cfg.n_params, "device": str(self.device), "launcher": self.env.source})
+            log.info("run folder %s | model %.2fM params | world %d (dp %d x sp %d, %s) | %d tokens/step | device %s",
+                     out_dir, self.model.cfg.n_params / 1e6, self.layout.world, self.layout.dp, self.layout.sp,
+                     r.parallel.sp_impl if self.layout.sp > 1 else "no sp", self.global_batch * r.data.seq_len,
+                     self.device)
+        self.metrics = Metrics(out_dir, is_main=self.env.is_main, total_steps=r.training.steps,
+                               log_every=r.metrics.log_every, tensorboard=r.metrics.tensorboard)
+        first_step = self.step
+        history: list[float] = []
+        peak = peak_flops(self.device)
+        flops_per_token = 6 * self.model.cfg.n_params
+        evaluator = self._evaluator()
+        try:
+            while self.step < r.training.steps:
+                t0 = time.perf_counter()
+                res = self.train_step()
+                dt = time.perf_counter() - t0
+                history.append(res["loss"])
+                tok_s = res["tokens"] / dt
+                scalars = {"loss": res["loss"], "lr": self.optimizer.param_groups[0]["lr"] if self.ds_engine is None
+                           else self.scheduler.get_last_lr()[0],
+                           "grad_norm": res["grad_norm"], "tokens_per_s": tok_s,
+                           "tokens_per_s_per_process": tok_s / self.layout.world, "step_time_s": dt,
+                           "memory_mb": memory_mb(self.device)}
+                if "aux_loss" in res:
+                    scalars["aux_loss"] = res["aux_loss"]
+                if peak:
+                    scalars["mfu"] = flops_per_token * tok_s / self.layout.world / peak
+                self.metrics.step(self.step, scalars, dt, first_step)
+                self._log_moh_usage()
+                if evaluator is not None and r.eval.every and self.step % r.eval.every == 0:
+                    self.metrics.scalars(self.step, evaluator(self))
+                if self.step % r.checkpoint.interval == 0 or self.step == r.training.steps:
+                    self.save()
+        finally:
+            self.metrics.close()
+        return {"first_loss": history[0] if history else None, "last_loss": history[-1] if history else None,
+                "steps": self.step, "losses": history}
+
+    def _evaluator(self):
+        r = self.recipe
+        if not r.eval.every:
+            return None
+        from longtrain.launcher.evaluate import in_training_eval
+
+        return in_training_eval
+
+    def _log_moh_usage(self) -> None:
+        r = self.recipe
+        if r.model.moh is None or self.step % r.metrics.log_every:
+            return
+        usage = {}
+        for name, m in self.model.named_modules():
+            u = getattr(m, "head_usage", None)
+            if isinstance(u, torch.Tensor):
+                layer = name.split(".")[1] if name.startswith("layers.") else name
+                for h, val in enumerate(u.tolist()):
+                    usage[f"moh/layer{layer}/head{h}"] = float(val)
+        if usage:
+            self.metrics.scalars(self.step, usage)
+
+
+def train(recipe: Recipe, dry_run: bool = False) -> dict[str, Any]:
+    """Run (or with dry_run, only set up and describe) training for `recipe` in this process."""
+    try:
+        trainer = Trainer(recipe)
+        if dry_run:
+            lay = trainer.layout
+            if trainer.env.is_main:
+                print(f"dry run OK: world {lay.world} = dp {lay.dp} x sp {lay.sp}; model "
+                      f"{trainer.model.cfg.n_params / 1e6:.2f}M params; data {trainer.corpus.n_samples} samples of "
+                      f"{recipe.data.seq_len} tokens; global batch {trainer.global_batch} samples; "
+                      f"{recipe.training.steps} steps")
+            return {"dry_run": True}
+        result = trainer.fit()
+        if trainer.env.is_main and result["first_loss"] is not None:
+            print(f"done: {result['steps']} steps | first loss {result['first_loss']:.4f} | "
+                  f"last loss {result['last_loss']:.4f} | run folder {recipe.output_dir}", flush=True)
+        return result
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()

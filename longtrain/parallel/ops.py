@@ -1,0 +1,32 @@
+"""Sequence-parallel implementation of the model's AttentionOps hook."""
+
+from __future__ import annotations
+
+import torch.distributed as dist
+from torch import Tensor
+
+
+class SequenceParallelOps:
+    """Attention over a sequence split across `group`; q/k/v are this rank's shards in `layout`.
+
+    `cu_seqlens` [n_docs+1] marks document boundaries over the FULL sequence (no attention across).
+    """
+
+    def __init__(self, group: dist.ProcessGroup | None, *, impl: str = "tokenring", layout: str = "zigzag",
+                 cu_seqlens: Tensor | None = None, ulysses_degree: int | None = None) -> None:
+        self.group, self.impl, self.layout = group, impl, layout
+        self.cu_seqlens = cu_seqlens
+        self.ulysses_degree = ulysses_degree or None
+
+    def softmax(self, q: Tensor, k: Tensor, v: Tensor, *, window: int | None = None,
+                softmax_scale: float | None = None) -> Tensor:
+        from longtrain.parallel.sp_attention import sequence_parallel_attention
+
+        return sequence_parallel_attention(q, k, v, self.group, impl=self.impl, causal=True, layout=self.layout,
+                                           softmax_scale=softmax_scale, window=window,
+                                           cu_seqlens=self.cu_seqlens, ulysses_degree=self.ulysses_degree)
+
+    def linear(self, q: Tensor, k: Tensor, v: Tensor, decay: Tensor) -> Tensor:
+        from longtrain.parallel.linear_sp import linear_sp_attention
+
+        return linear_sp_attention(q, k, v, decay, self.group, layout=self.layout, cu_seqlens=self.cu_seqlens)
