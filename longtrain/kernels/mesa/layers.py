@@ -1,0 +1,542 @@
+"""Mesa for whole blocks: the forward stays exact, the copies saved for backward are 8-bit.
+
+Mechanism: `mesa_scope(state, layer)` installs `torch.autograd.graph.saved_tensors_hooks`
+around one block's forward. Every tensor autograd saves inside the scope goes
+through `pack`: activations are quantized (per head for 4-D attention tensors,
+per channel chunk otherwise) with running range estimates that live in a
+`MesaState` module (buffers, so they are part of state_dict and checkpoints);
+`unpack` dequantizes in backward. Kernels (attention, lightning, ring/TokenRing
+under sequence parallelism) need no Mesa code: whatever they save is seen here.
+
+Which saved tensors are quantized (the rule, in order; the first match keeps it exact):
+  1. not floating point;
+  2. a parameter: an nn.Parameter or any leaf that requires grad, or a view /
+     dtype copy of one (autocast's bf16 weight copies, `w.t()`);
+  3. fewer than `min_numel` elements, fewer than 2 dims, or a last dim < 8
+     (per-row statistics: RMSNorm's rstd [B,S,1], lse stored as [B,H,S,1]);
+  4. does not require grad and is not a 4-D attention-layout tensor whose dims 1
+     and 2 are both > 1: constants and kernel-internal statistics such as the
+     softmax lse [B,H,S] (fp32), RoPE cos/sin [B|1,S,1,D], masks; 4-D tensors a
+     kernel saves internally (q/k/v/out copies in [B,H,S,D], lightning states
+     [B,H,D,D]) ARE quantized;
+  5. expanded (a stride-0 dim of size > 1): quantizing would materialize it.
+Everything else is quantized.
+
+Stored once: a tensor saved several times (q/k/v projections share their input;
+`out` is saved by attention and, as a view, by the output projection) is packed
+once per scope, and so are dtype copies of the same tensor made per consumer
+(autocast casts a Linear's input to bf16 once per Linear).
+
+Running estimates: one per (layer, slot, group count), the slot being the order of
+first appearance of a quantized tensor in the layer's forward. They update in
+train() mode (EMA, first step copies) and are read-only in eval().
+
+Activation checkpointing (torch.utils.checkpoint, non-reentrant): when the scope
+opens inside a checkpointed function (its hooks are the innermost ones), it
+steps aside. The checkpointed block then keeps nothing for backward except its
+inputs (held by checkpoint, exact) and recomputes its activations in backward
+exactly; nothing of that block is quantized. Layers that are not checkpointed
+are quantized as usual.
+"""
+
+from __future__ import annotations
+
+import functools
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any, Iterable, Iterator
+
+import torch
+from torch import Tensor, nn
+
+from longtrain.kernels.mesa.quant import (SUPPORTED_BITS, QTensor, check_bits, dequantize, group_layout,
+                                         quantize)
+
+_VIEWLIKE = frozenset({
+    "ToCopyBackward0", "TBackward0", "TransposeBackward0", "TransposeBackward1", "PermuteBackward0",
+    "ViewBackward0", "UnsafeViewBackward0", "ReshapeAliasBackward0", "ExpandBackward0",
+    "AliasBackward0", "UnsqueezeBackward0", "SqueezeBackward0", "SqueezeBackward1",
+    "SqueezeBackward2", "CloneBackward0", "SliceBackward0", "SelectBackward0",
+    "AsStridedBackward0", "ViewAsRealBackward0",
+})
+
+
+@dataclass
+class MesaConfig:
+    """Mesa settings (the recipe's [mesa] section).
+
+    bits: 8, or 4/2/1 (codes packed into bytes). group: "head" quantizes 4-D
+    attention tensors per head and everything else per chunk of `group_size`
+    channels; "channel" uses channel chunks for 4-D tensors too.
+    skip_layers: layer ids kept exact (negative ints count from the end, e.g. (0, -1)).
+    min_numel: tensors smaller than this stay exact. slots: capacity of running
+    estimates per layer (saved tensors per block). backend: "auto" (Triton on CUDA,
+    torch otherwise), "torch" or "triton". seed: seeds the stochastic-rounding generator.
+    """
+
+    enabled: bool = True
+    bits: int = 8
+    group: str = "head"
+    ema_decay: float = 0.9
+    stochastic: bool = True
+    skip_layers: tuple[int | str, ...] = ()
+    group_size: int = 64
+    max_groups: int = 128
+    min_numel: int = 1024
+    slots: int = 32
+    backend: str = "auto"
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        self.skip_layers = tuple(self.skip_layers)
+
+    def validate(self) -> "MesaConfig":
+        """Raise ValueError naming the first bad field; returns self."""
+        try:
+            check_bits(self.bits)
+        except ValueError:
+            raise ValueError(f"mesa.bits must be one of {SUPPORTED_BITS}, got {self.bits!r}") from None
+        if self.group not in ("head", "channel"):
+            raise ValueError(f"mesa.group must be 'head' or 'channel', got {self.group!r}")
+        if not 0.0 <= float(self.ema_decay) < 1.0:
+            raise ValueError(f"mesa.ema_decay must be in [0, 1), got {self.ema_decay!r}")
+        for name in ("group_size", "max_groups", "min_numel", "slots"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or v <= 0:
+                raise ValueError(f"mesa.{name} must be a positive integer, got {v!r}")
+        if self.backend not in ("auto", "torch", "triton"):
+            raise ValueError(f"mesa.backend must be 'auto', 'torch' or 'triton', got {self.backend!r}")
+        return self
+
+
+class _LayerRanges(nn.Module):
+    """Running estimates of one layer: [slots, max_groups] shift/span, per-slot step and group count."""
+
+    def __init__(self, slots: int, max_groups: int) -> None:
+        super().__init__()
+        self.register_buffer("shift", torch.zeros(slots, max_groups))
+        self.register_buffer("span", torch.zeros(slots, max_groups))
+        self.register_buffer("steps", torch.zeros(slots, dtype=torch.long))
+        self.register_buffer("groups", torch.zeros(slots, dtype=torch.long))
+
+    @torch.no_grad()
+    def estimate(self, slot: int, mn: Tensor, mx: Tensor, decay: float, update: bool) -> tuple[Tensor, Tensor]:
+        """Fold the observed per-group (mn, mx) into slot `slot`; return (shift, span) to quantize with.
+
+        Branch-free (no host sync): a slot never seen, or seen with another group
+        count, starts over from the observation.
+        """
+        g = mn.numel()
+        sh, sp = self.shift[slot, :g], self.span[slot, :g]
+        mn, width = mn.to(sh.dtype), (mx - mn).to(sh.dtype)
+        fresh = (self.steps[slot] == 0) | (self.groups[slot] != g)
+        new_sh = torch.where(fresh, mn, sh * decay + mn * (1.0 - decay))
+        new_sp = torch.where(fresh, width, sp * decay + width * (1.0 - decay))
+        if update:
+            sh.copy_(new_sh)
+            sp.copy_(new_sp)
+            self.steps[slot] = torch.where(fresh, torch.ones_like(self.steps[slot]), self.steps[slot] + 1)
+            self.groups[slot] = g
+        return new_sh, new_sp
+
+
+def _layer_key(layer: int | str) -> str:
+    return str(layer).replace(".", "_")
+
+
+class MesaState(nn.Module):
+    """Holds the Mesa config and every layer's running estimates (as buffers).
+
+    layers: the number of layers (ids 0..n-1) or an iterable of layer ids. Layers
+    are created up front so that state_dict (and torch.distributed.checkpoint)
+    sees every buffer before the first forward; an unknown id creates its
+    estimates on first use, and load_state_dict creates those it finds.
+    After a forward, `last_report[layer]` lists what each saved tensor became.
+    """
+
+    def __init__(self, config: MesaConfig | None = None, layers: int | Iterable[int | str] = 0) -> None:
+        super().__init__()
+        self.config = (config or MesaConfig()).validate()
+        self.ranges = nn.ModuleDict()
+        ids = list(range(layers)) if isinstance(layers, int) else list(layers)
+        self.n_layers = len(ids)
+        for i in ids:
+            self.layer_ranges(i)
+        self.last_report: dict[str, list[dict[str, Any]]] = {}
+        self._generators: dict[str, torch.Generator] = {}
+
+    def layer_ranges(self, layer: int | str) -> _LayerRanges:
+        key = _layer_key(layer)
+        if key not in self.ranges:
+            ref = next(iter(self.ranges.values()), None)
+            r = _LayerRanges(self.config.slots, self.config.max_groups)
+            if ref is not None:
+                r.to(ref.shift.device)
+            self.ranges[key] = r
+        return self.ranges[key]
+
+    def is_skipped(self, layer: int | str) -> bool:
+        for s in self.config.skip_layers:
+            if s == layer or str(s) == str(layer):
+                return True
+            if isinstance(s, int) and s < 0 and isinstance(layer, int) and self.n_layers \
+                    and self.n_layers + s == layer:
+                return True
+        return False
+
+    def generator(self, device: torch.device) -> torch.Generator:
+        key = str(device)
+        if key not in self._generators:
+            g = torch.Generator(device=device)
+            g.manual_seed(self.config.seed)
+            self._generators[key] = g
+        return self._generators[key]
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
+                              unexpected_keys, error_msgs) -> None:
+        head = prefix + "ranges."
+        for k in state_dict:
+            if k.startswith(head):
+                name = k[len(head):].split(".", 1)[0]
+                if name not in self.ranges:
+                    self.layer_ranges(name)
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
+                                      unexpected_keys, error_msgs)
+
+    def scope(self, layer: int | str):
+        """Same as `mesa_scope(self, layer)`."""
+        return mesa_scope(self, layer)
+
+    def extra_repr(self) -> str:
+        c = self.config
+        return f"bits={c.bits}, group={c.group}, ema_decay={c.ema_decay}, stochastic={c.stochastic}"
+
+
+# --------------------------------------------------------------------------- counting
+
+
+@dataclass
+class SavedBytes:
+    """Bytes kept alive for backward, each storage / quantized record counted once.
+
+    exact_bytes: full-precision activations (whole storages, as autograd keeps them).
+    quantized_bytes: Mesa records (codes + per-group shift/span).
+    param_bytes: parameters and views/dtype copies of them (not activations).
+    """
+
+    exact_bytes: int = 0
+    quantized_bytes: int = 0
+    param_bytes: int = 0
+    n_exact: int = 0
+    n_quantized: int = 0
+    _seen: dict = field(default_factory=dict, repr=False)
+
+    @property
+    def activation_bytes(self) -> int:
+        return self.exact_bytes + self.quantized_bytes
+
+    def _add_tensor(self, t: Tensor, param: bool) -> None:
+        st = t.untyped_storage()
+        key = ("s", st.data_ptr(), t.device.type)
+        if key in self._seen:
+            return
+        self._seen[key] = st  # holding the storage keeps its address from being reused
+        if param:
+            self.param_bytes += st.nbytes()
+        else:
+            self.exact_bytes += st.nbytes()
+            self.n_exact += 1
+
+    def _add_record(self, rec: Any, nbytes: int) -> None:
+        key = ("q", id(rec))
+        if key in self._seen:
+            return
+        self._seen[key] = rec
+        self.quantized_bytes += nbytes
+        self.n_quantized += 1
+
+    def as_dict(self) -> dict[str, int]:
+        return {"activation_bytes": self.activation_bytes, "exact_bytes": self.exact_bytes,
+                "quantized_bytes": self.quantized_bytes, "param_bytes": self.param_bytes,
+                "n_exact": self.n_exact, "n_quantized": self.n_quantized}
+
+
+_COUNTERS: list[SavedBytes] = []
+
+
+@contextmanager
+def saved_bytes_counter() -> Iterator[SavedBytes]:
+    """Count bytes of tensors saved for backward during the block, with or without Mesa.
+
+    Installs a pass-through saved-tensor hook (outermost); Mesa scopes inside it
+    report what they keep. Tensors saved inside a checkpointed function are
+    invisible (checkpoint's own hooks take them) and count nothing.
+    """
+    c = SavedBytes()
+    _COUNTERS.append(c)
+
+    def pack(t: Tensor) -> Tensor:
+        # an inner counter's hook shadows the outer ones: report to every active counter
+        param = _is_param_like(t)
+        for cc in _COUNTERS:
+            cc._add_tensor(t, param=param)
+        return t
+
+    try:
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            yield c
+    finally:
+        _COUNTERS.remove(c)
+        c._seen.clear()
+
+
+# --------------------------------------------------------------------------- the scope
+
+
+def _is_param_like(t: Tensor) -> bool:
+    if isinstance(t, nn.Parameter) or (t.is_leaf and t.requires_grad):
+        return True
+    node = t.grad_fn
+    for _ in range(8):
+        if node is None:
+            return False
+        name = node.name()
+        if name.endswith("AccumulateGrad"):
+            return True
+        if name not in _VIEWLIKE:
+            return False
+        nxt = [f for f, _ in node.next_functions if f is not None]
+        if len(nxt) != 1:
+            return False
+        node = nxt[0]
+    return False
+
+
+def _under_checkpoint() -> bool:
+    top = torch._C._autograd._top_saved_tensors_default_hooks(False)
+    if not top:
+        return False
+    qual = getattr(top[0], "__qualname__", "")
+    return qual.startswith(("_checkpoint_hook.", "_recomputation_hook."))
+
+
+def _largest_divisor_at_most(n: int, cap: int) -> int:
+    cap = max(1, min(n, cap))
+    for d in range(cap, 0, -1):
+        if n % d == 0:
+            return d
+    return 1
+
+
+class _Entry:
+    """One quantized record; several saved tensors may point at it."""
+
+    __slots__ = ("q", "start", "numel", "backend", "__weakref__")
+
+    def __init__(self, q: QTensor, start: int, numel: int, backend: str) -> None:
+        self.q, self.start, self.numel, self.backend = q, start, numel, backend
+
+
+class _Saved:
+    """What autograd holds instead of a tensor: the record and how to view it."""
+
+    __slots__ = ("entry", "shape", "stride", "offset", "dtype")
+
+    def __init__(self, entry: _Entry, shape: torch.Size, stride: tuple[int, ...], offset: int,
+                 dtype: torch.dtype) -> None:
+        self.entry, self.shape, self.stride, self.offset, self.dtype = entry, shape, stride, offset, dtype
+
+
+def _unpack(p: Any) -> Tensor:
+    if isinstance(p, Tensor):
+        return p
+    e = p.entry
+    flat = dequantize(e.q, dtype=p.dtype, backend=e.backend).reshape(-1)
+    return flat.as_strided(p.shape, p.stride, p.offset)
+
+
+class _ScopeRun:
+    """State of one scope (one block forward): slot counter and the dedupe cache."""
+
+    def __init__(self, state: MesaState, layer: int | str) -> None:
+        self.state, self.cfg = state, state.config
+        self.layer = layer
+        self.ranges = state.layer_ranges(layer)
+        self.slot = 0
+        self.by_storage: dict[tuple, list[tuple[_Entry, Tensor]]] = {}
+        self.by_cast: dict[tuple, tuple[_Saved, Tensor]] = {}
+        self.report: list[dict[str, Any]] = []
+        state.last_report[_layer_key(layer)] = self.report
+
+    def close(self) -> None:
+        self.by_storage.clear()
+        self.by_cast.clear()
+
+    # which tensors stay exact ------------------------------------------------------------
+    def keep_reason(self, t: Tensor) -> str | None:
+        if not t.is_floating_point():
+            return "not floating"
+        if _is_param_like(t):
+            return "parameter"
+        if t.numel() < self.cfg.min_numel or t.dim() < 2 or t.shape[-1] < 8:
+            return "small or per-row statistic"
+        if not t.requires_grad and (t.dim() != 4 or min(t.shape[1], t.shape[2]) == 1):
+            return "constant or statistic (no grad, not a 4-D attention tensor)"
+        if any(s == 0 and n > 1 for s, n in zip(t.stride(), t.shape)):
+            return "expanded view"
+        return None
+
+    def _report(self, t: Tensor, action: str, slot: int | None = None) -> None:
+        self.report.append({"shape": tuple(t.shape), "dtype": str(t.dtype).replace("torch.", ""),
+                            "action": action, "slot": slot})
+
+    # pack / unpack -----------------------------------------------------------------------
+    def pack(self, t: Tensor) -> Any:
+        reason = self.keep_reason(t)
+        if reason is not None:
+            for c in _COUNTERS:
+                c._add_tensor(t, param=reason == "parameter")
+            self._report(t, "exact: " + reason)
+            return t
+        saved = self._lookup(t)
+        if saved is None:
+            saved = self._quantize(t)
+        else:
+            self._report(t, "shared", None)
+        for c in _COUNTERS:
+            c._add_record(saved.entry, saved.entry.q.nbytes)
+        return saved
+
+    def unpack(self, p: Any) -> Tensor:
+        return _unpack(p)
+
+    def _storage_key(self, t: Tensor) -> tuple:
+        return (t.untyped_storage().data_ptr(), t.device, t.dtype, t._version)
+
+    def _cast_key(self, t: Tensor) -> tuple | None:
+        """Identifies t as (a view of) a dtype copy of another tensor: equal keys, equal values."""
+        fn = t.grad_fn
+        for _ in range(4):
+            if fn is None:
+                return None
+            name = fn.name()
+            if name == "ToCopyBackward0":
+                src, nr = fn.next_functions[0]
+                if src is None:
+                    return None
+                return (id(src), nr, t.dtype, t.device, tuple(t.shape), t.stride(), t.storage_offset())
+            if name not in _VIEWLIKE or name == "CloneBackward0":
+                return None
+            nxt = [f for f, _ in fn.next_functions if f is not None]
+            if len(nxt) != 1:
+                return None
+            fn = nxt[0]
+        return None
+
+    def _lookup(self, t: Tensor) -> _Saved | None:
+        lo = t.storage_offset()
+        if all(s >= 0 for s in t.stride()):
+            hi = lo + sum((n - 1) * s for n, s in zip(t.shape, t.stride()))
+            for entry, _ in self.by_storage.get(self._storage_key(t), ()):
+                if entry.start <= lo and hi < entry.start + entry.numel:
+                    return _Saved(entry, t.shape, t.stride(), lo - entry.start, t.dtype)
+        ck = self._cast_key(t)
+        if ck is not None and ck in self.by_cast:
+            return self.by_cast[ck][0]
+        return None
+
+    def _groups(self, shape: torch.Size) -> tuple[int, int]:
+        """(dim, groups) of the memory-order shape."""
+        cfg = self.cfg
+        if cfg.group == "head" and len(shape) == 4:
+            h = 2 if shape[2] <= shape[1] else 1  # heads are the smaller of dims 1 and 2
+            return h, _largest_divisor_at_most(shape[h], cfg.max_groups)
+        c = shape[-1]
+        return len(shape) - 1, _largest_divisor_at_most(c, min(cfg.max_groups, max(1, c // cfg.group_size)))
+
+    def _quantize(self, t: Tensor) -> _Saved:
+        cfg = self.cfg
+        if self.slot >= cfg.slots:
+            raise RuntimeError(f"mesa: layer {self.layer} saves more than {cfg.slots} quantizable tensors; "
+                               "raise MesaConfig.slots")
+        slot = self.slot
+        self.slot += 1
+        mem = _memory_order(t)
+        if mem is not None:
+            start, shape, stride = t.storage_offset(), t.shape, t.stride()
+            offset = 0
+        else:  # gaps between elements (a slice): quantize a compact copy
+            mem = t.contiguous()
+            start, shape, stride, offset = -1, mem.shape, mem.stride(), 0
+        dim, g = self._groups(mem.shape)
+        x3 = mem.reshape(group_layout(mem.shape, g, dim))
+        with torch.no_grad():
+            mn, mx = x3.amin(dim=(0, 2)).float(), x3.amax(dim=(0, 2)).float()
+            shift, span = self.ranges.estimate(slot, mn, mx, float(cfg.ema_decay), self.state.training)
+            backend = cfg.backend
+            q = quantize(x3, g, dim=1, shift=shift, span=span, bits=cfg.bits, stochastic=cfg.stochastic,
+                         backend=backend, generator=self.state.generator(t.device))
+        entry = _Entry(q, max(start, 0), mem.numel(), backend)
+        saved = _Saved(entry, shape, stride, offset, t.dtype)
+        if start >= 0:
+            self.by_storage.setdefault(self._storage_key(t), []).append((entry, t))
+        ck = self._cast_key(t)
+        if ck is not None:
+            self.by_cast[ck] = (saved, t)
+        self._report(t, f"quantized {cfg.bits}-bit, {g} groups along dim {dim} of {tuple(mem.shape)}", slot)
+        return saved
+
+
+def _memory_order(t: Tensor) -> Tensor | None:
+    """t permuted so that it is contiguous (a view), or None if t has gaps or overlaps."""
+    if t.is_contiguous():
+        return t
+    perm = sorted(range(t.dim()), key=lambda d: -t.stride(d))
+    tm = t.permute(perm)
+    return tm if tm.is_contiguous() else None
+
+
+@contextmanager
+def mesa_scope(state: MesaState | None, layer: int | str) -> Iterator[Any]:
+    """Save the activations of the enclosed forward in `state.config.bits` bits.
+
+    A no-op when state is None or disabled, the layer is in skip_layers, grad is
+    off, or the scope opens inside a checkpointed function (see module doc).
+    """
+    if (state is None or not state.config.enabled or state.is_skipped(layer)
+            or not torch.is_grad_enabled() or _under_checkpoint()):
+        yield None
+        return
+    run = _ScopeRun(state, layer)
+    try:
+        with torch.autograd.graph.saved_tensors_hooks(run.pack, run.unpack):
+            yield run
+    finally:
+        run.close()
+
+
+def enable_mesa(model: nn.Module, config: MesaConfig) -> MesaState | None:
+    """Attach Mesa to every block of `model` that has a `mesa_scope` attribute.
+
+    Registers the state as `model.mesa` (so its buffers are in model.state_dict())
+    and sets `block.mesa_scope = partial(mesa_scope, state, block.layer_idx)`.
+    Returns the state, or None (and detaches) when config.enabled is False.
+    """
+    blocks = [m for m in model.modules() if hasattr(m, "mesa_scope") and m is not model]
+    if not config.enabled:
+        for b in blocks:
+            b.mesa_scope = None
+        if hasattr(model, "mesa"):
+            del model.mesa
+        return None
+    ids = [getattr(b, "layer_idx", i) for i, b in enumerate(blocks)]
+    state = MesaState(config, ids)
+    try:
+        dev = next(model.parameters()).device
+        state.to(dev)
+    except StopIteration:
+        pass
+    model.mesa = state
+    for b, i in zip(blocks, ids):
+        b.mesa_scope = functools.partial(mesa_scope, state, i)
+    return state
