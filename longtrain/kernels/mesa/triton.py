@@ -50,7 +50,8 @@ def _kernels():
         tl.store(out_ptr + offs, q.to(tl.uint8), mask=mask)
 
     @triton.jit
-    def dequant_kernel(q_ptr, out_ptr, shift_ptr, step_ptr, n, inner, G, BLOCK: tl.constexpr):
+    def dequant_kernel(q_ptr, out_ptr, shift_ptr, step_ptr, n, inner, G, OUT_BF16: tl.constexpr,
+                       BLOCK: tl.constexpr):
         pid = tl.program_id(0)
         offs = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
         mask = offs < n
@@ -59,7 +60,14 @@ def _kernels():
         sh = tl.load(shift_ptr + g, mask=mask, other=0.0).to(tl.float32)
         st = tl.load(step_ptr + g, mask=mask, other=0.0).to(tl.float32)
         y = q * st + sh
-        tl.store(out_ptr + offs, y.to(out_ptr.dtype.element_ty), mask=mask)
+        if OUT_BF16:
+            # round to nearest even by hand (out_ptr is the bf16 buffer viewed as uint16): the
+            # interpreter's fp32->bf16 cast truncates, torch's rounds
+            b = y.to(tl.uint32, bitcast=True)
+            b = (b + 0x7FFF + ((b >> 16) & 1)) >> 16
+            tl.store(out_ptr + offs, b.to(tl.uint16), mask=mask)
+        else:
+            tl.store(out_ptr + offs, y.to(out_ptr.dtype.element_ty), mask=mask)
 
     return triton, quant_kernel, dequant_kernel
 
@@ -103,5 +111,7 @@ def dequantize_codes_triton(codes: Tensor, shift: Tensor, step: Tensor, groups: 
     if n == 0:
         return out
     grid = (triton.cdiv(n, _BLOCK),)
-    dequant_kernel[grid](codes.contiguous(), out, shift, step, n, inner, groups, BLOCK=_BLOCK)
+    bf16 = dtype == torch.bfloat16
+    dequant_kernel[grid](codes.contiguous(), out.view(torch.uint16) if bf16 else out, shift, step, n, inner,
+                         groups, OUT_BF16=bf16, BLOCK=_BLOCK)
     return out
