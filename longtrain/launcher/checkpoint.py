@@ -23,8 +23,13 @@ import time
 from pathlib import Path
 from typing import Any
 
+import pickle
+
+import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint import FileSystemReader
+from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
 
 from longtrain.errors import CheckpointError
 
@@ -59,7 +64,61 @@ def read_meta(path: str | os.PathLike) -> dict[str, Any]:
         raise CheckpointError(f"checkpoint {p} has an unreadable meta.json: {e}") from None
     if not isinstance(meta, dict) or "step" not in meta:
         raise CheckpointError(f"checkpoint {p} has a meta.json without a step")
+    try:
+        with open(p / ".metadata", "rb") as f:
+            _MetadataUnpickler(f).load()
+    except Exception as e:  # noqa: BLE001 - any failure means the same thing to the user
+        raise CheckpointError(f"checkpoint {p} has unreadable DCP metadata (.metadata): {e}") from None
     return meta
+
+
+class _MetadataUnpickler(pickle.Unpickler):
+    """Reads DCP's pickled .metadata but refuses any class outside DCP's own metadata types."""
+
+    _ALLOWED = {("pathlib", "PosixPath"), ("pathlib", "WindowsPath"), ("torch", "Size"),
+                ("torch.serialization", "_get_layout"), ("collections", "OrderedDict")}
+
+    def find_class(self, module: str, name: str) -> Any:
+        if module in ("torch.distributed.checkpoint.metadata", "torch.distributed.checkpoint.filesystem") \
+                or (module, name) in self._ALLOWED:
+            return super().find_class(module, name)
+        if module == "torch" and isinstance(getattr(torch, name, None), torch.dtype):
+            return getattr(torch, name)
+        raise pickle.UnpicklingError(f"refusing to load {module}.{name} from checkpoint metadata")
+
+
+class SafeReader(FileSystemReader):
+    """FileSystemReader whose metadata load cannot run arbitrary code."""
+
+    def read_metadata(self, *args: Any, **kwargs: Any):
+        rank = kwargs.get("rank")
+        path = self._get_metadata_path(rank)
+        with self.fs.create_stream(path, "rb") as f:
+            metadata = _MetadataUnpickler(f).load()
+        from torch.distributed.checkpoint.metadata import StorageMeta
+
+        if getattr(metadata, "storage_meta", None) is None:
+            metadata.storage_meta = StorageMeta()
+        metadata.storage_meta.load_id = self.load_id
+        return metadata
+
+
+class SafeLoadPlanner(DefaultLoadPlanner):
+    """Non-tensor entries (optimizer hyper-parameters) are read with torch.load(weights_only=True)."""
+
+    def load_bytes(self, read_item, value) -> None:
+        obj = torch.load(value, weights_only=True)
+        if self.flatten_state_dict:
+            from torch.distributed.checkpoint._traverse import set_element
+
+            set_element(self.original_state_dict, self.mappings[read_item.dest_index.fqn], obj)
+        else:
+            self.state_dict[read_item.dest_index.fqn] = obj
+
+
+def safe_load(state: dict[str, Any], path: str | os.PathLike) -> None:
+    """dcp.load without unpickling arbitrary objects (metadata allow-list, weights_only bytes)."""
+    dcp.load(state, storage_reader=SafeReader(str(path)), planner=SafeLoadPlanner())
 
 
 class Checkpointer:
@@ -126,6 +185,7 @@ class Checkpointer:
                 shutil.rmtree(old, ignore_errors=True)
             log.info("checkpoint %s saved in %.2fs", final, time.perf_counter() - t0)
         _barrier()
+        _fault("pause_after_save", step)
         return final
 
     @staticmethod
@@ -133,8 +193,8 @@ class Checkpointer:
         """Load DCP shards into `state` in place (any world size); return meta."""
         meta = read_meta(path)
         try:
-            dcp.load(state, checkpoint_id=str(path))
-        except Exception as e:  # DCP wraps errors from every rank in CheckpointException
+            safe_load(state, path)
+        except (Exception, dcp.api.CheckpointException) as e:  # DCP's exception is a BaseException
             first = str(e).strip().splitlines()
             raise CheckpointError(f"cannot load checkpoint {path}: {first[-1] if first else type(e).__name__}") from None
         return meta
@@ -152,8 +212,17 @@ def _fsync_dir(path: Path) -> None:
 
 
 def _fault(kind: str, step: int) -> None:
-    """Test hook: LONGTRAIN_FAULT='crash_during_save:STEP' kills rank 0 mid-save at STEP."""
+    """Test hooks, set by LONGTRAIN_FAULT:
+    'crash_during_save:STEP'  rank 0 kills itself (SIGKILL) after writing shards, before publishing;
+    'pause_after_save:STEP'   every rank sleeps after publishing STEP (the test then SIGKILLs the job).
+    """
     spec = os.environ.get("LONGTRAIN_FAULT", "")
-    if spec == f"{kind}:{step}" and _rank() == 0:
+    if spec != f"{kind}:{step}":
+        return
+    if kind == "crash_during_save" and _rank() == 0:
         log.error("fault injection: %s at step %d", kind, step)
         os.kill(os.getpid(), signal.SIGKILL)
+    if kind == "pause_after_save":
+        log.error("fault injection: %s at step %d", kind, step)
+        while True:
+            time.sleep(1)

@@ -55,11 +55,11 @@ def cmd_train(args: argparse.Namespace) -> int:
     recipe = load_recipe(args.recipe, args.overrides)
     if args.nproc is not None and args.nproc <= 0:
         raise LongtrainError(f"--nproc must be > 0, got {args.nproc}")
-    if not under_launcher() and args.nproc and args.nproc > 1:
-        if recipe.checkpoint.resume not in ("auto", "none"):
-            from longtrain.launcher.checkpoint import read_meta
+    if recipe.checkpoint.resume not in ("auto", "none"):
+        from longtrain.launcher.checkpoint import read_meta
 
-            read_meta(recipe.checkpoint.resume)
+        read_meta(recipe.checkpoint.resume)
+    if not under_launcher() and args.nproc and args.nproc > 1:
         if args.nproc % recipe.parallel.sp:
             raise LongtrainError(f"--nproc {args.nproc} is not divisible by parallel.sp = {recipe.parallel.sp}")
         return _spawn_torchrun(args)

@@ -26,7 +26,9 @@ log = logging.getLogger("longtrain")
 
 
 def setup_logging(is_main: bool) -> None:
-    logging.basicConfig(level=logging.INFO if is_main else logging.WARNING,
+    import sys
+
+    logging.basicConfig(level=logging.INFO if is_main else logging.WARNING, stream=sys.stdout,
                         format="[%(asctime)s] %(message)s", datefmt="%H:%M:%S", force=True)
 
 

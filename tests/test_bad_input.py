@@ -1,0 +1,84 @@
+"""Bad input -> one line naming the problem, exit status 2, no traceback."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from helpers import REPO, TINY, cli_env
+
+
+def _cli(*args: str, cwd=REPO) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "longtrain.launcher.cli", *args], capture_output=True,
+                          text=True, timeout=120, env=cli_env(), cwd=cwd)
+
+
+def _assert_clean_error(proc: subprocess.CompletedProcess, *needles: str) -> None:
+    assert proc.returncode == 2, (proc.returncode, proc.stdout, proc.stderr)
+    err = proc.stderr.strip()
+    assert "Traceback" not in proc.stderr and "Traceback" not in proc.stdout, proc.stderr
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    assert len(lines) == 1, err
+    assert lines[0].startswith("longtrain: error:"), lines[0]
+    for n in needles:
+        assert n in lines[0], (n, lines[0])
+
+
+@pytest.mark.parametrize("sets,needles", [
+    (["training.lrr=1e-3"], ["training.lrr", "training.lr"]),
+    (["trainin.lr=1e-3"], ["trainin", "training"]),
+    (["training.steps=ten"], ["training.steps", "int"]),
+    (["training.micro_batch=0"], ["training.micro_batch", "> 0"]),
+    (["training.steps=-5"], ["training.steps"]),
+    (["model.dim=-8"], ["model.dim"]),
+    (["data.seq_len=0"], ["data.seq_len"]),
+    (["data.source=/nonexistent/corpus"], ["data.source", "/nonexistent/corpus"]),
+    (["data.seq_len=100000"], ["data.seq_len", "max_seq_len"]),
+    (["parallel.sp_impl=rign"], ["parallel.sp_impl", "ring"]),
+    (["model.attention=['full','window:0']"], ["window"]),
+    (["checkpoint.resume=/nonexistent/ckpt"], ["checkpoint", "/nonexistent/ckpt"]),
+])
+def test_bad_recipe_values(sets, needles):
+    args = ["train", str(TINY), "--nproc", "2"]
+    for s in sets:
+        args += ["--set", s]
+    _assert_clean_error(_cli(*args), *needles)
+
+
+def test_missing_recipe_file():
+    _assert_clean_error(_cli("train", "/nonexistent/recipe.toml"), "recipe", "not found")
+
+
+def test_invalid_toml(tmp_path):
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[training\nsteps = 3\n")
+    _assert_clean_error(_cli("train", str(bad)), "TOML")
+
+
+def test_unreadable_checkpoint(tmp_path):
+    ck = tmp_path / "ckpt"
+    ck.mkdir()
+    (ck / ".metadata").write_bytes(b"garbage")
+    (ck / "meta.json").write_text("{not json")
+    _assert_clean_error(_cli("train", str(TINY), "--nproc", "2", "--set", f"checkpoint.resume={ck}"),
+                        "meta.json")
+
+
+def test_corrupt_shards_single_process(tmp_path):
+    ck = tmp_path / "ckpt"
+    ck.mkdir()
+    (ck / ".metadata").write_bytes(b"garbage")
+    (ck / "meta.json").write_text('{"step": 3, "data_position": 0}')
+    proc = _cli("train", str(TINY), "--set", f"checkpoint.resume={ck}", "--set", "data.max_documents=5",
+                "--set", f"run.output_dir={tmp_path / 'out'}")
+    _assert_clean_error(proc, "unreadable DCP metadata")
+
+
+def test_unknown_bench():
+    _assert_clean_error(_cli("bench", "nope"), "unknown bench")
+
+
+def test_nproc_not_divisible_by_sp():
+    _assert_clean_error(_cli("train", str(TINY), "--nproc", "3", "--set", "parallel.sp=2"), "divisible")
