@@ -1,0 +1,133 @@
+"""Sequence-parallel lightning attention: ranks exchange D x D states, never K or V.
+
+The global sequence is cut into G equal chunks (zigzag: G = 2W, rank r holds
+chunks r and 2W-1-r; contiguous: G = W, rank r holds chunk r). For a chunk c of
+L tokens starting at p0, with lambda = exp(-decay):
+  st_c  = sum_t lambda^(L-1-t) k_t v_t^T over its last document   (its state from zero)
+  a_c   = lambda^L, or 0 when a document starts inside [p0, p0 + L)
+  E_c   = a_c E_(c-1) + st_c                                       (true state after c)
+  S_in  = E_(c-1), or 0 when a document starts exactly at p0
+Every rank computes st_c of its own chunks, one all-gather shares them (forward;
+its backward is a reduce-scatter of the state gradients), every rank forms the
+prefix E for its chunks, and runs lightning_attention on each local chunk with
+S_in as initial_state. Communication per layer: one all-gather of
+(chunks per rank) x B x H x Dk x Dv fp32 values, independent of the sequence length.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+from longtrain.kernels.lightning import lightning_attention
+
+LAYOUTS = ("zigzag", "contiguous")
+
+
+def _rank_world(group) -> tuple[int, int]:
+    if not (dist.is_available() and dist.is_initialized()):
+        return 0, 1
+    return dist.get_rank(group), dist.get_world_size(group)
+
+
+def chunk_ids(rank: int, world: int, layout: str) -> tuple[list[int], int]:
+    """(global chunk indices held by `rank` in local order, number of chunks)."""
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
+    if layout == "zigzag":
+        return [rank, 2 * world - 1 - rank], 2 * world
+    return [rank], world
+
+
+_all_gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+_reduce_scatter = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+
+
+class _GatherStates(torch.autograd.Function):
+    """[m, ...] per rank -> [W, m, ...]; backward sums the gradients of every rank's copy."""
+
+    @staticmethod
+    def forward(ctx, x, group, world):
+        ctx.group, ctx.world = group, world
+        flat = x.contiguous().view(-1)
+        out = flat.new_empty(world * flat.numel())
+        _all_gather(out, flat, group=group)
+        return out.view(world, *x.shape)
+
+    @staticmethod
+    def backward(ctx, g):
+        flat = g.contiguous().view(-1)
+        out = flat.new_empty(flat.numel() // ctx.world)
+        _reduce_scatter(out, flat, group=ctx.group)
+        return out.view(g.shape[1:]), None, None
+
+
+def _chunk_docs(cu: list[int] | None, p0: int, L: int):
+    """Local cu_seqlens of [p0, p0+L) (or None), doc start inside?, doc start at p0?, last start."""
+    if cu is None:
+        return None, False, False, 0
+    starts = sorted({b for b in cu[1:-1] if p0 <= b < p0 + L and b > 0})
+    at_start = bool(starts) and starts[0] == p0
+    inner = [b - p0 for b in starts if b > p0]
+    local = torch.tensor([0, *inner, L], dtype=torch.int32) if inner else None
+    return local, bool(starts), at_start, (starts[-1] - p0 if starts else 0)
+
+
+def _state_from_zero(k: torch.Tensor, v: torch.Tensor, lam_log: torch.Tensor,
+                     first: int) -> torch.Tensor:
+    """sum_{t >= first} lambda^(L-1-t) k_t v_t^T in lam_log's dtype (fp32/fp64): [B, H, Dk, Dv]."""
+    L, dt = k.shape[1], lam_log.dtype
+    t = torch.arange(L, device=k.device, dtype=dt)
+    w = torch.exp(-lam_log[None, :] * (L - 1 - t)[:, None]) * (t >= first).to(dt)[:, None]  # [L, H]
+    return torch.einsum("bthd,bthe->bhde", k.to(dt) * w[None, :, :, None], v.to(dt))
+
+
+def linear_sp_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, decay: torch.Tensor,
+                        group: dist.ProcessGroup | None = None, *, layout: str = "zigzag",
+                        cu_seqlens: torch.Tensor | None = None) -> torch.Tensor:
+    """Lightning attention over a sequence sharded across the ranks of `group`.
+
+    q, k [B, S_local, H, Dk], v [B, S_local, H, Dv]: this rank's tokens in `layout`
+    ("zigzag" or "contiguous", the same layouts as parallel.sharding); decay [H].
+    cu_seqlens: int [n_docs + 1] over the GLOBAL sequence (0 .. W * S_local), the
+    same on every rank. Returns this rank's out [B, S_local, H, Dv]; differentiable
+    w.r.t. q, k, v. Equals lightning_attention on the unsharded sequence.
+    """
+    rank, world = _rank_world(group)
+    ids, n_chunks = chunk_ids(rank, world, layout)
+    B, S_loc, H, Dk = q.shape
+    if S_loc % len(ids):
+        raise ValueError(f"{layout} layout needs a local length divisible by {len(ids)}, got {S_loc}")
+    L = S_loc // len(ids)
+    cu = None if cu_seqlens is None else [int(x) for x in cu_seqlens.tolist()]
+    if cu is not None and (cu[0] != 0 or cu[-1] != L * n_chunks):
+        raise ValueError(f"cu_seqlens must run from 0 to the global length {L * n_chunks}, "
+                         f"got {cu[0]}..{cu[-1]}")
+    if world == 1:
+        return lightning_attention(q, k, v, decay, cu_seqlens=cu_seqlens)
+    dt = torch.float64 if q.dtype == torch.float64 else torch.float32
+    s = decay.detach().to(device=q.device, dtype=dt)
+    docs = [_chunk_docs(cu, c * L, L) for c in range(n_chunks)]
+    qs, ks, vs = q.split(L, dim=1), k.split(L, dim=1), v.split(L, dim=1)
+    local_states = torch.stack([_state_from_zero(ks[j], vs[j], s, docs[c][3])
+                                for j, c in enumerate(ids)])
+    gathered = _GatherStates.apply(local_states, group, world)     # [W, m, B, H, Dk, Dv]
+    owner = {}
+    for r in range(world):
+        for j, c in enumerate(chunk_ids(r, world, layout)[0]):
+            owner[c] = (r, j)
+    carry = torch.exp(-s * L).view(1, H, 1, 1)
+    entering: dict[int, torch.Tensor | None] = {}
+    E = None                                 # true state after the chunks seen so far
+    for c in range(max(ids) + 1):
+        _local, has_start, at_start, _last = docs[c]
+        entering[c] = None if (E is None or at_start) else E
+        st = gathered[owner[c]]
+        E = st if (E is None or has_start) else carry * E + st
+    outs = []
+    for j, c in enumerate(ids):
+        local_cu = docs[c][0]
+        outs.append(lightning_attention(qs[j], ks[j], vs[j], decay, initial_state=entering[c],
+                                        cu_seqlens=None if local_cu is None
+                                        else local_cu.to(q.device)))
+    return torch.cat(outs, dim=1) if len(outs) > 1 else outs[0]
