@@ -8,6 +8,7 @@ tensors are fine). An exception in any rank is re-raised here with its traceback
 
 from __future__ import annotations
 
+import io
 import os
 import socket
 import traceback
@@ -33,7 +34,10 @@ def _worker(rank: int, world_size: int, port: int, fn: Callable, args: tuple, qu
     try:
         dist.init_process_group("gloo", rank=rank, world_size=world_size)
         out = fn(rank, world_size, *args)
-        queue.put((rank, "ok", out))
+        # serialise here: tensors sent through the queue as shared-memory handles die with this process
+        buf = io.BytesIO()
+        torch.save(out, buf)
+        queue.put((rank, "ok", buf.getvalue()))
     except BaseException:  # noqa: BLE001 - report everything to the parent
         queue.put((rank, "error", traceback.format_exc()))
     finally:
@@ -57,7 +61,7 @@ def run_distributed(fn: Callable, world_size: int, *args: Any, threads: int = 1,
         for _ in range(world_size):
             rank, status, payload = queue.get(timeout=timeout)
             if status == "ok":
-                results[rank] = payload
+                results[rank] = torch.load(io.BytesIO(payload), weights_only=False)
             else:
                 errors.append(f"rank {rank}:\n{payload}")
                 break

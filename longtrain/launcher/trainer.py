@@ -392,9 +392,17 @@ def train(recipe: Recipe, dry_run: bool = False) -> dict[str, Any]:
                       f"{recipe.training.steps} steps")
             return {"dry_run": True}
         result = trainer.fit()
-        if trainer.env.is_main and result["first_loss"] is not None:
-            print(f"done: {result['steps']} steps | first loss {result['first_loss']:.4f} | "
-                  f"last loss {result['last_loss']:.4f} | run folder {recipe.output_dir}", flush=True)
+        if trainer.env.is_main:
+            ls = result["losses"]
+            if ls:
+                tail = ls[-10:]
+                print(f"done: {result['steps']} steps | first loss {ls[0]:.4f} | last loss {ls[-1]:.4f} "
+                      f"(mean of last {len(tail)}: {sum(tail) / len(tail):.4f}) | run folder {recipe.output_dir}",
+                      flush=True)
+            else:
+                print(f"nothing to do: the checkpoint in {trainer.checkpointer.root} is already at step "
+                      f"{trainer.step} >= training.steps = {recipe.training.steps} (raise training.steps, "
+                      "or start fresh with --set checkpoint.resume=none or another run.name)", flush=True)
         return result
     finally:
         if dist.is_initialized():
