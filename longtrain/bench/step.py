@@ -1,0 +1,104 @@
+"""`longtrain bench step`: tokens/s of longtrain's training step vs a plain PyTorch eager loop.
+
+Both run in this process, alternating step by step (median step time of each), on the same model,
+data and optimizer settings (world size 1), so the ratio shows longtrain's own overhead (engine wrapping, global-token loss,
+metrics, all-reduces).
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+
+from longtrain.bench.common import print_table, write_json
+
+
+class _PlainLoop:
+    """The textbook eager loop: same model, data and AdamW; no engine, no distributed calls."""
+
+    def __init__(self, recipe) -> None:
+        from longtrain.launcher.data import PackedCorpus, build_tokenizer, collate, load_documents
+        from longtrain.models import Transformer
+
+        torch.manual_seed(recipe.run.seed)
+        docs = load_documents(recipe.data.source, recipe.data.format, recipe.data.text_field,
+                              recipe.data.max_documents)
+        self.corpus = PackedCorpus(docs, build_tokenizer(recipe.data.tokenizer), recipe.data.seq_len,
+                                   seed=recipe.run.seed)
+        self.collate = collate
+        self.model = Transformer(recipe.model_config())
+        t = self.t = recipe.training
+        self.opt = torch.optim.AdamW(self.model.parameters(), lr=t.lr, betas=(t.beta1, t.beta2),
+                                     weight_decay=t.weight_decay)
+        self.pos = 0
+
+    def step(self) -> int:
+        mb = self.t.micro_batch
+        b = self.collate(self.corpus.batch(self.pos, mb), False)
+        self.pos += mb
+        logits = self.model(b["tokens"], b["positions"])
+        loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.size(-1)), b["labels"].reshape(-1))
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.t.grad_clip)
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+        return b["labels"].numel()
+
+
+def _timed(fn) -> tuple[float, float]:
+    t0 = time.perf_counter()
+    n = fn()
+    return float(n), time.perf_counter() - t0
+
+
+def _compare(recipe, steps: int, warmup: int) -> tuple[float, float]:
+    """Alternate one longtrain step and one plain step so machine noise hits both alike."""
+    from longtrain.launcher.trainer import Trainer
+
+    trainer = Trainer(recipe)
+    plain = _PlainLoop(recipe)
+    ours_t, plain_t, ours_n, plain_n = [], [], 0.0, 0.0
+    for i in range(warmup + steps):
+        n1, t1 = _timed(lambda: trainer.train_step()["tokens"])
+        n2, t2 = _timed(plain.step)
+        if i >= warmup:
+            ours_t.append(t1)
+            plain_t.append(t2)
+            ours_n, plain_n = n1, n2
+    ours_t.sort()
+    plain_t.sort()
+    return ours_n / ours_t[len(ours_t) // 2], plain_n / plain_t[len(plain_t) // 2]
+
+
+def _worker(rank: int, world: int, recipe_path: str, sets: list[str], steps: int, warmup: int):
+    from longtrain.launcher.config import load_recipe
+
+    return _compare(load_recipe(recipe_path, sets), steps, warmup)
+
+
+def main(argv: list[str]) -> int:
+    ap = argparse.ArgumentParser(prog="longtrain bench step", description=__doc__)
+    ap.add_argument("--recipe", default="recipes/tiny-cpu.toml")
+    ap.add_argument("--set", dest="overrides", action="append", default=[])
+    ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--engine", action="append", default=None, help="fsdp2 and/or ddp (default both)")
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args(argv)
+
+    from longtrain.testing import run_distributed
+
+    rows = []
+    for engine in args.engine or ["fsdp2", "ddp"]:
+        sets = [*args.overrides, f"parallel.dp_engine={engine}", "checkpoint.resume=none",
+                "run.output_dir=/tmp/longtrain-bench-step"]
+        # a fresh process per engine, so one engine's state cannot slow the next
+        (ours, plain), = run_distributed(_worker, 1, args.recipe, sets, args.steps, args.warmup,
+                                         threads=torch.get_num_threads(), timeout=1800)
+        rows.append({"engine": engine, "longtrain_tok_s": ours, "plain_eager_tok_s": plain,
+                     "ratio": ours / plain})
+    print_table(rows)
+    write_json("step", {"recipe": args.recipe, "steps": args.steps, "rows": rows}, args.out)
+    return 0
