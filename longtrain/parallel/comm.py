@@ -1,0 +1,139 @@
+"""Point-to-point helpers, extra communicators, and per-process traffic/compute counters.
+
+`COUNTERS` is process-local: tests and the bench `reset()` it, run attention, and
+read `snapshot()`. Every message the sequence-parallel code sends is counted by
+kind ("kv", "dkv", "q", "partial", "qgrad_in", "dq", "a2a_q", ...) and by direction
+along the ring ("up" = towards higher ranks, "down" = towards lower ranks,
+"a2a" = all-to-all), and every attention block computation is counted.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass, field
+import torch
+import torch.distributed as dist
+
+
+@dataclass
+class Counters:
+    bytes_sent: dict = field(default_factory=lambda: defaultdict(int))      # direction -> bytes
+    bytes_recv: dict = field(default_factory=lambda: defaultdict(int))      # direction -> bytes
+    bytes_by_kind: dict = field(default_factory=lambda: defaultdict(int))   # kind -> bytes sent
+    sends_by_kind: dict = field(default_factory=lambda: defaultdict(int))   # kind -> blocks sent
+    bytes_by_peer: dict = field(default_factory=lambda: defaultdict(int))   # global rank -> bytes sent
+    compute_blocks: int = 0   # attention_block calls (forward)
+    compute_pairs: int = 0    # sum of Sq*Sk over those calls (per batch row and head)
+    backward_blocks: int = 0  # block backward calls
+
+    def reset(self) -> None:
+        for d in (self.bytes_sent, self.bytes_recv, self.bytes_by_kind, self.sends_by_kind,
+                  self.bytes_by_peer):
+            d.clear()
+        self.compute_blocks = self.compute_pairs = self.backward_blocks = 0
+
+    def snapshot(self) -> dict:
+        return {
+            "bytes_sent": dict(self.bytes_sent), "bytes_recv": dict(self.bytes_recv),
+            "bytes_by_kind": dict(self.bytes_by_kind), "sends_by_kind": dict(self.sends_by_kind),
+            "bytes_by_peer": dict(self.bytes_by_peer), "compute_blocks": self.compute_blocks,
+            "compute_pairs": self.compute_pairs, "backward_blocks": self.backward_blocks,
+        }
+
+
+COUNTERS = Counters()
+
+
+def nbytes(*tensors: torch.Tensor) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+class P2P:
+    """Collects receives and sends for one group and posts them receives-first.
+
+    gloo moves data one way at a time per connection unless the receive is posted
+    before the matching send (REFERENCES §7), so all receives go out first.
+    """
+
+    def __init__(self, group: dist.ProcessGroup | None):
+        self.group = group
+        self.recvs: list[tuple[torch.Tensor, int, int]] = []
+        self.sends: list[tuple[torch.Tensor, int, int]] = []
+
+    def _global(self, peer: int) -> int:
+        return dist.get_global_rank(self.group, peer) if self.group is not None else peer
+
+    def recv(self, t: torch.Tensor, peer: int, direction: str, tag: int = 0) -> torch.Tensor:
+        self.recvs.append((t, self._global(peer), tag))
+        COUNTERS.bytes_recv[direction] += nbytes(t)
+        return t
+
+    def send(self, t: torch.Tensor, peer: int, kind: str, direction: str, tag: int = 0,
+             count_block: bool = True) -> None:
+        t = t.contiguous()
+        g = self._global(peer)
+        self.sends.append((t, g, tag))
+        n = nbytes(t)
+        COUNTERS.bytes_sent[direction] += n
+        COUNTERS.bytes_by_kind[kind] += n
+        COUNTERS.bytes_by_peer[g] += n
+        if count_block:
+            COUNTERS.sends_by_kind[kind] += 1
+
+    def start(self) -> "Handles":
+        ops = [dist.P2POp(dist.irecv, t, p, self.group, tag) for t, p, tag in self.recvs]
+        ops += [dist.P2POp(dist.isend, t, p, self.group, tag) for t, p, tag in self.sends]
+        self.recvs, self.sends = [], []
+        return Handles(dist.batch_isend_irecv(ops) if ops else [])
+
+
+class Handles:
+    """Work handles of one batch; waiting twice is a no-op (a second gloo wait() hangs)."""
+
+    def __init__(self, works: list):
+        self.works = works
+
+    def wait(self) -> None:
+        works, self.works = self.works, []
+        for w in works:
+            w.wait()
+
+
+def wait(handles: "Handles | None") -> None:
+    if handles is not None:
+        handles.wait()
+
+
+_GROUPS: dict = {}
+
+
+def _ranks(group: dist.ProcessGroup | None) -> tuple[int, ...]:
+    return tuple(dist.get_process_group_ranks(group if group is not None else dist.group.WORLD))
+
+
+def twin_group(group: dist.ProcessGroup | None) -> dist.ProcessGroup:
+    """A second communicator over the same ranks (cached), so two streams overlap.
+
+    Created with local synchronisation: only the members need to call this.
+    """
+    key = ("twin", _ranks(group))
+    if key not in _GROUPS:
+        _GROUPS[key] = dist.new_group(list(key[1]), use_local_synchronization=True)
+    return _GROUPS[key]
+
+
+def split_group(group: dist.ProcessGroup | None, inner: int) -> tuple[dist.ProcessGroup, dist.ProcessGroup]:
+    """(inner group of `inner` consecutive ranks holding me, outer group of my peers across).
+
+    Group ranks r = g*inner + i: inner groups fix g, outer groups fix i.
+    """
+    ranks = _ranks(group)
+    key = ("split", ranks, inner)
+    if key not in _GROUPS:
+        me = ranks.index(dist.get_rank())
+        g, i = divmod(me, inner)
+        inner_ranks = list(ranks[g * inner:(g + 1) * inner])
+        outer_ranks = list(ranks[i::inner])
+        _GROUPS[key] = (dist.new_group(inner_ranks, use_local_synchronization=True),
+                        dist.new_group(outer_ranks, use_local_synchronization=True))
+    return _GROUPS[key]
