@@ -280,14 +280,13 @@ class Trainer:
                     total = total + aux / len(micro)  # engines average over ranks
                     aux_sum += aux.detach().double()
                 if self.ds_engine is not None:
-                    self.ds_engine.backward(total)
+                    self.ds_engine.backward(total, scale_wrt_gas=False)  # `scale` already averages
                 else:
                     total.backward()
             loss_sum += loss.detach().double()
         if self.ds_engine is not None:
-            gnorm = self.ds_engine.get_global_grad_norm() or 0.0
-            self.ds_engine.step()
-            gnorm = float(gnorm)
+            self.ds_engine.step()  # the accumulation boundary: reduce, clip, update, schedule
+            gnorm = float(self.ds_engine.get_global_grad_norm() or 0.0)
         else:
             if r.training.grad_clip > 0:
                 gn = torch.nn.utils.clip_grad_norm_(self.model.parameters(), r.training.grad_clip)

@@ -1,0 +1,250 @@
+"""DeepSpeed ZeRO (stage 0-3) as a data-parallel engine, with torch optimizers (no DeepSpeed op compiled).
+
+How it fits the trainer:
+- Gradients: the trainer scales each rank's loss by world / global_token_count and calls
+  `engine.backward` once per micro-batch and `engine.step` once per optimizer step. We run
+  DeepSpeed with `managed_gradient_accumulation = false` (backward only accumulates, step is the
+  boundary: reduce, clip, update, schedule) and the trainer passes `scale_wrt_gas=False`, so
+  DeepSpeed averages gradients over ALL ranks (dp x sp; no mpu is given) exactly like FSDP2/DDP.
+- Sequence parallelism lives in the model's attention ops; DeepSpeed sees plain data parallelism
+  over the whole world, which is the right reduction for sp ranks too (they hold different tokens
+  of the same samples).
+- Process group: we reuse the torch process group the launcher already started
+  (`dist_init_required=False`) and skip DeepSpeed's CPU shared-memory all-reduce op, whose first
+  use compiles a C++ extension (~60 s on 2 cores); gloo does that job here.
+- Checkpoints follow the same atomic protocol as the DCP ones (write `<name>.tmp/`, meta.json,
+  rename, `latest` pointer): the folder holds the model weights as a DCP checkpoint (so eval,
+  convert and `.metadata`-based completeness checks work unchanged) plus DeepSpeed's own files
+  (partitioned optimizer state) under `deepspeed/` for exact resume.
+
+This module imports nothing from launcher/: `recipe`, `trainer` and `checkpointer` are duck-typed.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+log = logging.getLogger("longtrain")
+
+DS_SUBDIR = "deepspeed"  # DeepSpeed's own files inside a published checkpoint folder
+_TAG_SAFE = "state"
+
+
+def _deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    out = copy.deepcopy(base)
+    for k, v in over.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = _deep_merge(out[k], v)
+        else:
+            out[k] = copy.deepcopy(v)
+    return out
+
+
+def deepspeed_config(recipe: Any, dtype: torch.dtype = torch.float32) -> dict[str, Any]:
+    """The DeepSpeed config generated from a recipe, with `parallel.deepspeed_config` merged over it.
+
+    Batch sizes are in samples per rank; `train_batch_size` is left to DeepSpeed
+    (micro_batch * grad_accum * world size, since every rank counts as data parallel for it).
+    """
+    t, p = recipe.training, recipe.parallel
+    cfg: dict[str, Any] = {
+        "train_micro_batch_size_per_gpu": t.micro_batch,
+        "gradient_accumulation_steps": t.grad_accum,
+        "managed_gradient_accumulation": False,  # the trainer owns the boundary: step() once per update
+        "gradient_clipping": float(t.grad_clip),
+        "zero_optimization": {"stage": p.zero_stage},
+        "bf16": {"enabled": dtype == torch.bfloat16},
+        "fp16": {"enabled": False},
+        "zero_allow_untested_optimizer": True,  # torch.optim.AdamW
+        "steps_per_print": 2**31 - 1,
+        "wall_clock_breakdown": False,
+    }
+    if p.zero_stage == 3:
+        # gather everything at once for small models; big ones keep DeepSpeed's defaults
+        cfg["zero_optimization"]["stage3_gather_16bit_weights_on_model_save"] = False
+    return _deep_merge(cfg, p.deepspeed_config or {})
+
+
+def _skip_shm_op() -> None:
+    """DeepSpeed's CPU backend compiles a shared-memory all-reduce op on first init (~60 s).
+    gloo does the same job for us; returning None makes DeepSpeed fall back to torch.distributed."""
+    import importlib
+
+    ds_torch = importlib.import_module("deepspeed.comm.torch")  # `deepspeed.comm.torch` attribute is torch itself
+
+    if getattr(ds_torch.build_shm_op, "_longtrain_skip", False):
+        return
+
+    def _none() -> None:
+        return None
+
+    _none._longtrain_skip = True  # type: ignore[attr-defined]
+    ds_torch.build_shm_op = _none
+
+
+def wrap_deepspeed(model: nn.Module, recipe: Any, lr_lambda: Callable[[int], float],
+                   dtype: torch.dtype = torch.float32) -> tuple[Any, Any, Any]:
+    """Wrap `model` (already on its device) in a DeepSpeed engine over the default process group.
+
+    Returns (engine, optimizer, scheduler): a torch AdamW (decay on >= 2-D weights only) driven
+    by DeepSpeed, and a LambdaLR on it stepped by `engine.step()` at each update.
+    """
+    os.environ.setdefault("DS_BUILD_OPS", "0")
+    if not dist.is_initialized():
+        raise RuntimeError("wrap_deepspeed needs an initialised torch.distributed process group")
+    try:
+        import deepspeed
+    except ImportError as e:
+        from longtrain.errors import ConfigError
+
+        raise ConfigError(f"parallel.dp_engine = 'deepspeed' needs DeepSpeed: pip install 'longtrain[deepspeed]' ({e})") from None
+    if not torch.cuda.is_available():
+        _skip_shm_op()
+    t = recipe.training
+    decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
+    no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
+    optimizer = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": t.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=t.lr, betas=(t.beta1, t.beta2), eps=1e-8, foreach=False)
+    cfg = deepspeed_config(recipe, dtype)
+    # DeepSpeed logs every config value at INFO; keep the run's console readable
+    logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
+    engine, ds_opt, _, scheduler = deepspeed.initialize(
+        model=model, optimizer=optimizer, config=cfg, dist_init_required=False,
+        lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda))
+    return engine, ds_opt, scheduler
+
+
+# ---- checkpoints -----------------------------------------------------------------------------
+
+def _barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except OSError:
+        pass
+
+
+def full_state_dict(engine: Any) -> dict[str, torch.Tensor]:
+    """Unsharded module weights (CPU copies). ZeRO-3 gathers one parameter at a time; every rank
+    returns the same tensors (collective: call on all ranks)."""
+    module = engine.module
+    if engine.zero_optimization_stage() < 3:
+        return {k: v.detach().cpu().clone() for k, v in module.state_dict().items()}
+    import deepspeed
+
+    out: dict[str, torch.Tensor] = {}
+    for name, param in module.named_parameters():
+        with deepspeed.zero.GatheredParameters([param], modifier_rank=None):
+            out[name] = param.detach().cpu().clone()
+    for name, buf in module.named_buffers():
+        if name in module.state_dict():
+            out[name] = buf.detach().cpu().clone()
+    return out
+
+
+def save_deepspeed(trainer: Any, checkpointer: Any) -> Path:
+    """Publish a checkpoint of a DeepSpeed run atomically (collective).
+
+    `<root>/step_N.tmp/` gets the DCP weights (`.metadata`, shards), DeepSpeed's files under
+    `deepspeed/` and meta.json; rank 0 then renames it to `step_N`, rewrites `latest` and prunes
+    to `keep_last`, exactly like Checkpointer.save.
+    """
+    import torch.distributed.checkpoint as dcp
+
+    engine, step = trainer.ds_engine, trainer.step
+    root = Path(checkpointer.root)
+    name = f"step_{step:08d}"
+    final, tmp = root / name, root / f"{name}.tmp"
+    rank = dist.get_rank()
+    if rank == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    _barrier()
+    t0 = time.perf_counter()
+    dcp.save({"model": full_state_dict(engine)}, checkpoint_id=str(tmp))
+    engine.save_checkpoint(str(tmp), tag=DS_SUBDIR, save_latest=False)
+    if rank == 0:
+        meta = {**trainer._meta(), "step": step, "saved_at": time.time(),
+                "deepspeed": {"zero_stage": engine.zero_optimization_stage(), "dir": DS_SUBDIR}}
+        with open(tmp / "meta.json", "w") as f:
+            json.dump(meta, f, indent=1)
+            f.flush()
+            os.fsync(f.fileno())
+    _fault("crash_during_save", step, rank)
+    _barrier()
+    if rank == 0:
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        ptr_tmp = root / "latest.tmp"
+        with open(ptr_tmp, "w") as f:
+            f.write(name)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(ptr_tmp, root / "latest")
+        _fsync_dir(root)
+        for old in checkpointer.complete()[:-checkpointer.keep_last]:
+            shutil.rmtree(old, ignore_errors=True)
+        log.info("checkpoint %s saved in %.2fs (DeepSpeed ZeRO-%d)", final, time.perf_counter() - t0,
+                 engine.zero_optimization_stage())
+    _barrier()
+    _fault("pause_after_save", step, rank)
+    return final
+
+
+def load_deepspeed(trainer: Any, path: str | os.PathLike) -> None:
+    """Restore engine, optimizer and scheduler state from a checkpoint written by save_deepspeed.
+
+    DeepSpeed's partitioned optimizer state only loads into the same world size; a different
+    world size (or a DCP checkpoint from FSDP2/DDP) is a CheckpointError naming the way out.
+    """
+    from longtrain.errors import CheckpointError
+
+    p = Path(path)
+    meta = json.loads((p / "meta.json").read_text())
+    if not (p / DS_SUBDIR).is_dir():
+        raise CheckpointError(f"checkpoint {p} was written by dp_engine={meta.get('engine', '?')!r}, not DeepSpeed: "
+                              "resume it with the same engine, or start fresh (checkpoint.resume=none)")
+    world = dist.get_world_size()
+    if meta.get("world_size") not in (None, world):
+        raise CheckpointError(f"DeepSpeed checkpoint {p} was written by {meta['world_size']} ranks; this run has "
+                              f"{world} (ZeRO optimizer state is partitioned per rank): resume with "
+                              f"{meta['world_size']} ranks, or use dp_engine=fsdp2 for resharding")
+    load_path, _ = trainer.ds_engine.load_checkpoint(str(p), tag=DS_SUBDIR, load_optimizer_states=True,
+                                                     load_lr_scheduler_states=True)
+    if load_path is None:
+        raise CheckpointError(f"DeepSpeed could not load {p / DS_SUBDIR}")
+
+
+def _fault(kind: str, step: int, rank: int) -> None:
+    """Same test hooks as launcher/checkpoint.py (LONGTRAIN_FAULT=crash_during_save:N | pause_after_save:N)."""
+    if os.environ.get("LONGTRAIN_FAULT", "") != f"{kind}:{step}":
+        return
+    import signal
+
+    log.error("fault injection: %s at step %d", kind, step)
+    if kind == "crash_during_save" and rank == 0:
+        os.kill(os.getpid(), signal.SIGKILL)
+    if kind == "pause_after_save":
+        while True:
+            time.sleep(1)
