@@ -230,12 +230,19 @@ class SavedBytes:
     n_exact: int = 0
     n_quantized: int = 0
     _seen: dict = field(default_factory=dict, repr=False)
+    _gated: bool = field(default=False, repr=False)
+    _depth: int = field(default=0, repr=False)
+
+    def _counting(self) -> bool:
+        return not self._gated or self._depth > 0
 
     @property
     def activation_bytes(self) -> int:
         return self.exact_bytes + self.quantized_bytes
 
     def _add_tensor(self, t: Tensor, param: bool) -> None:
+        if not self._counting():
+            return
         st = t.untyped_storage()
         key = ("s", st.data_ptr(), t.device.type)
         if key in self._seen:
@@ -248,6 +255,8 @@ class SavedBytes:
             self.n_exact += 1
 
     def _add_record(self, rec: Any, nbytes: int) -> None:
+        if not self._counting():
+            return
         key = ("q", id(rec))
         if key in self._seen:
             return
@@ -265,14 +274,29 @@ _COUNTERS: list[SavedBytes] = []
 
 
 @contextmanager
-def saved_bytes_counter() -> Iterator[SavedBytes]:
+def saved_bytes_counter(modules: Iterable[nn.Module] | None = None) -> Iterator[SavedBytes]:
     """Count bytes of tensors saved for backward during the block, with or without Mesa.
 
     Installs a pass-through saved-tensor hook (outermost); Mesa scopes inside it
-    report what they keep. Tensors saved inside a checkpointed function are
-    invisible (checkpoint's own hooks take them) and count nothing.
+    report what they keep. With `modules`, only tensors saved while one of their
+    forwards runs count (e.g. the transformer blocks, leaving out the LM head).
+    Tensors saved inside a checkpointed function are invisible (checkpoint's own
+    hooks take them) and count nothing.
     """
     c = SavedBytes()
+    handles = []
+    if modules is not None:
+        c._gated = True
+
+        def enter(*_: Any) -> None:
+            c._depth += 1
+
+        def leave(*_: Any) -> None:
+            c._depth -= 1
+
+        for m in modules:
+            handles.append(m.register_forward_pre_hook(enter))
+            handles.append(m.register_forward_hook(leave))
     _COUNTERS.append(c)
 
     def pack(t: Tensor) -> Tensor:
@@ -287,6 +311,8 @@ def saved_bytes_counter() -> Iterator[SavedBytes]:
             yield c
     finally:
         _COUNTERS.remove(c)
+        for h in handles:
+            h.remove()
         c._seen.clear()
 
 
