@@ -185,6 +185,17 @@ class PackedCorpus:
             raise DataError(f"the corpus has {len(self.tokens)} tokens: too few for one sample of seq_len={seq_len}")
         self._perm_cache: dict[int, Tensor] = {}
 
+    def with_seq_len(self, seq_len: int) -> "PackedCorpus":
+        """The same token stream cut into samples of another length (staged long-context training)."""
+        other = object.__new__(PackedCorpus)
+        other.__dict__.update(self.__dict__)
+        other.seq_len = seq_len
+        other.n_samples = (len(self.tokens) - 1) // seq_len
+        if other.n_samples < 1:
+            raise DataError(f"the corpus has {len(self.tokens)} tokens: too few for one sample of seq_len={seq_len}")
+        other._perm_cache = {}
+        return other
+
     def _perm(self, epoch: int) -> Tensor:
         if not self.shuffle:
             return torch.arange(self.n_samples)

@@ -171,7 +171,8 @@ class Trainer:
     def _meta(self) -> dict[str, Any]:
         r = self.recipe
         return {"data_position": self.data_position, "world_size": self.layout.world, "dp": self.layout.dp,
-                "sp": self.layout.sp, "global_batch": self.global_batch, "seq_len": r.data.seq_len,
+                "sp": self.layout.sp, "global_batch": self.global_batch, "seq_len": self.corpus.seq_len,
+                "rope_theta": self.model.cfg.rope_theta,
                 "model": self.model.cfg.to_dict(), "engine": self.engine}
 
     def save(self) -> None:
@@ -191,8 +192,9 @@ class Trainer:
         if path is None:
             return
         meta = read_meta(path)
-        if meta.get("model") and meta["model"] != self.model.cfg.to_dict():
-            diff = [k for k in meta["model"] if meta["model"].get(k) != self.model.cfg.to_dict().get(k)]
+        ours = self.model.cfg.to_dict()
+        diff = [k for k in (meta.get("model") or {}) if k != "rope_theta" and meta["model"][k] != ours.get(k)]
+        if diff:
             raise ConfigError(f"checkpoint {path} was written for a different model (fields differ: {', '.join(diff)})")
         if self.ds_engine is not None:
             from longtrain.parallel.deepspeed_engine import load_deepspeed
@@ -207,6 +209,10 @@ class Trainer:
                            optim_state_dict=state["optim"])
         self.step = int(meta["step"])
         self.data_position = int(meta["data_position"])
+        if meta.get("seq_len") and int(meta["seq_len"]) != self.corpus.seq_len:  # saved inside a stage
+            self.corpus = self.corpus.with_seq_len(int(meta["seq_len"]))
+        if meta.get("rope_theta") and meta["rope_theta"] != self.model.cfg.rope_theta:
+            self.model.set_rope(theta=float(meta["rope_theta"]))
         self.scheduler.last_epoch = self.step
         for g, lr0 in zip(self.optimizer.param_groups, self.scheduler.base_lrs):
             g["lr"] = lr0 * lr_lambda(r)(self.step)
@@ -222,16 +228,39 @@ class Trainer:
         t = self.recipe.training
         return self.layout.dp * t.micro_batch * t.grad_accum
 
-    def _micro_batches(self, seq_len: int) -> list[dict[str, Any]]:
+    def _micro_batches(self) -> list[dict[str, Any]]:
         r, lay = self.recipe, self.layout
         mb, out = r.training.micro_batch, []
         for m in range(r.training.grad_accum):
             start = self.data_position + (m * lay.dp + lay.dp_rank) * mb
-            samples = self.corpus.batch(start, mb)
-            if seq_len != self.corpus.seq_len:
-                raise RuntimeError("stage seq_len change requires re-packing")  # handled by _apply_stage
-            out.append(collate(samples, r.data.document_mask))
+            out.append(collate(self.corpus.batch(start, mb), r.data.document_mask))
         return out
+
+    def _apply_stage(self) -> None:
+        """[[stages]]: switch seq_len / rope_theta when a stage starts (also right after a resume).
+
+        On a seq_len change the data position is converted to the same number of tokens
+        (rounded up) over the re-cut sample order.
+        """
+        r = self.recipe
+        stage = None
+        for s in sorted(r.stages, key=lambda s: s.start_step):
+            if s.start_step <= self.step:
+                stage = s
+        seq_len = (stage.seq_len if stage and stage.seq_len else None) or r.data.seq_len
+        theta = stage.rope_theta if stage and stage.rope_theta else None
+        if seq_len != self.corpus.seq_len:
+            mult = 2 * self.layout.sp if r.parallel.sp_layout == "zigzag" else self.layout.sp
+            if seq_len % mult:
+                raise ConfigError(f"stage seq_len {seq_len} must be divisible by {mult} for sp={self.layout.sp}")
+            old = self.corpus.seq_len
+            self.data_position = -(-self.data_position * old // seq_len)
+            self.corpus = self.corpus.with_seq_len(seq_len)
+            log.info("stage at step %d: seq_len %d -> %d (data position %d)", self.step, old, seq_len,
+                     self.data_position)
+        if theta is not None and theta != self.model.cfg.rope_theta:
+            log.info("stage at step %d: rope_theta %g -> %g", self.step, self.model.cfg.rope_theta, theta)
+            self.model.set_rope(theta=theta)
 
     def _shard(self, batch: dict[str, Any]) -> dict[str, Any]:
         lay, p = self.layout, self.recipe.parallel
@@ -255,7 +284,8 @@ class Trainer:
     def train_step(self) -> dict[str, float]:
         r, lay = self.recipe, self.layout
         torch.manual_seed(r.run.seed * 7919 + self.step * 104729 + lay.rank)  # exact resume, any world size
-        micro = [self._shard(b) for b in self._micro_batches(r.data.seq_len)]
+        self._apply_stage()
+        micro = [self._shard(b) for b in self._micro_batches()]
         local_count = sum(int((b["labels"] != -100).sum()) for b in micro)
         counts = torch.tensor([float(local_count)], dtype=torch.float64)
         dist.all_reduce(counts)
