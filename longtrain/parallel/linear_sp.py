@@ -62,6 +62,22 @@ class _GatherStates(torch.autograd.Function):
         return out.view(g.shape[1:]), None, None
 
 
+class _Tie(torch.autograd.Function):
+    """Identity on x that puts `dep` in its graph with a zero gradient: every rank must
+    run the reduce-scatter of the gathered states in its backward, also a rank whose
+    outputs use none of them (contiguous rank 0, or documents starting at its chunks)."""
+
+    @staticmethod
+    def forward(ctx, x, dep):
+        ctx.dep_meta = (dep.shape, dep.dtype, dep.device)
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, g):
+        shape, dtype, device = ctx.dep_meta
+        return g, torch.zeros(shape, dtype=dtype, device=device)
+
+
 def _chunk_docs(cu: list[int] | None, p0: int, L: int):
     """Local cu_seqlens of [p0, p0+L) (or None), doc start inside?, doc start at p0?, last start."""
     if cu is None:
@@ -130,4 +146,6 @@ def linear_sp_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, decay
         outs.append(lightning_attention(qs[j], ks[j], vs[j], decay, initial_state=entering[c],
                                         cu_seqlens=None if local_cu is None
                                         else local_cu.to(q.device)))
+    if all(entering[c] is None for c in ids):
+        outs[0] = _Tie.apply(outs[0], gathered)
     return torch.cat(outs, dim=1) if len(outs) > 1 else outs[0]
