@@ -231,3 +231,71 @@ def test_decay_is_constant_and_inputs_are_checked():
     with pytest.raises(ValueError, match="initial_state"):
         lightning_attention(q, k, v, decay, initial_state=torch.zeros(1, 2, 8, 9))
     assert not math.isnan(lightning_attention(q[:, :1], k[:, :1], v[:, :1], decay).sum().item())
+
+
+# ------------------------------------------------------------------ the layer module
+
+
+def test_lightning_layer_matches_written_out_formula():
+    from longtrain.models.lightning import LightningAttention
+
+    torch.manual_seed(0)
+    dim, H, D, S = 48, 4, 12, 40
+    m = LightningAttention(dim, H, D, layer_idx=2, n_layers=6)
+    x = torch.randn(2, S, dim, requires_grad=True)
+    y = m(x)
+    assert y.shape == (2, S, dim)
+    # the same layer written out with the O(S^2) decay matrix
+    q = torch.nn.functional.silu(x @ m.wq.weight.T).view(2, S, H, D)
+    k = torch.nn.functional.silu(x @ m.wk.weight.T).view(2, S, H, D)
+    v = (x @ m.wv.weight.T).view(2, S, H, D)
+    lam = torch.exp(-tnl_decay(H, 2, 6))
+    p = torch.arange(S)
+    w = lam[:, None, None] ** (p[:, None] - p[None, :]).clamp(min=0) * (p[:, None] >= p[None, :])
+    o = torch.einsum("bphd,bjhd,hpj,bjhe->bphe", q, k, w, v)
+    o = o / torch.sqrt(o.pow(2).mean(-1, keepdim=True) + 1e-5)
+    o = o.reshape(2, S, H * D) * m.norm_weight
+    want = (o * torch.sigmoid(x @ m.wg.weight.T)) @ m.wo.weight.T
+    assert rel(y, want) <= 1e-5
+    y.square().sum().backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in m.parameters())
+    # causal: changing token 30 leaves outputs before it unchanged
+    x2 = x.detach().clone()
+    x2[:, 30] += 1.0
+    y2 = m(x2)
+    assert torch.equal(y2[:, :30], y.detach()[:, :30]) and not torch.allclose(y2[:, 30], y[:, 30])
+
+
+def test_lightning_layer_attn_fn_hook():
+    from longtrain.models.lightning import LightningAttention
+
+    m = LightningAttention(32, 2, 16, layer_idx=0, n_layers=2)
+    x = torch.randn(1, 70, 32)
+    seen = []
+
+    def naive(q, k, v, decay):
+        seen.append((q.shape, decay.clone()))
+        return lightning_attention(q, k, v, decay, backend="naive")
+
+    assert rel(m(x, attn_fn=naive), m(x)) <= 1e-5
+    assert seen and seen[0][0] == (1, 70, 2, 16) and torch.equal(seen[0][1], tnl_decay(2, 0, 2))
+
+
+def test_lightning_layer_decay_buffer():
+    from longtrain.models.lightning import LightningAttention
+
+    m = LightningAttention(32, 6, 8, layer_idx=3, n_layers=5)
+    assert torch.equal(m.decay, tnl_decay(6, 3, 5)) and "decay" not in m.state_dict()
+    m2 = LightningAttention(32, 6, 8, layer_idx=3, n_layers=5)
+    m2.load_state_dict(m.state_dict())                      # strict: same keys both ways
+    m.to(torch.bfloat16)
+    assert m.wq.weight.dtype == torch.bfloat16
+    assert m.decay.dtype == torch.float32 and torch.equal(m.decay, tnl_decay(6, 3, 5))
+    assert m(torch.randn(1, 9, 32, dtype=torch.bfloat16)).dtype == torch.bfloat16
+    with torch.device("meta"):
+        meta = LightningAttention(32, 6, 8, layer_idx=3, n_layers=5)
+    meta.to_empty(device="cpu")
+    assert torch.equal(meta.decay, tnl_decay(6, 3, 5))
+    meta.norm_weight.data.zero_()
+    meta.reset_extra_parameters()
+    assert torch.equal(meta.norm_weight.detach(), torch.ones(48))

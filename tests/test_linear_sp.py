@@ -43,6 +43,9 @@ def _worker(rank: int, world: int, cases: list[dict]) -> list[dict]:
     lsp._all_gather, lsp._reduce_scatter = count_ag, count_rs
     results = []
     for case in cases:
+        if case.get("layer_module"):
+            results.append(_layer_case(rank, world, case))
+            continue
         S, B, H, Dk, Dv, dtype = case["S"], case["B"], case["H"], case["Dk"], case["Dv"], case["dtype"]
         g = torch.Generator().manual_seed(case["seed"])
         q, k = (torch.randn(B, S, H, Dk, generator=g, dtype=dtype) for _ in range(2))
@@ -67,6 +70,35 @@ def _worker(rank: int, world: int, cases: list[dict]) -> list[dict]:
     return results
 
 
+def _layer_case(rank: int, world: int, case: dict) -> dict:
+    """The model's LightningAttention layer with the SP function as its attn_fn."""
+    from functools import partial
+
+    import torch.distributed as dist
+
+    from longtrain.models.lightning import LightningAttention
+
+    torch.manual_seed(7)
+    S, dim = case["S"], 32
+    layer = LightningAttention(dim, 4, 8, layer_idx=1, n_layers=3).double()
+    x = torch.randn(2, S, dim, dtype=torch.float64)
+    cu = torch.tensor(case["cu"])
+    ref = x.clone().requires_grad_()
+    y_ref = layer(ref, attn_fn=partial(lightning_attention, cu_seqlens=cu))
+    y_ref.square().sum().backward()
+    ref_pgrads = [p.grad.clone() for p in layer.parameters()]
+    layer.zero_grad()
+    idx = local_positions(rank, world, case["layout"], S)
+    xl = x[:, idx].clone().requires_grad_()
+    y = layer(xl, attn_fn=partial(linear_sp_attention, layout=case["layout"], cu_seqlens=cu))
+    y.square().sum().backward()
+    pgrads = [p.grad.clone() for p in layer.parameters()]
+    for g in pgrads:
+        dist.all_reduce(g)
+    return {"case": case, "out": rel(y, y_ref[:, idx]),
+            "grads": [rel(xl.grad, ref.grad[:, idx])] + [rel(a, b) for a, b in zip(pgrads, ref_pgrads)]}
+
+
 def _cases(world: int) -> list[dict]:
     S = 400 if world == 2 else 512            # zigzag chunks of 100 / 64, contiguous 200 / 128
     c = S // (2 * world)
@@ -79,6 +111,7 @@ def _cases(world: int) -> list[dict]:
                               cu=docs, layer=1, seed=len(cases)))
     cases.append(dict(layout="zigzag", S=S, B=1, H=4, Dk=32, Dv=32, dtype=torch.float32,
                       cu=cu, layer=3, seed=99))
+    cases.append(dict(layer_module=True, layout="zigzag", S=S, cu=cu, dtype=torch.float64))
     return cases
 
 
@@ -89,6 +122,8 @@ def test_linear_sp_equals_single_process(world):
         for r in rank_results:
             tol = 1e-10 if r["case"]["dtype"] == torch.float64 else 1e-5
             assert r["out"] <= tol and max(r["grads"]) <= tol, r
+            if r["case"].get("layer_module"):
+                continue
             # only the D x D states travel: one all-gather forward, one reduce-scatter backward
             assert r["sent"] == [r["state_numel"], r["state_numel"]], r
 
