@@ -154,7 +154,7 @@ def test_ring_sends_w_minus_1_kv_blocks(run):
             assert x["fwd"]["sends_by_kind"] == {"kv": world - 1}, (name, x["fwd"])
             # one K,V block is exactly the local kv heads: nothing replicated for GQA
             assert x["fwd"]["bytes_by_kind"]["kv"] == (world - 1) * _kv_block_bytes(x["shapes"])
-            assert x["bwd"]["sends_by_kind"] == {"kv_bwd": world - 1, "dkv": world}, x["bwd"]
+            assert x["bwd"]["sends_by_kind"] == {"kv_bwd": world - 1, "dkv": world - 1}, x["bwd"]
 
 
 def test_tokenring_sends_q_and_partials_never_kv(run):
@@ -217,7 +217,7 @@ def test_masks_skip_compute_and_sends(run):
         # the ring stops after one hop; TokenRing sends queries to rank-1 only, and
         # the partial back to rank+1 only
         assert r[name_ring]["fwd"]["sends_by_kind"] == {"kv": 1}
-        assert r[name_ring]["bwd"]["sends_by_kind"] == {"kv_bwd": 1, "dkv": 2}
+        assert r[name_ring]["bwd"]["sends_by_kind"] == {"kv_bwd": 1, "dkv": 1}
         tr = r[name_tr]["fwd"]["sends_by_kind"]
         assert tr.get("q", 0) == (1 if rank > 0 else 0)
         assert tr.get("partial", 0) == (1 if rank < world - 1 else 0)

@@ -3,9 +3,10 @@
 Forward: W ranks, step s uses the K,V block of rank r-s; the next block is
 received (batched isend/irecv, receive posted first) while the current one is
 computed. Partial (out, lse) merge into fp32 accumulators (REFERENCES §1).
-Backward: K,V rotate again; the dK,dV accumulator of each block travels with it
-on a second communicator and arrives home after the last hop; dQ accumulates
-locally in fp32. Blocks the masks make empty are not computed; when no rank
+Backward: K,V rotate again; the dK,dV accumulator of each block starts at its
+first remote holder, travels with it on a second communicator and arrives home
+after the last hop (W-1 sends; the owner keeps its own share locally); dQ
+accumulates locally in fp32. Blocks the masks make empty are not computed; when no rank
 needs K,V from further than d < W-1 hops (windows with a contiguous layout) the
 ring stops after d hops and the dK,dV accumulators jump home directly.
 
@@ -138,9 +139,10 @@ def ring_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch
     r, w, d = rs.rank, rs.world, rs.hops
     dq = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
     kv = torch.stack([k, v])
-    incoming = None      # (works, buffer) of the dK,dV accumulator for the next step
-    pending_sends = []
+    mine = torch.zeros(kv.shape, dtype=torch.float32, device=kv.device)  # own block's grads stay here
+    incoming = None      # (handles, buffer): accumulator of the block held at the next step
     home = None
+    sends = []
     for s in range(d + 1):
         kv_works = None
         if s < d:
@@ -149,37 +151,36 @@ def ring_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch
             p2p.recv(nxt, (r - 1) % w, "up", tag=s)
             p2p.send(kv, (r + 1) % w, "kv_bwd", "up", tag=s)
             kv_works = p2p.start()
-        dkv = torch.zeros(kv.shape, dtype=torch.float32, device=kv.device)
-        backward_calls(dout, q, kv[0], kv[1], out, lse, None, rs.plan(r, r - s), rs, dq, dkv[0], dkv[1])
-        if incoming is not None:
-            wait(incoming[0])
-            dkv += incoming[1]
-        if d == 0:
-            home = dkv
+        if s == 0:
+            backward_calls(dout, q, k, v, out, lse, None, rs.plan(r, r), rs, dq, mine[0], mine[1])
         else:
-            # the accumulator of block (r-s) goes on to r+1, or home to r-d after the last hop
-            p2p = P2P(rs.twin)
-            buf = torch.empty_like(dkv)
+            # the accumulator of block r-s started at its first remote holder; it goes on to
+            # r+1, or home to r-d after the last hop (W-1 sends per rank when d = W-1)
+            acc = torch.zeros(kv.shape, dtype=torch.float32, device=kv.device)
+            backward_calls(dout, q, kv[0], kv[1], out, lse, None, rs.plan(r, r - s), rs, dq, acc[0], acc[1])
+            if incoming is not None:
+                wait(incoming[0])
+                acc += incoming[1]
             last = s == d
-            p2p.recv(buf, (r + d) % w if last else (r - 1) % w, "up" if d == w - 1 or not last else "down",
-                     tag=s)
-            p2p.send(dkv, (r - d) % w if last else (r + 1) % w, "dkv",
-                     "up" if d == w - 1 or not last else "down", tag=s)
-            works = p2p.start()
-            pending_sends.append(works)
+            direction = "up" if (not last or d == w - 1) else "down"
+            p2p = P2P(rs.twin)
+            buf = p2p.recv(torch.empty_like(acc), (r + d) % w if last else (r - 1) % w, direction, tag=s)
+            p2p.send(acc, (r - d) % w if last else (r + 1) % w, "dkv", direction, tag=s)
+            handles = p2p.start()
+            sends.append(handles)
             if last:
-                home = (works, buf)
+                home = (handles, buf)
             else:
-                incoming = (works, buf)
+                incoming = (handles, buf)
         if s < d:
             wait(kv_works)
             kv = nxt
-    if d > 0:
+    if home is not None:
         wait(home[0])
-        home = home[1]
-    for works in pending_sends:
-        wait(works)
-    return dq.to(q.dtype), home[0].to(k.dtype), home[1].to(v.dtype)
+        mine += home[1]
+    for handles in sends:
+        wait(handles)
+    return dq.to(q.dtype), mine[0].to(k.dtype), mine[1].to(v.dtype)
 
 
 class RingAttention(torch.autograd.Function):
