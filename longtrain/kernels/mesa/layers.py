@@ -566,3 +566,6 @@ def enable_mesa(model: nn.Module, config: MesaConfig) -> MesaState | None:
     for b, i in zip(blocks, ids):
         b.mesa_scope = functools.partial(mesa_scope, state, i)
     return state
+
+# the launcher imports this name
+attach_mesa = enable_mesa

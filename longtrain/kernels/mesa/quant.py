@@ -139,14 +139,15 @@ def quantize_codes_torch(x: Tensor, shift: Tensor, inv: Tensor, groups: int, inn
     """Torch twin of the Triton quantize kernel: contiguous x -> uint8 codes (flat, unpacked)."""
     levels = float(2 ** bits - 1)
     x3 = x.reshape(-1, groups, inner)
-    v = (x3.float() - shift.view(1, -1, 1)) * inv.view(1, -1, 1)
+    v = torch.sub(x3, shift.view(1, -1, 1))  # a new fp32 tensor (bf16/fp16 x promote exactly)
+    v.mul_(inv.view(1, -1, 1))
     if stochastic:
         if noise is None:
             noise = torch.rand(x3.shape, device=x.device, dtype=torch.float32, generator=generator)
-        v = v + noise.reshape(x3.shape).float()
+        v.add_(noise.reshape(x3.shape).float())
     else:
-        v = v + 0.5
-    return torch.floor(v).clamp_(0.0, levels).to(torch.uint8).reshape(-1)
+        v.add_(0.5)
+    return v.floor_().clamp_(0.0, levels).to(torch.uint8).reshape(-1)
 
 
 def dequantize_codes_torch(codes: Tensor, shift: Tensor, step: Tensor, groups: int, inner: int,
