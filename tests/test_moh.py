@@ -116,29 +116,20 @@ def close(a, b, tol=1e-5):
     return float((a - b).abs().max()) <= tol * max(1.0, float(b.abs().max()))
 
 
-def test_sparse_path_flattened_cu_seqlens():
-    cfg, layer = make_layer("learned")
+@pytest.mark.parametrize("router,window", [("learned", None), ("query_norm", 6)])
+def test_sparse_path_with_the_real_kernel(router, window):
+    """LocalAttention (kernels.attention_block) as ops, docs with a trailing document, vs the naive masked path."""
+    cfg, layer = make_layer(router, window=window)
     layer.block_size = 8
-    B, S = 2, 20
-    x = torch.randn(B, S, cfg.dim)
+    S = 45
+    x = torch.randn(2, S, cfg.dim)
     rope = rope_for(cfg, S)
-    cu_flat = torch.tensor([0, 7, 20, 31, 40])  # boundaries over the flattened batch
-    per_row = [torch.tensor([0, 7, 20]), torch.tensor([0, 11, 20])]
-    out = layer(x, rope, LocalAttentionNaiveFlat(cu_flat))
-    for b in range(B):
-        ref = layer(x[b:b + 1], rope, NaiveGenericOps(per_row[b]))
-        assert (out[b:b + 1] - ref).abs().max() <= 1e-5
-
-
-class LocalAttentionNaiveFlat(LocalAttention):
-    def softmax(self, q, k, v, *, window=None, softmax_scale=None):
-        B, S = q.shape[:2]
-        outs = []
-        for b in range(B):
-            cu = self.cu_seqlens - b * S
-            cu = torch.unique(cu.clamp(0, S))
-            outs.append(naive_softmax(q[b:b + 1], k[b:b + 1], v[b:b + 1], window=window, cu_seqlens=cu))
-        return torch.cat(outs)
+    cu = torch.tensor([0, 13, 14, 40])  # positions 40.. form a trailing document
+    o_ref, dx_ref, g_ref = run(layer, x, rope, NaiveGenericOps(torch.tensor([0, 13, 14, 40, S])))
+    o_sp, dx_sp, g_sp = run(layer, x, rope, LocalAttention(cu))
+    assert close(o_sp, o_ref) and close(dx_sp, dx_ref)
+    for n in g_ref:
+        assert close(g_sp[n], g_ref[n]), n
 
 
 @pytest.mark.parametrize("router", ["learned", "query_norm"])

@@ -158,63 +158,82 @@ class MoHAttention(nn.Module):
                 ks, vs = k.index_select(2, idx), v.index_select(2, idx)
             os_ = ops.softmax(q[:, :, :hs], ks, vs, window=self.window)
             parts.append(os_ * gates[:, :, :hs].unsqueeze(-1).to(q.dtype))
-        # routed heads: flat index over [B, E, S] so each head's chosen queries are contiguous and sorted
-        flat = sel.permute(0, 2, 1).reshape(-1).nonzero().squeeze(1)
-        qr = q[:, :, hs:].permute(0, 2, 1, 3).reshape(B * E * S, D)
-        qs = qr.index_select(0, flat)
-        kt = k.transpose(1, 2).contiguous()  # [B, Hkv, S, D]
-        vt = v.transpose(1, 2).contiguous()
+        # routed heads in [B, E, S, D]; kv heads copied per routed head (GQA)
+        kv_idx = (hs + torch.arange(E, device=q.device)) // G
+        qr = q[:, :, hs:].transpose(1, 2).contiguous()
+        kr = k.index_select(2, kv_idx).transpose(1, 2).contiguous()
+        vr = v.index_select(2, kv_idx).transpose(1, 2).contiguous()
+        flat = sel.permute(0, 2, 1).reshape(-1).nonzero().squeeze(1)  # over [B, E, S], sorted
         pos = flat % S
-        br = flat // S  # b * E + r
-        doc_start = _doc_starts(ops.cu_seqlens, B, S, q.device)
-        ds = doc_start.reshape(-1).index_select(0, (br // E) * S + pos) if doc_start is not None \
-            else torch.zeros_like(pos)
+        doc_start = _doc_starts(ops.cu_seqlens, S, q.device)
+        ds = doc_start.index_select(0, pos) if doc_start is not None else torch.zeros_like(pos)
         lb = ds if self.window is None else torch.maximum(ds, pos - self.window + 1)
         P = self.block_size or _auto_block(S)
-        segs = _segments(br, pos, ds, P, S, E, hs, G, self.window)
-        scale = 1.0 / math.sqrt(D)
-        out = _SparseQueryAttention.apply(qs, kt, vt, pos, lb, segs, scale)
+        segs = _segments(flat // S, pos, ds, P, S, self.window)
+        mask = _diag_mask(P, S, B, self.window, ops.cu_seqlens, q.dtype, q.device)
+        out = _SparseQueryAttention.apply(qr, kr, vr, flat, pos, lb, segs, mask, P, 1.0 / math.sqrt(D))
         g = gates[:, :, hs:].permute(0, 2, 1).reshape(-1).index_select(0, flat)
         out = out * g.unsqueeze(-1).to(out.dtype)
         orr = out.new_zeros(B * E * S, D).index_put((flat,), out)
-        parts.append(orr.view(B, E, S, D).permute(0, 2, 1, 3))
+        parts.append(orr.view(B, E, S, D).transpose(1, 2))
         return torch.cat(parts, dim=2) if len(parts) > 1 else parts[0]
 
 
 # ---------------------------------------------------------------------- sparse path helpers
+# The chosen queries of one routed head, split by query blocks of P positions:
+#   diagonal block   keys of the query's own block: one batched flash-attention call over all
+#                    blocks of all routed heads (every token, causal; rows not chosen are dropped)
+#   prefix           keys before the block visible to every chosen query of the run: one
+#                    unmasked flash call per (row, head, block, document) run
+#   band             (windows only) keys before the block visible to some queries: explicit, masked
+# merged exactly by log-sum-exp; the backward hands each part the merged out/lse (as ring attention does).
+
 def _auto_block(S: int) -> int:
-    # query block of the sparse path: the masked (explicit) part costs ~P keys per query,
-    # each block costs a few kernel launches; S/16 clamped balances the two at 2k-32k
-    return int(min(512, max(64, S // 16)))
+    # the diagonal call costs ~P keys per token (all rows, whole tiles); each prefix run costs
+    # kernel calls and a [prefix, D] gradient pass, ~S^2/P per head: S/8 measured best at 2k-8k
+    target = min(1024, max(128, S // 8))
+    return 1 << (target.bit_length() - 1)  # a power of two: divides typical lengths, no padding
 
 
-def _doc_starts(cu_seqlens: Tensor | None, B: int, S: int, device: torch.device) -> Tensor | None:
-    """First position of each token's document, [B,S] long (None without packing)."""
+def _doc_starts(cu_seqlens: Tensor | None, S: int, device: torch.device) -> Tensor | None:
+    """First position of each position's document, [S] long (None without packing).
+
+    Same convention as kernels.attention_block: document starts over the sequence, shared by
+    every row; positions at or past cu_seqlens[-1] form one trailing document.
+    """
     if cu_seqlens is None:
         return None
-    cu = cu_seqlens.to(device=device, dtype=torch.long)
-    total = int(cu[-1])
-    if total == S:  # boundaries shared by every row
-        idx = torch.arange(S, device=device)
-        doc = torch.searchsorted(cu, idx, right=True) - 1
-        return cu[doc].unsqueeze(0).expand(B, S).contiguous()
-    if total == B * S:  # boundaries over the flattened batch
-        idx = torch.arange(B * S, device=device)
-        doc = torch.searchsorted(cu, idx, right=True) - 1
-        return (cu[doc] - (idx // S) * S).clamp_min(0).view(B, S)
-    raise ValueError(f"cu_seqlens ends at {total}, expected the sequence length {S} or batch*seq {B * S}")
+    cu = torch.as_tensor(cu_seqlens, dtype=torch.long).to(device)
+    doc = torch.searchsorted(cu, torch.arange(S, device=device), right=True) - 1
+    return cu[doc.clamp_min(0)]
 
 
-def _segments(br: Tensor, pos: Tensor, ds: Tensor, P: int, S: int, E: int, hs: int, G: int,
+def _diag_mask(P: int, S: int, B: int, window: int | None, cu_seqlens: Tensor | None,
+               dtype: torch.dtype, device: torch.device) -> Tensor | None:
+    """Additive mask of the diagonal blocks ([1, 1|nblk, P, P]); None = plain causal."""
+    if window is None and cu_seqlens is None:
+        return None
+    nblk = (S + P - 1) // P
+    i = torch.arange(P, device=device)[:, None]
+    j = torch.arange(P, device=device)[None, :]
+    keep = j <= i
+    if window is not None:
+        keep = keep & (i - j < window)
+    keep = keep[None]
+    if cu_seqlens is not None:  # per block: blocks are the 'heads' of the diagonal call
+        d = _doc_starts(cu_seqlens, nblk * P, device).view(nblk, P)
+        keep = keep & (d[:, :, None] == d[:, None, :])
+    return torch.zeros(keep.shape, dtype=dtype, device=device).masked_fill_(~keep, float("-inf")).unsqueeze(0)
+
+
+def _segments(br: Tensor, pos: Tensor, ds: Tensor, P: int, S: int,
               window: int | None) -> list[tuple[int, ...]]:
-    """Split the chosen queries into runs sharing (batch, head, query block, document).
+    """Runs of chosen queries sharing (row*E + head, block, document) that see keys before their block.
 
-    Each run: (q0, q1, b, kv_head, pre_lo, pre_hi, ex_lo, ex_mid_lo, ex_hi) where keys
-    [pre_lo, pre_hi) are visible to every query of the run (no mask) and keys
-    [ex_lo, pre_lo) + [ex_mid_lo, ex_hi) are the masked rest (diagonal block, window band).
+    Each: (q0, q1, br, pre_lo, pre_hi, band_lo, band_hi): keys [pre_lo, pre_hi) are visible to
+    every query of the run, keys [band_lo, band_hi) to some (masked explicitly).
     """
-    n = pos.numel()
-    if n == 0:
+    if pos.numel() == 0:
         return []
     nblk = (S + P - 1) // P
     key = (br * nblk + pos // P) * S + ds
@@ -224,126 +243,154 @@ def _segments(br: Tensor, pos: Tensor, ds: Tensor, P: int, S: int, E: int, hs: i
     meta = torch.stack([starts, ends, br[starts], pos[starts], pos[ends - 1], ds[starts]], 1).tolist()
     segs = []
     for q0, q1, brr, p0, p1, d in meta:
-        b, r = divmod(brr, E)
-        kvh = (hs + r) // G
         s0 = (p0 // P) * P
-        lo_all = max(d, p0 - window + 1) if window is not None else d
-        pre_hi = s0
+        if d >= s0:
+            continue  # the document starts in this block: the diagonal call covers every key
+        band_lo = max(d, p0 - window + 1) if window is not None else d
         pre_lo = max(d, p1 - window + 1) if window is not None else d
-        if pre_lo < pre_hi:
-            lo = lo_all if lo_all < pre_lo else pre_hi  # no window band: the masked part is contiguous
-            segs.append((q0, q1, b, kvh, pre_lo, pre_hi, lo, pre_hi, p1 + 1))
-        else:
-            segs.append((q0, q1, b, kvh, 0, 0, lo_all, lo_all, p1 + 1))
+        band_lo, pre_lo = min(band_lo, s0), min(pre_lo, s0)
+        if band_lo < s0:
+            segs.append((q0, q1, brr, pre_lo, s0, band_lo, pre_lo))
     return segs
 
 
-def _prefix_fwd(q: Tensor, k: Tensor, v: Tensor, scale: float) -> tuple[Tensor, Tensor]:
-    """Unmasked attention q [c,D] over k/v [L,D] -> out [c,D] (fp32), lse [c] (fp32)."""
-    if q.device.type == "cpu" and hasattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu"):
+def _has_cpu_flash(t: Tensor) -> bool:
+    return t.device.type == "cpu" and hasattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu")
+
+
+def _flash_fwd(q: Tensor, k: Tensor, v: Tensor, causal: bool, mask: Tensor | None,
+               scale: float) -> tuple[Tensor, Tensor]:
+    """q/k/v [B,H,L,D] -> out [B,H,L,D] (q dtype), lse [B,H,L] fp32 (top-left causal if causal)."""
+    if _has_cpu_flash(q):
         o, l = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
-            q[None, None], k[None, None], v[None, None], 0.0, False, scale=scale)
-        return o[0, 0].float(), l[0, 0].float()
-    s = (q.float() @ k.float().T) * scale
+            q, k, v, 0.0, causal, attn_mask=mask, scale=scale)
+        return o, l.float()
+    s = _math_scores(q, k, causal, mask, scale)
     lse = s.logsumexp(-1)
-    return torch.exp(s - lse[:, None]) @ v.float(), lse
+    return (torch.exp(s - lse[..., None]) @ _up(v)).to(q.dtype), lse
 
 
-def _prefix_bwd(do: Tensor, q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Tensor,
-                scale: float) -> tuple[Tensor, Tensor, Tensor]:
-    """Gradients of the unmasked part given the MERGED out/lse of the row (ring-style)."""
-    if q.device.type == "cpu" and hasattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu_backward"):
-        dt = q.dtype
+def _flash_bwd(do: Tensor, q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Tensor, causal: bool,
+               mask: Tensor | None, scale: float) -> tuple[Tensor, Tensor, Tensor]:
+    """Gradients of one part given the MERGED out/lse of its rows. All [B,H,L,D]; fp32 out."""
+    if _has_cpu_flash(q):
         dq, dk, dv = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
-            do.to(dt)[None, None], q[None, None], k[None, None], v[None, None], o.to(dt)[None, None],
-            lse[None, None].contiguous(), 0.0, False, scale=scale)
-        return dq[0, 0].float(), dk[0, 0].float(), dv[0, 0].float()
-    qf, kf, vf = q.float(), k.float(), v.float()
-    p = torch.exp((qf @ kf.T) * scale - lse[:, None])
-    dv = p.T @ do
-    dp = do @ vf.T
-    ds = p * (dp - (do * o).sum(-1, keepdim=True))
-    return (ds @ kf) * scale, (ds.T @ qf) * scale, dv
+            do.to(q.dtype), q, k, v, o.to(q.dtype), lse.float().contiguous(), 0.0, causal,
+            attn_mask=mask, scale=scale)
+        return _up(dq), _up(dk), _up(dv)
+    qf, kf, vf, dof = _up(q), _up(k), _up(v), _up(do)
+    p = torch.exp(_math_scores(q, k, causal, mask, scale) - lse[..., None])
+    ds = p * (dof @ vf.transpose(-1, -2) - (dof * _up(o)).sum(-1, keepdim=True))
+    return (ds @ kf) * scale, (ds.transpose(-1, -2) @ qf) * scale, p.transpose(-1, -2) @ dof
 
 
-def _ex_keys(t: Tensor, lo: int, mid: int, hi: int, pre_lo: int) -> Tensor:
-    return t[lo:hi] if mid == lo else torch.cat([t[lo:pre_lo], t[mid:hi]])
+def _math_scores(q: Tensor, k: Tensor, causal: bool, mask: Tensor | None, scale: float) -> Tensor:
+    s = (_up(q) @ _up(k).transpose(-1, -2)) * scale
+    if causal:
+        L, M = s.shape[-2:]
+        s = s.masked_fill(torch.ones(L, M, dtype=torch.bool, device=s.device).triu(1), float("-inf"))
+    if mask is not None:
+        s = s + mask
+    return s
 
 
-def _ex_pos(lo: int, mid: int, hi: int, pre_lo: int, device: torch.device) -> Tensor:
-    if mid == lo:
-        return torch.arange(lo, hi, device=device)
-    return torch.cat([torch.arange(lo, pre_lo, device=device), torch.arange(mid, hi, device=device)])
+def _to_blocks(t: Tensor, P: int) -> Tensor:
+    """[B,E,S,D] -> [B*E, nblk, P, D]: query blocks as the 'heads' of one kernel call (a view
+    unless S needs padding to whole blocks)."""
+    B, E, S, D = t.shape
+    nblk = (S + P - 1) // P
+    if nblk * P != S:
+        t = F.pad(t, (0, 0, 0, nblk * P - S))
+    return t.reshape(B * E, nblk, P, D)
+
+
+def _from_blocks(t: Tensor, B: int, S: int) -> Tensor:
+    BE, nblk, P, D = t.shape
+    return t.reshape(B, BE // B, nblk * P, D)[:, :, :S]
 
 
 class _SparseQueryAttention(torch.autograd.Function):
-    """Causal attention of chosen queries qs [N,D] (sorted by batch, head, position) over all keys
-    of their kv head k/v [B,Hkv,S,D]. Per run: unmasked prefix through the flash kernel, the
-    masked rest explicitly, merged by log-sum-exp; gradients accumulate into dk/dv in place."""
+    """Causal attention of the chosen queries (flat indices over [B,E,S]) of routed heads over
+    all keys of their head; q/k/v [B,E,S,D]. Returns out [N,D] in the order of `flat`."""
 
     @staticmethod
-    def forward(ctx: Any, qs: Tensor, k: Tensor, v: Tensor, pos: Tensor, lb: Tensor,
-                segs: list[tuple[int, ...]], scale: float) -> Tensor:
-        N, D = qs.shape
-        out = torch.empty(N, D, dtype=torch.float32, device=qs.device)
-        lse = torch.empty(N, dtype=torch.float32, device=qs.device)
-        for q0, q1, b, h, pre_lo, pre_hi, lo, mid, hi in segs:
-            q = qs[q0:q1]
-            kb, vb = k[b, h], v[b, h]
-            kx, vx = _ex_keys(kb, lo, mid, hi, pre_lo).float(), _ex_keys(vb, lo, mid, hi, pre_lo).float()
-            jp = _ex_pos(lo, mid, hi, pre_lo, qs.device)
-            p, l_ = pos[q0:q1, None], lb[q0:q1, None]
-            s = (q.float() @ kx.T) * scale
-            s = s.masked_fill((jp[None, :] > p) | (jp[None, :] < l_), float("-inf"))
-            l2 = s.logsumexp(-1)
-            o2 = torch.exp(s - l2[:, None]) @ vx
+    def forward(ctx: Any, q: Tensor, k: Tensor, v: Tensor, flat: Tensor, pos: Tensor, lb: Tensor,
+                segs: list[tuple[int, ...]], mask: Tensor | None, P: int, scale: float) -> Tensor:
+        B, E, S, D = q.shape
+        nblk = (S + P - 1) // P
+        od, ld = _flash_fwd(_to_blocks(q, P), _to_blocks(k, P), _to_blocks(v, P), mask is None, mask, scale)
+        drow = (flat // S) * (nblk * P) + pos  # row of each chosen query in od
+        out = _up(od.reshape(-1, D).index_select(0, drow))
+        lse = ld.reshape(-1).index_select(0, drow)
+        qs = q.reshape(-1, D).index_select(0, flat)
+        kf, vf = k.view(B * E, S, D), v.view(B * E, S, D)
+        for q0, q1, brr, pre_lo, pre_hi, band_lo, band_hi in segs:
+            qq = qs[q0:q1][None, None]
             if pre_hi > pre_lo:
-                o1, l1 = _prefix_fwd(q, kb[pre_lo:pre_hi], vb[pre_lo:pre_hi], scale)
-                lt = torch.logaddexp(l1, l2)
-                o2 = torch.exp(l1 - lt)[:, None] * o1 + torch.exp(l2 - lt)[:, None] * o2
-                l2 = lt
-            out[q0:q1] = o2
-            lse[q0:q1] = l2
-        ctx.save_for_backward(qs, k, v, pos, lb, out, lse)
-        ctx.segs, ctx.scale = segs, scale
-        return out.to(qs.dtype)
+                o1, l1 = _flash_fwd(qq, kf[brr, pre_lo:pre_hi][None, None], vf[brr, pre_lo:pre_hi][None, None],
+                                    False, None, scale)
+                _merge(out, lse, q0, q1, _up(o1[0, 0]), l1[0, 0])
+            if band_hi > band_lo:
+                bm = _band_mask(pos[q0:q1], lb[q0:q1], band_lo, band_hi, q.dtype)
+                o2, l2 = _flash_fwd(qq, kf[brr, band_lo:band_hi][None, None], vf[brr, band_lo:band_hi][None, None],
+                                    False, bm, scale)
+                dead = torch.isinf(bm).all(-1)  # no visible band key: the op reports lse 0 there
+                _merge(out, lse, q0, q1, _up(o2[0, 0]).masked_fill(dead[:, None], 0.0),
+                       l2[0, 0].masked_fill(dead, float("-inf")))
+        ctx.save_for_backward(q, k, v, flat, drow, pos, lb, out, lse, ld, mask)
+        ctx.segs, ctx.P, ctx.scale = segs, P, scale
+        return out.to(q.dtype)
 
     @staticmethod
     def backward(ctx: Any, dout: Tensor) -> tuple[Tensor | None, ...]:
-        qs, k, v, pos, lb, out, lse = ctx.saved_tensors
-        scale = ctx.scale
-        dout = dout.float()
-        dq = torch.zeros(qs.shape, dtype=torch.float32, device=qs.device)
-        dk = torch.zeros(k.shape, dtype=torch.float32, device=k.device)
-        dv = torch.zeros(v.shape, dtype=torch.float32, device=v.device)
-        for q0, q1, b, h, pre_lo, pre_hi, lo, mid, hi in ctx.segs:
-            q, do, o, l_ = qs[q0:q1], dout[q0:q1], out[q0:q1], lse[q0:q1]
-            kb, vb = k[b, h], v[b, h]
-            if pre_hi > pre_lo:
-                dq1, dk1, dv1 = _prefix_bwd(do, q, kb[pre_lo:pre_hi], vb[pre_lo:pre_hi], o, l_, scale)
-                dq[q0:q1] += dq1
-                dk[b, h, pre_lo:pre_hi] += dk1
-                dv[b, h, pre_lo:pre_hi] += dv1
-            kx, vx = _ex_keys(kb, lo, mid, hi, pre_lo).float(), _ex_keys(vb, lo, mid, hi, pre_lo).float()
-            jp = _ex_pos(lo, mid, hi, pre_lo, qs.device)
-            qf = q.float()
-            s = (qf @ kx.T) * scale
-            s = s.masked_fill((jp[None, :] > pos[q0:q1, None]) | (jp[None, :] < lb[q0:q1, None]), float("-inf"))
-            p = torch.exp(s - l_[:, None])
-            dvx = p.T @ do
-            ds = p * (do @ vx.T - (do * o).sum(-1, keepdim=True))
-            dq[q0:q1] += (ds @ kx) * scale
-            dkx = (ds.T @ qf) * scale
-            if mid == lo:
-                dk[b, h, lo:hi] += dkx
-                dv[b, h, lo:hi] += dvx
-            else:
-                n1 = pre_lo - lo
-                dk[b, h, lo:pre_lo] += dkx[:n1]
-                dv[b, h, lo:pre_lo] += dvx[:n1]
-                dk[b, h, mid:hi] += dkx[n1:]
-                dv[b, h, mid:hi] += dvx[n1:]
-        return dq.to(qs.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None, None, None
+        q, k, v, flat, drow, pos, lb, out, lse, ld, mask = ctx.saved_tensors
+        P, scale = ctx.P, ctx.scale
+        B, E, S, D = q.shape
+        dout = _up(dout)
+        # diagonal blocks: rows not chosen get dout = 0 and so contribute nothing
+        n = ld.numel()
+        dod = dout.new_zeros(n, D).index_copy_(0, drow, dout)
+        om = out.new_zeros(n, D).index_copy_(0, drow, out)
+        lm = ld.reshape(-1).clone().index_copy_(0, drow, lse)
+        shp = (B * E, n // (B * E * P), P, D)
+        dqd, dkd, dvd = _flash_bwd(dod.view(shp), _to_blocks(q, P), _to_blocks(k, P), _to_blocks(v, P),
+                                   om.view(shp), lm.view(shp[:3]), mask is None, mask, scale)
+        dq = _from_blocks(dqd, B, S).contiguous()
+        dk = _from_blocks(dkd, B, S).contiguous()
+        dv = _from_blocks(dvd, B, S).contiguous()
+        if ctx.segs:
+            qs = q.reshape(-1, D).index_select(0, flat)
+            dqs = torch.zeros(qs.shape, dtype=dq.dtype, device=dq.device)
+            kf, vf = k.view(B * E, S, D), v.view(B * E, S, D)
+            dkf, dvf = dk.view(B * E, S, D), dv.view(B * E, S, D)
+            for q0, q1, brr, pre_lo, pre_hi, band_lo, band_hi in ctx.segs:
+                qq, do, o = qs[q0:q1][None, None], dout[q0:q1][None, None], out[q0:q1][None, None]
+                l_ = lse[q0:q1][None, None]
+                for lo, hi, m in ((pre_lo, pre_hi, None),
+                                  (band_lo, band_hi, None if band_hi <= band_lo else
+                                   _band_mask(pos[q0:q1], lb[q0:q1], band_lo, band_hi, q.dtype))):
+                    if hi <= lo:
+                        continue
+                    g_q, g_k, g_v = _flash_bwd(do, qq, kf[brr, lo:hi][None, None], vf[brr, lo:hi][None, None], o, l_,
+                                               False, m, scale)
+                    dqs[q0:q1] += g_q[0, 0]
+                    dkf[brr, lo:hi] += g_k[0, 0]
+                    dvf[brr, lo:hi] += g_v[0, 0]
+            dq.view(-1, D).index_add_(0, flat, dqs)
+        return (dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)) + (None,) * 7
+
+
+def _merge(out: Tensor, lse: Tensor, q0: int, q1: int, o: Tensor, l_: Tensor) -> None:
+    """Merge a partial (o, l_) into rows q0:q1 of the running (out, lse), in place."""
+    lt = torch.logaddexp(lse[q0:q1], l_)
+    out[q0:q1] = torch.exp(lse[q0:q1] - lt)[:, None] * out[q0:q1] + torch.exp(l_ - lt)[:, None] * o
+    lse[q0:q1] = lt
+
+
+def _band_mask(pos: Tensor, lb: Tensor, lo: int, hi: int, dtype: torch.dtype) -> Tensor:
+    j = torch.arange(lo, hi, device=pos.device)[None, :]
+    keep = (j >= lb[:, None]) & (j <= pos[:, None])
+    return torch.zeros(keep.shape, dtype=dtype, device=pos.device).masked_fill_(~keep, float("-inf"))
 
 
 # ---------------------------------------------------------------------- stats for the trainer
