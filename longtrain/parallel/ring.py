@@ -49,8 +49,10 @@ class RingSpec:
                          self.window, self.bounds)
 
     def spec(self, c: Call) -> _Spec:
-        if c.full:
+        if c.kind == "full":
             return _Spec(c.q1 - c.q0, c.k1 - c.k0, False, self.scale, None, 0, 0, None)
+        if c.kind == "local_causal":
+            return _Spec(c.q1 - c.q0, c.k1 - c.k0, True, self.scale, None, 0, 0, None)
         return _Spec(c.q1 - c.q0, c.k1 - c.k0, self.causal, self.scale, self.window, c.q_offset,
                      c.k_offset, self.bounds)
 

@@ -134,8 +134,9 @@ def unshard_sequence(x_local: torch.Tensor, group: dist.ProcessGroup | None = No
 class Call:
     """One attention_block call: local query rows [q0, q1) against local key rows [k0, k1).
 
-    q_offset/k_offset are the global positions of the first row (only meaningful,
-    and only used for masks, when the call spans a single segment on that side).
+    kind: "full" (no mask), "masked" (q_offset/k_offset, the global positions of the
+    first row and key, give the masks; the call spans one segment on each side), or
+    "local_causal" (causal in local order, which equals global causal order there).
     """
 
     q0: int
@@ -144,7 +145,7 @@ class Call:
     k1: int
     q_offset: int
     k_offset: int
-    full: bool
+    kind: str
 
 
 @dataclass(frozen=True)
@@ -162,12 +163,17 @@ class PairPlan:
         return min(c.q0 for c in self.calls), max(c.q1 for c in self.calls)
 
     def shifted(self, dq: int) -> "PairPlan":
-        return PairPlan(tuple(Call(c.q0 - dq, c.q1 - dq, c.k0, c.k1, c.q_offset, c.k_offset, c.full)
+        return PairPlan(tuple(Call(c.q0 - dq, c.q1 - dq, c.k0, c.k1, c.q_offset, c.k_offset, c.kind)
                               for c in self.calls))
 
     @property
     def pairs(self) -> int:
         return sum((c.q1 - c.q0) * (c.k1 - c.k0) for c in self.calls)
+
+
+def _same_doc(segs: Sequence[Segment], bounds: Bounds) -> bool:
+    lo, hi = segs[0][0], segs[-1][0] + segs[-1][1] - 1
+    return classify_block(lo, hi - lo + 1, lo, hi - lo + 1, causal=False, bounds=bounds) == "full"
 
 
 def _local_starts(segs: Sequence[Segment]) -> list[int]:
@@ -193,7 +199,7 @@ def plan_pair(q_segs: tuple[Segment, ...], k_segs: tuple[Segment, ...], causal: 
 
     def single(i: int, j: int) -> Call:
         return Call(qs[i], qs[i] + q_segs[i][1], ks[j], ks[j] + k_segs[j][1], q_segs[i][0],
-                    k_segs[j][0], kind[i][j] == "full")
+                    k_segs[j][0], "full" if kind[i][j] == "full" else "masked")
 
     def fuse(line: list[tuple[int, int]], by_row: bool) -> list[Call]:
         live = [(i, j) for i, j in line if kind[i][j] != "empty"]
@@ -202,13 +208,18 @@ def plan_pair(q_segs: tuple[Segment, ...], k_segs: tuple[Segment, ...], causal: 
             if idx == list(range(idx[0], idx[0] + len(idx))):  # adjacent in local order
                 first, last = single(*live[0]), single(*live[-1])
                 if by_row:
-                    return [Call(first.q0, first.q1, first.k0, last.k1, first.q_offset, first.k_offset, True)]
-                return [Call(first.q0, last.q1, first.k0, first.k1, first.q_offset, first.k_offset, True)]
+                    return [Call(first.q0, first.q1, first.k0, last.k1, first.q_offset, first.k_offset, "full")]
+                return [Call(first.q0, last.q1, first.k0, first.k1, first.q_offset, first.k_offset, "full")]
         return [single(i, j) for i, j in live]
 
+    nq_rows, nk_rows = qs[-1] + q_segs[-1][1], ks[-1] + k_segs[-1][1]
     if all(kind[i][j] == "full" for i in range(nq) for j in range(nk)):
-        return PairPlan((Call(0, qs[-1] + q_segs[-1][1], 0, ks[-1] + k_segs[-1][1],
-                              q_segs[0][0], k_segs[0][0], True),))
+        return PairPlan((Call(0, nq_rows, 0, nk_rows, q_segs[0][0], k_segs[0][0], "full"),))
+    ascending = all(a + n <= b for (a, n), (b, _) in zip(q_segs, q_segs[1:]))
+    if causal and window is None and q_segs == k_segs and ascending and nq > 1 and (
+            bounds is None or _same_doc(q_segs, bounds)):
+        # zigzag diagonal: local order is global order, so one top-left causal call is exact
+        return PairPlan((Call(0, nq_rows, 0, nk_rows, 0, 0, "local_causal"),))
     by_rows = [c for i in range(nq) for c in fuse([(i, j) for j in range(nk)], True)]
     by_cols = [c for j in range(nk) for c in fuse([(i, j) for i in range(nq)], False)]
     return PairPlan(tuple(by_rows if len(by_rows) <= len(by_cols) else by_cols))
