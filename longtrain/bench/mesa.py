@@ -117,7 +117,9 @@ def _time_child(spec: dict[str, Any]) -> dict[str, Any]:
 
 
 def _run_child(spec: dict[str, Any], timeout: float) -> dict[str, Any]:
-    env = dict(os.environ, OMP_NUM_THREADS=str(spec["threads"]))
+    # a fixed mmap threshold makes glibc hand large freed blocks back to the OS at once, so RSS
+    # follows live memory instead of the allocator's high-water mark (same for both modes)
+    env = dict(os.environ, OMP_NUM_THREADS=str(spec["threads"]), MALLOC_MMAP_THRESHOLD_="131072")
     proc = subprocess.run([sys.executable, "-m", "longtrain.bench.mesa", _CHILD_FLAG, json.dumps(spec)],
                           capture_output=True, text=True, timeout=timeout, env=env)
     if proc.returncode != 0:
