@@ -22,10 +22,39 @@ leave; the dQ partials go back to the owner and are summed in fp32.
 
 from __future__ import annotations
 
+import os
+
 import torch
 
 from longtrain.parallel.comm import P2P, wait
 from longtrain.parallel.ring import RingSpec, _new_acc, backward_calls, forward_calls, merge_
+
+
+def prefetch_depth() -> int:
+    """Steps of queries kept in flight ahead of the computation (LONGTRAIN_TOKENRING_PREFETCH).
+
+    1 = the next step only (least memory). Larger values post several query blocks at
+    once: on a full mesh each goes over its own link, so transfers run in parallel;
+    each extra step costs one more query-sized receive buffer.
+    """
+    return max(1, int(os.environ.get("LONGTRAIN_TOKENRING_PREFETCH", "2")))
+
+
+class _Ahead:
+    """Query transfers posted up to `depth` steps ahead of the step being computed."""
+
+    def __init__(self, post, world: int):
+        self.post, self.world, self.depth = post, world, prefetch_depth()
+        self.posted: dict[int, object] = {}
+        self.next = 1
+
+    def fill(self, step: int) -> None:
+        while self.next < self.world and self.next <= step + self.depth:
+            self.posted[self.next] = self.post(self.next)
+            self.next += 1
+
+    def pop(self, step: int):
+        return self.posted.pop(step)
 
 
 def tokenring_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rs: RingSpec
@@ -63,13 +92,14 @@ def tokenring_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rs: Rin
             p2p.send(lse_p, (r - s) % w, "partial", "down", tag=2 * s + 1, count_block=False)
         return got, p2p.start()
 
-    qcomm = post_q(1) if w > 1 else None
+    inflight = _Ahead(post_q, w)
+    inflight.fill(0)
     forward_calls(q, k, v, rs.plan(r, r), rs, acc_out, acc_lse)
     pending = None  # partials in flight, merged one step later
     sends = []
     for s in range(1, w):
-        nxt = post_q(s + 1) if s + 1 < w else None
-        plan, rows, buf, works = qcomm
+        inflight.fill(s)
+        plan, rows, buf, works = inflight.pop(s)
         wait(works)
         out_p = lse_p = None
         if not plan.empty:
@@ -81,7 +111,6 @@ def tokenring_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rs: Rin
         if pending is not None:
             _merge_partial(pending, acc_out, acc_lse)
         pending = (got, pworks)
-        qcomm = nxt
     if pending is not None:
         _merge_partial(pending, acc_out, acc_lse)
     for works in sends:
@@ -137,13 +166,14 @@ def tokenring_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: 
             p2p.send(dq_p, (r - s) % w, "dq", "down", tag=s)
         return got, p2p.start()
 
-    qcomm = post_q(1) if w > 1 else None
+    inflight = _Ahead(post_q, w)
+    inflight.fill(0)
     backward_calls(dout, q, k, v, out, lse, None, rs.plan(r, r), rs, dq, dk, dv)
     pending = None
     sends = []
     for s in range(1, w):
-        nxt = post_q(s + 1) if s + 1 < w else None
-        got, works = qcomm
+        inflight.fill(s)
+        got, works = inflight.pop(s)
         wait(works)
         dq_p = None
         if got is not None:
@@ -156,7 +186,6 @@ def tokenring_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: 
         if pending is not None:
             _add_dq(pending, dq)
         pending = (got_dq, dworks)
-        qcomm = nxt
     if pending is not None:
         _add_dq(pending, dq)
     for works in sends:
