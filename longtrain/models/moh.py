@@ -150,19 +150,20 @@ class MoHAttention(nn.Module):
         Hkv, hs, E = self.n_kv_heads, self.shared_heads, self.n_routed
         G = H // Hkv
         parts = []
+        q_shared, q_routed = torch.split(q, [hs, E], dim=2)  # split, not slices: one cheap backward
         if hs > 0:
             if hs % G == 0:
                 ks, vs = k[:, :, : hs // G], v[:, :, : hs // G]
             else:  # shared heads split a kv group: give each its own copy of its kv head
                 idx = torch.arange(hs, device=q.device) // G
                 ks, vs = k.index_select(2, idx), v.index_select(2, idx)
-            os_ = ops.softmax(q[:, :, :hs], ks, vs, window=self.window)
+            os_ = ops.softmax(q_shared, ks, vs, window=self.window)
             parts.append(os_ * gates[:, :, :hs].unsqueeze(-1).to(q.dtype))
         # routed heads in [B, E, S, D]; kv heads copied per routed head (GQA)
         kv_idx = (hs + torch.arange(E, device=q.device)) // G
-        qr = q[:, :, hs:].transpose(1, 2).contiguous()
-        kr = k.index_select(2, kv_idx).transpose(1, 2).contiguous()
-        vr = v.index_select(2, kv_idx).transpose(1, 2).contiguous()
+        qr = q_routed.transpose(1, 2).contiguous()
+        kr = k.transpose(1, 2).index_select(1, kv_idx)
+        vr = v.transpose(1, 2).index_select(1, kv_idx)
         flat = sel.permute(0, 2, 1).reshape(-1).nonzero().squeeze(1)  # over [B, E, S], sorted
         pos = flat % S
         doc_start = _doc_starts(ops.cu_seqlens, S, q.device)
