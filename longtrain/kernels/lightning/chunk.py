@@ -78,30 +78,49 @@ def block_factors(decay: torch.Tensor, seq_len: int, block: int, docs: torch.Ten
                         ks.view(n, 1, H, C, 1), bd.view(n, 1, H, 1, 1))
 
 
-def _to_blocks(x: torch.Tensor, C: int, dtype: torch.dtype) -> torch.Tensor:
-    """[B, S, H, D] -> [n, B, H, C, D] contiguous, zero-padded to n*C tokens."""
+def _load_blocks(buf: torch.Tensor, x: torch.Tensor, p0: int, C: int) -> torch.Tensor:
+    """buf[:m] = tokens p0 .. p0 + m*C of x [B, S, H, D] as [m, B, H, C, D], zero past S."""
+    m = buf.shape[0]
     B, S, H, D = x.shape
-    n = -(-S // C)
-    if n * C != S:
-        x = torch.nn.functional.pad(x, (0, 0, 0, 0, 0, n * C - S))
-    return x.view(B, n, C, H, D).permute(1, 0, 3, 2, 4).to(dtype).contiguous()
+    full = min(m, (S - p0) // C)
+    if full:
+        buf[:full].copy_(x[:, p0:p0 + full * C].view(B, full, C, H, D).permute(1, 0, 3, 2, 4))
+    if full < m:
+        rem = S - p0 - full * C
+        buf[full:].zero_()
+        buf[full, :, :, :rem].copy_(x[:, p0 + full * C:].permute(0, 2, 1, 3))
+    return buf
 
 
-def _unblock(x: torch.Tensor, S: int) -> torch.Tensor:
-    """[n, B, H, C, D] -> [B, S, H, D] view (drops the padding)."""
+def _store_blocks(dst: torch.Tensor, p0: int, x: torch.Tensor) -> None:
+    """dst[:, p0 : p0 + n*C] = x, for dst [B, >= p0 + n*C, H, D] and x [n, B, H, C, D]."""
     n, B, H, C, D = x.shape
-    return x.permute(1, 0, 3, 2, 4).reshape(B, n * C, H, D)[:, :S]
+    dst[:, p0:p0 + n * C].view(B, n, C, H, D).permute(1, 0, 3, 2, 4).copy_(x)
 
 
-def _bmm_(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """out += a @ b over the flattened leading dims (all contiguous or transposed views)."""
-    out.view(-1, *out.shape[-2:]).baddbmm_(a.reshape(-1, *a.shape[-2:]),
-                                           b.reshape(-1, *b.shape[-2:]))
+def _bmm(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor, add: bool = False) -> torch.Tensor:
+    """out (+)= a @ b batched over the leading dims (contiguous, or last two dims transposed)."""
+    a3, b3, o3 = a.flatten(0, -3), b.flatten(0, -3), out.flatten(0, -3)
+    if add:
+        o3.baddbmm_(a3, b3)
+    else:
+        torch.bmm(a3, b3, out=o3)
     return out
 
 
 def _seg(f: BlockFactors, i0: int, i1: int) -> BlockFactors:
     return BlockFactors(*(t if t.shape[0] == 1 else t[i0:i1] for t in f))
+
+
+class _Workspace:
+    """Segment-sized buffers, allocated once per call and reused by every segment:
+    fresh large allocations page-fault on first touch, which cost as much as the copies."""
+
+    def __init__(self, like: torch.Tensor, seg: int, B: int, H: int, C: int, dims: dict[str, int]):
+        self._t = {name: like.new_empty(seg, B, H, r, c) for name, (r, c) in dims.items()}
+
+    def __call__(self, name: str, m: int) -> torch.Tensor:
+        return self._t[name][:m]
 
 
 class _ChunkLightning(torch.autograd.Function):
@@ -115,66 +134,81 @@ class _ChunkLightning(torch.autograd.Function):
         B, S, H, Dk = q.shape
         Dv = v.shape[-1]
         n = -(-S // C)
-        out = q.new_empty(B, S, H, Dv)
-        states = q.new_empty(n + 1, B, H, Dk, Dv, dtype=dt)
+        seg = max(1, min(seg, n))
+        ws = _Workspace(states_like := q.new_empty(0, dtype=dt), seg, B, H, C,
+                        dict(Q=(C, Dk), K=(C, Dk), V=(C, Dv), A=(C, C), KS=(C, Dk),
+                             KV=(Dk, Dv), O=(C, Dv)))
+        out = q.new_empty(B, n * C, H, Dv)                  # padded to whole blocks
+        states = states_like.new_empty(n + 1, B, H, Dk, Dv)
         if s0 is None:
             states[0].zero_()
         else:
             states[0].copy_(s0)
         for i0 in range(0, n, seg):
             i1 = min(n, i0 + seg)
-            p0, p1 = i0 * C, min(S, i1 * C)
+            m, p0 = i1 - i0, i0 * C
             g = _seg(f, i0, i1)
-            Qb, Kb, Vb = (_to_blocks(x[:, p0:p1], C, dt) for x in (q, k, v))
-            A = torch.matmul(Qb, Kb.transpose(-1, -2)).mul_(g.mask)
-            kv_local = torch.matmul((Kb * g.ks).transpose(-1, -2), Vb)   # [m, B, H, Dk, Dv]
-            for j in range(i1 - i0):
+            Qb = _load_blocks(ws("Q", m), q, p0, C)
+            Kb = _load_blocks(ws("K", m), k, p0, C)
+            Vb = _load_blocks(ws("V", m), v, p0, C)
+            A = _bmm(Qb, Kb.transpose(-1, -2), ws("A", m)).mul_(g.mask)
+            kv_local = _bmm(torch.mul(Kb, g.ks, out=ws("KS", m)).transpose(-1, -2), Vb,
+                            ws("KV", m))                                  # [m, B, H, Dk, Dv]
+            for j in range(m):
                 torch.addcmul(kv_local[j], states[i0 + j], g.bd[j], out=states[i0 + j + 1])
-            O = torch.matmul(Qb, states[i0:i1]).mul_(g.qs)
-            _bmm_(O, A, Vb)
-            out[:, p0:p1].copy_(_unblock(O, p1 - p0))
+            O = _bmm(Qb, states[i0:i1], ws("O", m)).mul_(g.qs)
+            _bmm(A, Vb, O, add=True)
+            _store_blocks(out, p0, O)
         ctx.save_for_backward(q, k, v, states)
         ctx.f, ctx.C, ctx.seg, ctx.s0dtype = f, C, seg, None if s0 is None else s0.dtype
         ctx.set_materialize_grads(False)
-        return out, states[n].clone()
+        return out[:, :S], states[n].clone()
 
     @staticmethod
     def backward(ctx, dout, dstate):
         q, k, v, states = ctx.saved_tensors
         f, C, seg = ctx.f, ctx.C, ctx.seg
-        dt = states.dtype
         B, S, H, Dk = q.shape
+        Dv = v.shape[-1]
         n = states.shape[0] - 1
-        dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
-        G = torch.zeros_like(states[0]) if dstate is None else dstate.to(dt).clone()
+        ws = _Workspace(states, seg, B, H, C,
+                        dict(Q=(C, Dk), K=(C, Dk), V=(C, Dv), dO=(C, Dv), A=(C, C), dA=(C, C),
+                             dQ=(C, Dk), QS=(C, Dk), L=(Dk, Dv), G=(Dk, Dv), dK=(C, Dk),
+                             dV=(C, Dv)))
+        dq, dk = q.new_empty(B, n * C, H, Dk), k.new_empty(B, n * C, H, Dk)
+        dv = v.new_empty(B, n * C, H, Dv)
+        G = torch.zeros_like(states[0]) if dstate is None else dstate.to(states.dtype).clone()
         for i0 in reversed(range(0, n, seg)):
             i1 = min(n, i0 + seg)
-            m = i1 - i0
-            p0, p1 = i0 * C, min(S, i1 * C)
+            m, p0 = i1 - i0, i0 * C
             g = _seg(f, i0, i1)
-            Qb, Kb, Vb = (_to_blocks(x[:, p0:p1], C, dt) for x in (q, k, v))
+            Qb = _load_blocks(ws("Q", m), q, p0, C)
+            Kb = _load_blocks(ws("K", m), k, p0, C)
+            Vb = _load_blocks(ws("V", m), v, p0, C)
             if dout is None:
-                dO = torch.zeros_like(Vb)
+                dO = ws("dO", m).zero_()
             else:
-                dO = _to_blocks(dout[:, p0:p1], C, dt)
-            A = torch.matmul(Qb, Kb.transpose(-1, -2)).mul_(g.mask)
-            dA = torch.matmul(dO, Vb.transpose(-1, -2)).mul_(g.mask)
-            dQ = torch.matmul(dO, states[i0:i1].transpose(-1, -2)).mul_(g.qs)
-            _bmm_(dQ, dA, Kb)
-            dq[:, p0:p1].copy_(_unblock(dQ, p1 - p0))
-            local = torch.matmul((Qb * g.qs).transpose(-1, -2), dO)     # dL/dKV_i from block i
-            Gn = torch.empty_like(local)                                # dL/dKV_(i+1)
-            for j in range(m - 1, -1, -1):
-                Gn[j].copy_(G)
-                G = torch.addcmul(local[j], G, g.bd[j])
-            dK = torch.matmul(Vb, Gn.transpose(-1, -2)).mul_(g.ks)
-            _bmm_(dK, dA.transpose(-1, -2), Qb)
-            dk[:, p0:p1].copy_(_unblock(dK, p1 - p0))
-            dV = torch.matmul(Kb * g.ks, Gn)
-            _bmm_(dV, A.transpose(-1, -2), dO)
-            dv[:, p0:p1].copy_(_unblock(dV, p1 - p0))
+                dO = _load_blocks(ws("dO", m), dout, p0, C)
+            A = _bmm(Qb, Kb.transpose(-1, -2), ws("A", m)).mul_(g.mask)
+            dA = _bmm(dO, Vb.transpose(-1, -2), ws("dA", m)).mul_(g.mask)
+            dQ = _bmm(dO, states[i0:i1].transpose(-1, -2), ws("dQ", m)).mul_(g.qs)
+            _bmm(dA, Kb, dQ, add=True)
+            _store_blocks(dq, p0, dQ)
+            local = _bmm(torch.mul(Qb, g.qs, out=ws("QS", m)).transpose(-1, -2), dO,
+                         ws("L", m))                                  # dL/dKV_i from block i
+            Gn = ws("G", m)                                           # dL/dKV_(i+1)
+            Gn[m - 1].copy_(G)
+            for j in range(m - 1, 0, -1):
+                torch.addcmul(local[j], Gn[j], g.bd[j], out=Gn[j - 1])
+            G = torch.addcmul(local[0], Gn[0], g.bd[0])
+            dK = _bmm(Vb, Gn.transpose(-1, -2), ws("dK", m)).mul_(g.ks)
+            _bmm(dA.transpose(-1, -2), Qb, dK, add=True)
+            _store_blocks(dk, p0, dK)
+            dV = _bmm(Kb, Gn, ws("dV", m)).mul_(g.ks)
+            _bmm(A.transpose(-1, -2), dO, dV, add=True)
+            _store_blocks(dv, p0, dV)
         ds0 = None if ctx.s0dtype is None else G.to(ctx.s0dtype)
-        return dq, dk, dv, ds0, None, None, None, None
+        return dq[:, :S], dk[:, :S], dv[:, :S], ds0, None, None, None, None
 
 
 def chunk_lightning_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
