@@ -248,6 +248,7 @@ def _rows(world: int, cfg: dict, res: list[dict], extra: dict) -> list[dict]:
         rows.append({**extra, "impl": impl, "seq": cfg["seq"], "W": world, "heads": cfg["heads"],
                      "kv_heads": cfg["kv_heads"], "t_single_s": t_single, "t_rank_s": t,
                      "sp_eff": (t_single / (world * t)) if t_single else None,
+                     "sp_eff_best": (min(times["single"]) / (world * min(times[impl]))) if t_single else None,
                      "cpu_single_s": c_single, "cpu_ranks_s": c,
                      "cpu_eff": (c_single / c) if c_single else None,
                      "MB_up": mb["up"], "MB_down": mb["down"], "MB_a2a": mb["a2a"],
@@ -301,7 +302,8 @@ def main(argv: list[str]) -> int:
                 from longtrain.testing import run_distributed
                 res = run_distributed(_job, a.world, cfg, threads=a.threads, timeout=1800)
                 rows += _rows(a.world, cfg, res, {"net": "loopback"})
-    cols = ["net", "impl", "seq", "W", "heads", "kv_heads", "t_single_s", "t_rank_s", "sp_eff", "cpu_eff", "MB_up",
+    cols = ["net", "impl", "seq", "W", "heads", "kv_heads", "t_single_s", "t_rank_s", "sp_eff", "sp_eff_best",
+            "cpu_eff", "MB_up",
             "MB_down", "MB_a2a", "MB_max_rank"]
     print_table(rows, cols)
     if a.netns:  # TokenRing vs ring side by side
