@@ -299,3 +299,12 @@ def test_lightning_layer_decay_buffer():
     meta.norm_weight.data.zero_()
     meta.reset_extra_parameters()
     assert torch.equal(meta.norm_weight.detach(), torch.ones(48))
+
+
+def test_non_contiguous_inputs():
+    x = torch.randn(2, 4, 150, 16, dtype=torch.float64)
+    q, k, v = (x * 2).transpose(1, 2), x.flip(2).transpose(1, 2), x.transpose(1, 2)[..., :8]
+    assert not q.is_contiguous()
+    decay = tnl_decay(4, 0, 2)
+    want = naive_lightning_attention(q, k, v, decay)
+    assert rel(lightning_attention(q, k, v, decay, backend="torch"), want) <= 1e-12

@@ -84,7 +84,7 @@ def _load_blocks(buf: torch.Tensor, x: torch.Tensor, p0: int, C: int) -> torch.T
     B, S, H, D = x.shape
     full = min(m, (S - p0) // C)
     if full:
-        buf[:full].copy_(x[:, p0:p0 + full * C].view(B, full, C, H, D).permute(1, 0, 3, 2, 4))
+        buf[:full].copy_(x[:, p0:p0 + full * C].reshape(B, full, C, H, D).permute(1, 0, 3, 2, 4))
     if full < m:
         rem = S - p0 - full * C
         buf[full:].zero_()
