@@ -69,6 +69,9 @@ class MesaConfig:
     attention tensors per head and everything else per chunk of `group_size`
     channels; "channel" uses channel chunks for 4-D tensors too.
     skip_layers: layer ids kept exact (negative ints count from the end, e.g. (0, -1)).
+    row_scale: 4-D (attention) tensors are first divided per (token, head) row by their
+    absmax, kept in bf16 (2 bytes per row of head_dim values), so rows of very different
+    size all keep 8 bits of resolution.
     min_numel: tensors smaller than this stay exact. slots: capacity of running
     estimates per layer (saved tensors per block). backend: "auto" (Triton on CUDA,
     torch otherwise), "torch" or "triton". seed: seeds the stochastic-rounding generator.
@@ -84,6 +87,7 @@ class MesaConfig:
     max_groups: int = 128
     min_numel: int = 1024
     slots: int = 32
+    row_scale: bool = True
     backend: str = "auto"
     seed: int = 0
 
@@ -357,10 +361,16 @@ def _largest_divisor_at_most(n: int, cap: int) -> int:
 class _Entry:
     """One quantized record; several saved tensors may point at it."""
 
-    __slots__ = ("q", "start", "numel", "backend", "__weakref__")
+    __slots__ = ("q", "start", "numel", "backend", "row_scale", "__weakref__")
 
-    def __init__(self, q: QTensor, start: int, numel: int, backend: str) -> None:
+    def __init__(self, q: QTensor, start: int, numel: int, backend: str, row_scale: Tensor | None) -> None:
         self.q, self.start, self.numel, self.backend = q, start, numel, backend
+        self.row_scale = row_scale  # bf16 [..., 1] per-row absmax (4-D tensors), or None
+
+    @property
+    def nbytes(self) -> int:
+        rs = self.row_scale
+        return self.q.nbytes + (rs.numel() * rs.element_size() if rs is not None else 0)
 
 
 class _Saved:
@@ -377,7 +387,11 @@ def _unpack(p: Any) -> Tensor:
     if isinstance(p, Tensor):
         return p
     e = p.entry
-    flat = dequantize(e.q, dtype=p.dtype, backend=e.backend).reshape(-1)
+    if e.row_scale is None:
+        flat = dequantize(e.q, dtype=p.dtype, backend=e.backend).reshape(-1)
+    else:
+        y = dequantize(e.q, dtype=torch.float32, backend=e.backend)
+        flat = (y.view(*e.row_scale.shape[:-1], -1) * e.row_scale.float()).to(p.dtype).reshape(-1)
     return flat.as_strided(p.shape, p.stride, p.offset)
 
 
@@ -430,7 +444,7 @@ class _ScopeRun:
         else:
             self._report(t, "shared", None)
         for c in _COUNTERS:
-            c._add_record(saved.entry, saved.entry.q.nbytes)
+            c._add_record(saved.entry, saved.entry.nbytes)
         return saved
 
     def unpack(self, p: Any) -> Tensor:
@@ -495,6 +509,14 @@ class _ScopeRun:
             mem = t.contiguous()
             start, shape, stride, offset = -1, mem.shape, mem.stride(), 0
         dim, g = self._groups(mem.shape)
+        row_scale = None
+        with torch.no_grad():
+            if cfg.row_scale and mem.dim() == 4:
+                # unnormalized attention outputs (lightning) vary by orders of magnitude between
+                # tokens, and a per-head norm follows them in backward: scale each (token, head)
+                # row to absmax 1 first so the per-head range fits every row
+                row_scale = mem.abs().amax(dim=-1, keepdim=True).to(torch.bfloat16).clamp_min(1e-30)
+                mem = mem / row_scale.float()
         x3 = mem.reshape(group_layout(mem.shape, g, dim))
         with torch.no_grad():
             mn, mx = x3.amin(dim=(0, 2)).float(), x3.amax(dim=(0, 2)).float()
@@ -502,7 +524,7 @@ class _ScopeRun:
             backend = cfg.backend
             q = quantize(x3, g, dim=1, shift=shift, span=span, bits=cfg.bits, stochastic=cfg.stochastic,
                          backend=backend, generator=self.state.generator(t.device))
-        entry = _Entry(q, max(start, 0), mem.numel(), backend)
+        entry = _Entry(q, max(start, 0), mem.numel(), backend, row_scale)
         saved = _Saved(entry, shape, stride, offset, t.dtype)
         if start >= 0:
             self.by_storage.setdefault(self._storage_key(t), []).append((entry, t))
