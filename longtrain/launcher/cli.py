@@ -62,6 +62,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     if not under_launcher() and args.nproc and args.nproc > 1:
         if args.nproc % recipe.parallel.sp:
             raise LongtrainError(f"--nproc {args.nproc} is not divisible by parallel.sp = {recipe.parallel.sp}")
+        from longtrain.launcher.env import check_gpus
+
+        check_gpus(args.nproc, recipe.training.device)
         return _spawn_torchrun(args)
     from longtrain.launcher.trainer import train
 

@@ -105,7 +105,7 @@ def enable_mesa(model: Transformer, recipe: Recipe) -> Any:
 class Trainer:
     def __init__(self, recipe: Recipe) -> None:
         self.recipe = recipe
-        self.env, self.device = init_distributed(recipe.training.device)
+        self.env, self.device = init_distributed(recipe.training.device, sp=recipe.parallel.sp)
         setup_logging(self.env.is_main)
         r = recipe
         self.layout = make_layout(r.parallel.sp)

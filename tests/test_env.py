@@ -1,0 +1,174 @@
+"""Environment discovery (torchrun > Slurm > MPI > single) and clear one-line errors for bad launches."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from helpers import FAST, REPO, TINY, cli_env
+from longtrain.errors import LaunchError
+from longtrain.launcher import env as E
+
+_VARS = ["RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "GROUP_RANK",
+         "OMPI_COMM_WORLD_SIZE", "OMPI_COMM_WORLD_RANK", "PMI_SIZE", "PMIX_RANK", "MPI_LOCALNRANKS",
+         "CUDA_VISIBLE_DEVICES"]
+
+
+@pytest.fixture
+def clean_env(monkeypatch):
+    import os
+
+    for v in list(os.environ):
+        if v in _VARS or v.startswith("SLURM_") or v.startswith("TORCHELASTIC"):
+            monkeypatch.delenv(v, raising=False)
+    E.reset_discovery()
+    yield monkeypatch
+    E.reset_discovery()
+
+
+def _set(mp, **kv):
+    for k, v in kv.items():
+        mp.setenv(k, str(v))
+
+
+def test_single_process(clean_env):
+    env = E.discover()
+    assert (env.rank, env.world_size, env.local_rank, env.source) == (0, 1, 0, "single")
+    assert not E.under_launcher()
+
+
+def test_torchrun(clean_env):
+    _set(clean_env, RANK=5, WORLD_SIZE=8, LOCAL_RANK=1, LOCAL_WORLD_SIZE=4, MASTER_ADDR="node1", MASTER_PORT=1234)
+    env = E.discover()
+    assert (env.rank, env.world_size, env.local_rank, env.local_world_size) == (5, 8, 1, 4)
+    assert (env.master_addr, env.master_port, env.source) == ("node1", 1234, "torchrun")
+    assert E.under_launcher()
+
+
+def test_torchrun_beats_slurm(clean_env):
+    _set(clean_env, RANK=1, WORLD_SIZE=2, LOCAL_RANK=1, MASTER_ADDR="127.0.0.1", MASTER_PORT=2222,
+         SLURM_STEP_ID=0, SLURM_PROCID=0, SLURM_NTASKS=1, SLURM_LOCALID=0, SLURM_JOB_NODELIST="x")
+    env = E.discover()
+    assert (env.source, env.rank, env.world_size) == ("torchrun", 1, 2)
+
+
+@pytest.mark.parametrize("kv,needles", [
+    (dict(RANK=0, WORLD_SIZE=2), ["MASTER_ADDR is missing"]),
+    (dict(RANK=0), ["half-set", "WORLD_SIZE"]),
+    (dict(WORLD_SIZE=4, MASTER_ADDR="h"), ["half-set", "RANK"]),
+    (dict(LOCAL_RANK=0), ["half-set", "RANK", "WORLD_SIZE"]),
+    (dict(RANK=4, WORLD_SIZE=4, MASTER_ADDR="h"), ["RANK=4", "outside"]),
+    (dict(RANK="one", WORLD_SIZE=2, MASTER_ADDR="h"), ["RANK", "not an integer"]),
+    (dict(RANK=0, WORLD_SIZE=2, MASTER_ADDR="h", MASTER_PORT=70000), ["MASTER_PORT"]),
+    (dict(SLURM_JOB_ID=7, SLURM_NTASKS=2, SLURM_PROCID=0, SLURM_LOCALID=0), ["not started by srun"]),
+    (dict(SLURM_STEP_ID=0, SLURM_PROCID=1, SLURM_NTASKS=2, SLURM_JOB_NODELIST="n1"), ["SLURM_LOCALID"]),
+    (dict(SLURM_STEP_ID=0, SLURM_PROCID=2, SLURM_NTASKS=2, SLURM_LOCALID=0, SLURM_JOB_NODELIST="n1"), ["outside"]),
+])
+def test_half_set_environments(clean_env, kv, needles):
+    _set(clean_env, **kv)
+    with pytest.raises(LaunchError) as e:
+        E.discover()
+    for n in needles:
+        assert n in str(e.value), str(e.value)
+    assert "\n" not in str(e.value)
+
+
+def test_slurm_step(clean_env):
+    _set(clean_env, SLURM_JOB_ID=123456, SLURM_STEP_ID=0, SLURM_PROCID=5, SLURM_NTASKS=8, SLURM_STEP_NUM_TASKS=7,
+         SLURM_LOCALID=1, SLURM_NODEID=1, SLURM_STEP_TASKS_PER_NODE="3(x2),1",
+         SLURM_STEP_NODELIST="gpu[07-09]", SLURM_JOB_NODELIST="gpu[07-10]")
+    env = E.discover()
+    # step values win over job values; node 1 runs 3 tasks; rank 0 lives on the step's first host
+    assert (env.rank, env.world_size, env.local_rank, env.local_world_size) == (5, 7, 1, 3)
+    assert env.master_addr == "gpu07" and env.master_port == 29500 + 123456 % 20000 and env.source == "slurm"
+    assert E.under_launcher()
+
+
+def test_slurm_master_addr_override_and_batch_shell(clean_env):
+    _set(clean_env, SLURM_JOB_ID=1, SLURM_STEP_ID=3, SLURM_PROCID=0, SLURM_NTASKS=2, SLURM_LOCALID=0,
+         SLURM_JOB_NODELIST="a,b", MASTER_ADDR="10.0.0.1", MASTER_PORT=4000, SLURM_TASKS_PER_NODE="1(x2)")
+    env = E.discover()
+    assert (env.master_addr, env.master_port, env.local_world_size) == ("10.0.0.1", 4000, 1)
+    # the batch script of a 1-task job is a plain single process
+    E.reset_discovery()
+    for v in ("SLURM_STEP_ID", "MASTER_ADDR", "MASTER_PORT"):
+        clean_env.delenv(v)
+    _set(clean_env, SLURM_NTASKS=1)
+    assert E.discover().source == "single" and not E.under_launcher()
+
+
+def test_expand_nodelist_and_tasks():
+    assert E.expand_nodelist("gpu[01-03,07],login1") == ["gpu01", "gpu02", "gpu03", "gpu07", "login1"]
+    assert E.expand_nodelist("n[8-10]-ib") == ["n8-ib", "n9-ib", "n10-ib"]
+    assert E.expand_tasks_per_node("4(x2),3") == [4, 4, 3]
+    assert E.expand_tasks_per_node("2") == [2]
+    with pytest.raises(LaunchError):
+        E.expand_tasks_per_node("2(y3)")
+
+
+def test_check_world():
+    E.check_world(E.DistEnv(0, 4, 0, 4, "h", 1, "torchrun"), sp=2)
+    with pytest.raises(LaunchError, match="world size 6 .* not divisible by parallel.sp = 4"):
+        E.check_world(E.DistEnv(0, 6, 0, 6, "h", 1, "slurm"), sp=4)
+
+
+def test_check_gpus(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1")
+    assert E.check_gpus(2) is True
+    assert E.check_gpus(8, "cpu") is False
+    with pytest.raises(LaunchError, match=r"4 processes per node need 4 GPUs but only 2 are visible.*'0,1'"):
+        E.check_gpus(4)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert E.check_gpus(4) is False  # auto -> CPU
+    with pytest.raises(LaunchError, match="no CUDA GPU is visible"):
+        E.check_gpus(1, "cuda")
+
+
+# ---- through the CLI: one line, exit 2, no hang -----------------------------------------------
+
+def _main(capsys, *args) -> tuple[int, str]:
+    from longtrain.launcher.cli import main
+
+    rc = main(["train", str(TINY), *[x for s in FAST for x in ("--set", s)], *args])
+    err = capsys.readouterr().err.strip()
+    return rc, err
+
+
+def _one_line(rc: int, err: str, *needles: str) -> None:
+    assert rc == 2, err
+    lines = err.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("longtrain: error:"), err
+    for n in needles:
+        assert n in lines[0], (n, lines[0])
+
+
+def test_cli_more_gpus_than_visible(clean_env, capsys):
+    clean_env.setattr(torch.cuda, "is_available", lambda: True)
+    clean_env.setattr(torch.cuda, "device_count", lambda: 1)
+    _one_line(*_main(capsys, "--nproc", "2"), "2 processes per node need 2 GPUs but only 1 is visible")
+    # under a launcher: every rank refuses before the rendezvous
+    _set(clean_env, RANK=0, WORLD_SIZE=4, LOCAL_RANK=0, LOCAL_WORLD_SIZE=4, MASTER_ADDR="127.0.0.1", MASTER_PORT=1)
+    _one_line(*_main(capsys), "4 processes per node need 4 GPUs but only 1 is visible")
+
+
+def test_cli_world_not_divisible_by_sp(clean_env, capsys):
+    _one_line(*_main(capsys, "--nproc", "3", "--set", "parallel.sp=2"), "--nproc 3", "parallel.sp = 2")
+    # RANK 0 of 3 with nobody else started: must fail at once, not wait at the rendezvous
+    _set(clean_env, RANK=0, WORLD_SIZE=3, MASTER_ADDR="127.0.0.1", MASTER_PORT=1)
+    _one_line(*_main(capsys, "--set", "parallel.sp=2"), "world size 3", "parallel.sp = 2")
+
+
+def test_cli_subprocess_missing_master_addr():
+    env = cli_env(RANK="0", WORLD_SIZE="2")
+    for v in ("MASTER_ADDR", "MASTER_PORT", "LOCAL_RANK"):
+        env.pop(v, None)
+    proc = subprocess.run([sys.executable, "-m", "longtrain.launcher.cli", "train", str(TINY)], env=env, cwd=REPO,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    lines = [x for x in proc.stderr.splitlines() if x.strip()]
+    assert len(lines) == 1 and "MASTER_ADDR is missing" in lines[0] and "Traceback" not in proc.stdout, proc.stderr
