@@ -117,7 +117,7 @@ def bench(sizes: list[str], seqs: list[int], routers: list[str], repeat: int,
                              "layer_moh": layer_sparse, "layer_moh_masked": layer_masked}, repeat, cuda)
                 usage = moh.last_head_usage[moh.shared_heads:]
                 row: dict[str, Any] = {"size": size, "seq": S, "router": router, "heads_used": frac,
-                                       "block": moh.block_size or _auto_block(S)}
+                                       "block": moh.block_size or min(512, _auto_block(S))}
                 for name, (w, c) in t.items():
                     row[f"{name}_s"] = w
                     row[f"{name}_cpu_s"] = c

@@ -81,6 +81,7 @@ class MoHAttention(nn.Module):
                 self.stage_gate = nn.Linear(cfg.dim, 2, bias=False)  # W_0
         self.sparse = True  # compute only the used (token, head) pairs when ops allow it
         self.block_size: int | None = None  # query block of the sparse path (None: automatic)
+        self.compact = True
         self.last_aux_loss: Tensor | None = None
         self.last_head_usage: Tensor | None = None
         self.last_router_prob: Tensor | None = None
@@ -164,7 +165,12 @@ class MoHAttention(nn.Module):
         qr = q_routed.transpose(1, 2).contiguous()
         kr = k.transpose(1, 2).index_select(1, kv_idx)
         vr = v.transpose(1, 2).index_select(1, kv_idx)
-        flat = sel.permute(0, 2, 1).reshape(-1).nonzero().squeeze(1)  # over [B, E, S], sorted
+        selT = sel.permute(0, 2, 1)
+        flat = selT.reshape(-1).nonzero().squeeze(1)  # over [B, E, S], sorted
+        if self.window is None and ops.cu_seqlens is None and self.compact:
+            C = self.block_size or min(512, _auto_block(S))
+            out = _CompactCausalAttention.apply(qr, kr, vr, selT, C, 1.0 / math.sqrt(D))
+            return self._place(out, flat, gates, parts, B, E, S, D)
         pos = flat % S
         doc_start = _doc_starts(ops.cu_seqlens, S, q.device)
         ds = doc_start.index_select(0, pos) if doc_start is not None else torch.zeros_like(pos)
@@ -173,7 +179,12 @@ class MoHAttention(nn.Module):
         segs = _segments(flat // S, pos, ds, P, S, self.window)
         mask = _diag_mask(P, S, B, self.window, ops.cu_seqlens, q.dtype, q.device)
         out = _SparseQueryAttention.apply(qr, kr, vr, flat, pos, lb, segs, mask, P, 1.0 / math.sqrt(D))
-        g = gates[:, :, hs:].permute(0, 2, 1).reshape(-1).index_select(0, flat)
+        return self._place(out, flat, gates, parts, B, E, S, D)
+
+    def _place(self, out: Tensor, flat: Tensor, gates: Tensor, parts: list[Tensor], B: int, E: int, S: int,
+               D: int) -> Tensor:
+        """Gate the chosen rows, scatter them into [B,S,E,D] and append to the shared heads' output."""
+        g = gates[:, :, self.shared_heads:].permute(0, 2, 1).reshape(-1).index_select(0, flat)
         out = out * g.unsqueeze(-1).to(out.dtype)
         orr = out.new_zeros(B * E * S, D).index_put((flat,), out)
         parts.append(orr.view(B, E, S, D).transpose(1, 2))
@@ -392,6 +403,112 @@ def _band_mask(pos: Tensor, lb: Tensor, lo: int, hi: int, dtype: torch.dtype) ->
     j = torch.arange(lo, hi, device=pos.device)[None, :]
     keep = (j >= lb[:, None]) & (j <= pos[:, None])
     return torch.zeros(keep.shape, dtype=dtype, device=pos.device).masked_fill_(~keep, float("-inf"))
+
+
+class _CompactCausalAttention(torch.autograd.Function):
+    """Routed-head attention without window or documents, per (row, head):
+    the chosen queries against the keys of the chosen positions form an ordinary causal problem
+    in compacted order (query i sees compacted keys 0..i) -> one causal flash call; the keys of
+    the other positions form a staircase (query i sees the first p_i - i of them) -> an unmasked
+    prefix call per run of C queries plus a thin masked band. Merged by log-sum-exp.
+    q/k/v [B,E,S,D]; chosen positions `sel` [B,E,S] bool. Returns out [N,D] (flat order)."""
+
+    @staticmethod
+    def forward(ctx: Any, q: Tensor, k: Tensor, v: Tensor, sel: Tensor, C: int, scale: float) -> Tensor:
+        D = q.shape[-1]
+        heads, outs, lses, gathered = _compact_plan(sel, C, q.dtype), [], [], []
+        for b, r, p, perm, runs in heads:
+            n = p.numel()
+            qs = q[b, r].index_select(0, p)
+            kp, vp = k[b, r].index_select(0, perm), v[b, r].index_select(0, perm)  # chosen keys first
+            ks, vs, ku, vu = kp[:n], vp[:n], kp[n:], vp[n:]
+            o, l_ = _flash_fwd(qs[None, None], ks[None, None], vs[None, None], True, None, scale)
+            o, l_ = _up(o[0, 0]).clone(), l_[0, 0].clone()
+            for i0, i1, lo, hi, bm, dead in runs:
+                qq = qs[i0:i1][None, None]
+                if lo > 0:  # keys [0, lo) of the staircase: visible to every query of the run
+                    o1, l1 = _flash_fwd(qq, ku[:lo][None, None], vu[:lo][None, None], False, None, scale)
+                    _merge(o, l_, i0, i1, _up(o1[0, 0]), l1[0, 0])
+                if hi > lo:
+                    o2, l2 = _flash_fwd(qq, ku[lo:hi][None, None], vu[lo:hi][None, None], False, bm, scale)
+                    _merge(o, l_, i0, i1, _up(o2[0, 0]).masked_fill(dead[:, None], 0.0),
+                           l2[0, 0].masked_fill(dead, float("-inf")))
+            outs.append(o)
+            lses.append(l_)
+            gathered.append((qs, kp, vp))
+        out = torch.cat(outs) if outs else q.new_zeros(0, D, dtype=torch.float32)
+        lse = torch.cat(lses) if lses else q.new_zeros(0, dtype=torch.float32)
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.heads, ctx.gathered, ctx.scale = heads, gathered, scale
+        return out.to(q.dtype)
+
+    @staticmethod
+    def backward(ctx: Any, dout: Tensor) -> tuple[Tensor | None, ...]:
+        q, k, v, out, lse = ctx.saved_tensors
+        scale = ctx.scale
+        dout = _up(dout)
+        dq = torch.zeros(q.shape, dtype=dout.dtype, device=q.device)
+        dk = torch.zeros(k.shape, dtype=dout.dtype, device=q.device)
+        dv = torch.zeros(v.shape, dtype=dout.dtype, device=q.device)
+        n0 = 0
+        for (b, r, p, perm, runs), (qs, kp, vp) in zip(ctx.heads, ctx.gathered):
+            n = p.numel()
+            do, o, l_ = dout[n0:n0 + n], out[n0:n0 + n], lse[n0:n0 + n]
+            n0 += n
+            ks, vs, ku, vu = kp[:n], vp[:n], kp[n:], vp[n:]
+            gkp = torch.zeros(kp.shape, dtype=dout.dtype, device=q.device)
+            gvp = torch.zeros(vp.shape, dtype=dout.dtype, device=q.device)
+            gq, gk, gv = _flash_bwd(do[None, None], qs[None, None], ks[None, None], vs[None, None],
+                                    o[None, None], l_[None, None], True, None, scale)
+            gq = gq[0, 0].contiguous()
+            gkp[:n] = gk[0, 0]
+            gvp[:n] = gv[0, 0]
+            gku, gvu = gkp[n:], gvp[n:]
+            for i0, i1, lo, hi, bm, _dead in runs:
+                args = (do[i0:i1][None, None], qs[i0:i1][None, None])
+                mo = (o[i0:i1][None, None], l_[i0:i1][None, None])
+                for a, z, m in ((0, lo, None), (lo, hi, bm)):
+                    if z <= a:
+                        continue
+                    g1, g2, g3 = _flash_bwd(*args, ku[a:z][None, None], vu[a:z][None, None], *mo, False, m, scale)
+                    gq[i0:i1] += g1[0, 0]
+                    gku[a:z] += g2[0, 0]
+                    gvu[a:z] += g3[0, 0]
+            dq[b, r].index_copy_(0, p, gq)
+            dk[b, r].index_copy_(0, perm, gkp)
+            dv[b, r].index_copy_(0, perm, gvp)
+        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None, None
+
+
+def _compact_plan(sel: Tensor, C: int, dtype: torch.dtype) -> list[tuple[Any, ...]]:
+    """Per (row, head): chosen positions p, the permutation [p, others], and staircase runs
+    (i0, i1, lo, hi, band mask, dead rows) over the other keys: query i sees others[:p_i - i]."""
+    B, E, S = sel.shape
+    heads = []
+    counts = sel.sum(-1).tolist()
+    order = torch.argsort((~sel).to(torch.int8), dim=-1, stable=True)  # chosen positions first, in order
+    for b in range(B):
+        for r in range(E):
+            n = counts[b][r]
+            if n == 0:
+                continue
+            perm = order[b, r]
+            p = perm[:n]
+            cnt = p - torch.arange(n, device=p.device)  # other keys before each chosen query
+            starts = cnt[::C]
+            lasts = cnt[torch.arange(C, n + C, C, device=p.device).clamp_max(n) - 1]
+            runs = []
+            for j, (lo, hi) in enumerate(zip(starts.tolist(), lasts.tolist())):
+                i0, i1 = j * C, min((j + 1) * C, n)
+                bm = dead = None
+                if hi > lo:
+                    c = cnt[i0:i1, None]
+                    keep = torch.arange(lo, hi, device=p.device)[None, :] < c
+                    bm = torch.zeros(keep.shape, dtype=dtype, device=p.device).masked_fill_(~keep, float("-inf"))
+                    dead = c[:, 0] == lo
+                runs.append((i0, i1, lo, hi, bm, dead))
+            heads.append((b, r, p, perm, runs))
+    return heads
 
 
 # ---------------------------------------------------------------------- stats for the trainer
