@@ -20,7 +20,6 @@ routes. Addresses are 10.213.x.y inside our own namespaces only.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import ctypes
 import os
 import statistics
