@@ -1,0 +1,175 @@
+"""A real single-node Slurm (slurm-wlm + munge, state under a temp folder, slurm/local-cluster.sh)
+runs both sbatch templates for the tiny recipe with 2 CPU tasks: the jobs finish, losses fall,
+checkpoints appear, a resubmission resumes, and a USR1 'preemption' requeues the job, which resumes.
+
+Skips (with the reason) where Slurm cannot be installed: not root, no apt-get, or the install fails.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from helpers import FAST, REPO, TINY, cli_env, losses
+
+pytestmark = pytest.mark.slurm
+SCRIPT = REPO / "slurm" / "local-cluster.sh"
+JOB_SETS = [*FAST, "checkpoint.interval=3", "metrics.tensorboard=false"]
+
+
+def _ensure_slurm() -> None:
+    if os.geteuid() != 0:
+        pytest.skip("the Slurm tier runs a local slurmctld/slurmd/munged as root; not root here")
+    if all(shutil.which(b) for b in ("slurmctld", "slurmd", "munged", "sbatch")):
+        return
+    if not shutil.which("apt-get") or not shutil.which("dpkg"):
+        pytest.skip("Slurm is not installed and apt-get/dpkg are unavailable to install slurm-wlm and munge")
+    proc = subprocess.run(["bash", str(SCRIPT), "install"], capture_output=True, text=True, timeout=600)
+    if proc.returncode != 0 or not shutil.which("slurmctld"):
+        pytest.skip(f"could not install slurm-wlm and munge with apt-get: {(proc.stderr or proc.stdout).strip()[-300:]}")
+
+
+class Cluster:
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.env = cli_env(SLURM_CONF=str(root / "etc" / "slurm.conf"))
+        for v in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+            self.env.pop(v, None)
+
+    def submit(self, out: Path, mode: str, *sets: str, extra: tuple[str, ...] = ()) -> str:
+        cmd = [sys.executable, "-m", "longtrain.launcher.cli", "slurm", str(TINY), "--nodes", "1",
+               "--gpus-per-node", "0", "--procs-per-node", "2", "--cpus-per-node", "2", "--mode", mode,
+               "--time", "00:10:00", "--set", f"run.output_dir={out}", *extra, "--submit"]
+        for s in (*JOB_SETS, *sets):
+            cmd += ["--set", s]
+        proc = subprocess.run(cmd, env=self.env, cwd=REPO, capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 0, proc.stderr
+        m = re.search(r"submitted batch job (\d+)", proc.stdout)
+        assert m, proc.stdout
+        return m.group(1)
+
+    def job(self, job_id: str) -> dict[str, str]:
+        proc = subprocess.run(["scontrol", "show", "job", "-o", job_id], env=self.env, capture_output=True, text=True)
+        return dict(re.findall(r"(\w+)=(\S*)", proc.stdout))
+
+    def wait(self, job_id: str, log: Path, timeout: float = 300) -> dict[str, str]:
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            info = self.job(job_id)
+            if info.get("JobState") in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY"):
+                assert info["JobState"] == "COMPLETED", (info, _tail(log))
+                return info
+            time.sleep(1)
+        raise AssertionError(f"job {job_id} did not finish in {timeout}s: {self.job(job_id)}\n{_tail(log)}")
+
+
+def _tail(log: Path, n: int = 3000) -> str:
+    return log.read_text()[-n:] if log.is_file() else f"(no log {log})"
+
+
+def _log(out: Path, job_id: str) -> Path:
+    return out / "logs" / f"tiny-cpu-{job_id}.out"
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    _ensure_slurm()
+    root = tmp_path_factory.mktemp("slurm")
+    proc = subprocess.run(["bash", str(SCRIPT), "start", str(root), "6"], capture_output=True, text=True, timeout=180)
+    try:
+        assert proc.returncode == 0, f"local Slurm did not start: {proc.stderr}"
+        yield Cluster(root)
+    finally:
+        subprocess.run(["bash", str(SCRIPT), "stop", str(root)], capture_output=True, timeout=120)
+
+
+@pytest.fixture(scope="module")
+def first_jobs(cluster, tmp_path_factory):
+    """Submit everything at once (the node has room for all): both templates, and a preemption run."""
+    runs = tmp_path_factory.mktemp("runs")
+    jobs = {mode: (runs / mode, cluster.submit(runs / mode, mode, "training.steps=6")) for mode in ("torchrun", "srun")}
+    # pauses after publishing step 3 until the test 'preempts' it
+    pre = runs / "preempt"
+    jobs["preempt"] = (pre, cluster.submit(pre, "srun", "training.steps=6",
+                                           extra=("--env", "LONGTRAIN_FAULT=pause_after_save:3")))
+    return jobs
+
+
+@pytest.mark.parametrize("mode", ["torchrun", "srun"])
+def test_template_trains(cluster, first_jobs, mode):
+    out, job = first_jobs[mode]
+    cluster.wait(job, _log(out, job))
+    log = _log(out, job).read_text()
+    assert "done: 6 steps" in log and "world 2 (dp 2 x sp 1" in log, log[-2000:]
+    ls = losses(out)
+    assert sorted(ls) == list(range(1, 7)) and ls[6] < ls[1] - 1.0, ls
+    ck = out / "checkpoints"
+    assert (ck / "latest").read_text().strip() == "step_00000006"
+    assert (ck / "step_00000003" / "meta.json").is_file() and (ck / "step_00000006" / "meta.json").is_file()
+    launcher = "torchrun" if mode == "torchrun" else "slurm"  # srun mode: ranks from SLURM_* variables
+    assert f'launcher = "{launcher}"' in (out / "recipe.resolved.toml").read_text()
+
+
+def test_templates_agree(cluster, first_jobs):
+    for mode in ("torchrun", "srun"):
+        out, job = first_jobs[mode]
+        cluster.wait(job, _log(out, job))
+    a, b = losses(first_jobs["torchrun"][0]), losses(first_jobs["srun"][0])
+    for s in a:
+        assert a[s] == pytest.approx(b[s], rel=1e-6, abs=1e-6), (s, a, b)
+
+
+def test_resubmission_resumes(cluster, first_jobs):
+    new = {}
+    for mode in ("torchrun", "srun"):
+        out, job = first_jobs[mode]
+        cluster.wait(job, _log(out, job))
+        new[mode] = cluster.submit(out, mode, "training.steps=9")
+    for mode, job in new.items():
+        out = first_jobs[mode][0]
+        cluster.wait(job, _log(out, job))
+        log = _log(out, job).read_text()
+        assert re.search(r"resumed from \S+step_00000006 at step 6", log), log[-2000:]
+        assert "done: 9 steps" in log
+        assert sorted(losses(out)) == list(range(1, 10))
+        assert (out / "checkpoints" / "latest").read_text().strip() == "step_00000009"
+
+
+def test_preemption_requeues_and_resumes(cluster, first_jobs):
+    out, job = first_jobs["preempt"]
+    log = _log(out, job)
+    deadline = time.time() + 240
+    while not (out / "checkpoints" / "step_00000003" / "meta.json").is_file():
+        assert time.time() < deadline, _tail(log)
+        assert cluster.job(job).get("JobState") in ("PENDING", "RUNNING"), (cluster.job(job), _tail(log))
+        time.sleep(1)
+    time.sleep(1)
+    # what Slurm does before a time limit / preemption with --signal=B:USR1@120
+    subprocess.run(["scancel", "--batch", "--signal=USR1", job], env=cluster.env, check=True)
+    # Slurm holds a requeued job ~2 minutes (BeginTime); once it is back in the queue, let it start now
+    while True:
+        info = cluster.job(job)
+        assert time.time() < deadline, (info, _tail(log))
+        if info.get("Restarts", "0") != "0" and info.get("JobState") == "PENDING":
+            upd = subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], env=cluster.env,
+                                 capture_output=True, text=True)
+            if upd.returncode == 0:
+                break
+        elif info.get("Restarts", "0") != "0" and info.get("JobState") in ("RUNNING", "COMPLETED"):
+            break
+        time.sleep(0.5)
+    info = cluster.wait(job, log)
+    assert info["Restarts"] == "1"
+    text = log.read_text()
+    assert "requeueing" in text and "(restart 1)" in text, text[-3000:]
+    assert re.search(r"resumed from \S+step_00000003 at step 3", text), text[-3000:]
+    assert "done: 6 steps" in text
+    ls = losses(out)
+    assert sorted(ls) == list(range(1, 7)) and ls[6] < ls[1] - 1.0
