@@ -45,10 +45,10 @@ def _layers(size: str, router: str, device: torch.device, dtype: torch.dtype):
     return cfg, dense, moh, (hs + k) / cfg.n_heads
 
 
-def _step(layer, x, rope, g):
+def _step(layer, x, rope, g, cu=None):
     layer.zero_grad(set_to_none=True)
     xx = x.detach().requires_grad_(True)
-    out = layer(xx, rope, LocalAttention())
+    out = layer(xx, rope, LocalAttention(cu))
     out.backward(g)
 
 
@@ -73,7 +73,7 @@ def _rotate(variants: dict[str, Any], repeat: int, cuda: bool) -> dict[str, tupl
 
 
 def bench(sizes: list[str], seqs: list[int], routers: list[str], repeat: int,
-          device: torch.device, dtype: torch.dtype) -> list[dict[str, Any]]:
+          device: torch.device, dtype: torch.dtype, doc_len: int = 0) -> list[dict[str, Any]]:
     rows = []
     cuda = device.type == "cuda"
     for size in sizes:
@@ -92,7 +92,8 @@ def bench(sizes: list[str], seqs: list[int], routers: list[str], repeat: int,
                 go = torch.randn(1, S, H, D, device=device, dtype=dtype)
                 with torch.no_grad():
                     gates, sel = moh.route(x, q)
-                ops = LocalAttention()
+                cu = torch.tensor(list(range(0, S, doc_len)) + [S], device=device) if doc_len else None
+                ops = LocalAttention(cu)
 
                 def core_dense():
                     q.grad = k.grad = v.grad = None
@@ -103,21 +104,22 @@ def bench(sizes: list[str], seqs: list[int], routers: list[str], repeat: int,
                     moh._sparse_attention(q, k, v, gates, sel, ops).backward(go)
 
                 def layer_dense():
-                    _step(dense, x, rope, g)
+                    _step(dense, x, rope, g, cu)
 
                 def layer_sparse():
                     moh.sparse = True
-                    _step(moh, x, rope, g)
+                    _step(moh, x, rope, g, cu)
 
                 def layer_masked():
                     moh.sparse = False
-                    _step(moh, x, rope, g)
+                    _step(moh, x, rope, g, cu)
 
                 t = _rotate({"core_dense": core_dense, "core_moh": core_moh, "layer_dense": layer_dense,
                              "layer_moh": layer_sparse, "layer_moh_masked": layer_masked}, repeat, cuda)
                 usage = moh.last_head_usage[moh.shared_heads:]
                 row: dict[str, Any] = {"size": size, "seq": S, "router": router, "heads_used": frac,
-                                       "block": moh.block_size or min(512, _auto_block(S))}
+                                       "doc_len": doc_len or None,
+                                       "block": moh.block_size or (min(512, _auto_block(S)) if not doc_len else _auto_block(S))}
                 for name, (w, c) in t.items():
                     row[f"{name}_s"] = w
                     row[f"{name}_cpu_s"] = c
@@ -131,7 +133,7 @@ def bench(sizes: list[str], seqs: list[int], routers: list[str], repeat: int,
     return rows
 
 
-SHOW = ["size", "seq", "router", "block", "core_dense_cpu_s", "core_moh_cpu_s", "core_ratio_cpu", "core_ratio_wall",
+SHOW = ["size", "seq", "router", "doc_len", "block", "core_dense_cpu_s", "core_moh_cpu_s", "core_ratio_cpu", "core_ratio_wall",
         "layer_dense_cpu_s", "layer_moh_cpu_s", "layer_ratio_cpu", "layer_ratio_wall", "masked_ratio_cpu",
         "usage_max_over_mean"]
 
@@ -142,6 +144,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seqs", default="2048,4096,8192", help="sequence lengths (comma-separated)")
     ap.add_argument("--routers", default="learned,query_norm")
     ap.add_argument("--repeat", type=int, default=5)
+    ap.add_argument("--doc-len", type=int, default=0, help="pack documents of this many tokens (0: one document)")
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--out", default=None, help="JSON path (default bench-results/moh.json)")
@@ -151,7 +154,7 @@ def main(argv: list[str] | None = None) -> int:
     device = torch.device(a.device)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     rows = bench(a.sizes.split(","), [int(s) for s in a.seqs.split(",")], a.routers.split(","),
-                 a.repeat, device, dtype)
+                 a.repeat, device, dtype, a.doc_len)
     print_table(rows, SHOW)
     write_json("moh", {"rows": rows, "dtype": str(dtype), "repeat": a.repeat}, a.out)
     return 0

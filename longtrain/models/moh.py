@@ -18,11 +18,20 @@ Heads are experts. Heads `0 .. shared_heads-1` are always on; among the other
 Compute: the reference code runs every head and masks. Here, when the ops
 object is the single-process `LocalAttention`, shared heads go through
 `ops.softmax` and each routed head attends only with the queries of the
-tokens that chose it (all keys of that head are still visible to them), so
-routed attention work scales with k/E. Any other ops object (sequence
-parallel) gets one `ops.softmax` call on all heads and the gates mask the
-result: correct but no saving, because the ops contract has no per-head query
-subsets.
+tokens that chose it (all keys of that head stay visible to them), so routed
+attention work scales with k/E:
+  * no window, no documents: per (row, head) the chosen queries against the
+    chosen positions' keys are an ordinary causal problem in compacted order
+    (one causal flash call); the other positions' keys form a staircase (query
+    i sees the first p_i - i of them): an unmasked call per run of C queries
+    plus a thin masked band;
+  * windows or packed documents: query blocks of P positions; the diagonal
+    blocks of all routed heads in one batched masked call, the keys before the
+    block visible to a whole run in one unmasked call, a masked band for windows.
+Parts merge exactly by log-sum-exp; the backward hands every part the merged
+(out, lse), as ring attention does. Any other ops object (sequence parallel)
+gets one `ops.softmax` call on all heads and the gates mask the result:
+correct, no saving, because the ops contract has no per-head query subsets.
 
 Statistics of the last forward (detached): `last_head_usage` [n_heads] is the
 fraction of tokens with a non-zero gate per head (shared heads read 1.0),
@@ -86,6 +95,11 @@ class MoHAttention(nn.Module):
         self.last_head_usage: Tensor | None = None
         self.last_router_prob: Tensor | None = None
         self.last_gates: Tensor | None = None  # [B,S,H] detached gates of the last forward
+
+    @property
+    def head_usage(self) -> Tensor | None:
+        """Alias of `last_head_usage` (the name the trainer's logger looks for)."""
+        return self.last_head_usage
 
     # ------------------------------------------------------------------ routing
     def route(self, x: Tensor, q_pre: Tensor) -> tuple[Tensor, Tensor]:
