@@ -21,7 +21,7 @@ from typing import NamedTuple
 import torch
 
 DEFAULT_BLOCK = 64
-DEFAULT_SEGMENT = 2048   # tokens per cache-sized segment of the torch path
+DEFAULT_SEGMENT = 1024   # tokens per cache-sized segment of the torch path
 
 
 def doc_ids(cu_seqlens: torch.Tensor | None, seq_len: int, device: torch.device) -> torch.Tensor | None:
@@ -112,6 +112,24 @@ def _seg(f: BlockFactors, i0: int, i1: int) -> BlockFactors:
     return BlockFactors(*(t if t.shape[0] == 1 else t[i0:i1] for t in f))
 
 
+def _block_states(Kb, Vb, g: BlockFactors, first: torch.Tensor, ks_buf, kv_buf,
+                  st_buf) -> torch.Tensor:
+    """States entering each of the m blocks [m, B, H, Dk, Dv], from the one entering the first.
+
+    Leaves each block's own contribution K^T diag(ks) V in kv_buf (see _last_state)."""
+    m = Kb.shape[0]
+    kv_local = _bmm(torch.mul(Kb, g.ks, out=ks_buf).transpose(-1, -2), Vb, kv_buf)
+    st_buf[0].copy_(first)
+    for j in range(m - 1):
+        torch.addcmul(kv_local[j], st_buf[j], g.bd[j], out=st_buf[j + 1])
+    return st_buf
+
+
+def _last_state(st: torch.Tensor, kv_local: torch.Tensor, g: BlockFactors) -> torch.Tensor:
+    """The state after the last block of the segment."""
+    return torch.addcmul(kv_local[-1], st[-1], g.bd[-1])
+
+
 class _Workspace:
     """Segment-sized buffers, allocated once per call and reused by every segment:
     fresh large allocations page-fault on first touch, which cost as much as the copies."""
@@ -127,59 +145,60 @@ class _ChunkLightning(torch.autograd.Function):
     # The work runs segment by segment (SEG blocks at a time) with the state
     # carried between segments, so that the temporaries stay in cache: the
     # throughput then does not fall with the sequence length. Only q, k, v (which
-    # autograd keeps anyway) and the per-block states are saved; the blocked
-    # copies and the intra-block scores are rebuilt in the backward.
+    # autograd keeps anyway) and the state entering each segment are saved; the
+    # blocked copies, the per-block states and the intra-block scores are rebuilt
+    # in the backward, one segment at a time.
     @staticmethod
     def forward(ctx, q, k, v, s0, f: BlockFactors, C: int, seg: int, dt: torch.dtype):
         B, S, H, Dk = q.shape
         Dv = v.shape[-1]
         n = -(-S // C)
         seg = max(1, min(seg, n))
-        ws = _Workspace(states_like := q.new_empty(0, dtype=dt), seg, B, H, C,
+        n_seg = -(-n // seg)
+        ws = _Workspace(q.new_empty(0, dtype=dt), seg, B, H, C,
                         dict(Q=(C, Dk), K=(C, Dk), V=(C, Dv), A=(C, C), KS=(C, Dk),
-                             KV=(Dk, Dv), O=(C, Dv)))
+                             KV=(Dk, Dv), O=(C, Dv), ST=(Dk, Dv)))
         out = q.new_empty(B, n * C, H, Dv)                  # padded to whole blocks
-        states = states_like.new_empty(n + 1, B, H, Dk, Dv)
+        seg_states = q.new_empty(n_seg + 1, B, H, Dk, Dv, dtype=dt)
         if s0 is None:
-            states[0].zero_()
+            seg_states[0].zero_()
         else:
-            states[0].copy_(s0)
-        for i0 in range(0, n, seg):
-            i1 = min(n, i0 + seg)
+            seg_states[0].copy_(s0)
+        for s in range(n_seg):
+            i0, i1 = s * seg, min(n, (s + 1) * seg)
             m, p0 = i1 - i0, i0 * C
             g = _seg(f, i0, i1)
             Qb = _load_blocks(ws("Q", m), q, p0, C)
             Kb = _load_blocks(ws("K", m), k, p0, C)
             Vb = _load_blocks(ws("V", m), v, p0, C)
+            st = _block_states(Kb, Vb, g, seg_states[s], ws("KS", m), ws("KV", m), ws("ST", m))
+            seg_states[s + 1].copy_(_last_state(st, ws("KV", m), g))
             A = _bmm(Qb, Kb.transpose(-1, -2), ws("A", m)).mul_(g.mask)
-            kv_local = _bmm(torch.mul(Kb, g.ks, out=ws("KS", m)).transpose(-1, -2), Vb,
-                            ws("KV", m))                                  # [m, B, H, Dk, Dv]
-            for j in range(m):
-                torch.addcmul(kv_local[j], states[i0 + j], g.bd[j], out=states[i0 + j + 1])
-            O = _bmm(Qb, states[i0:i1], ws("O", m)).mul_(g.qs)
+            O = _bmm(Qb, st, ws("O", m)).mul_(g.qs)
             _bmm(A, Vb, O, add=True)
             _store_blocks(out, p0, O)
-        ctx.save_for_backward(q, k, v, states)
+        ctx.save_for_backward(q, k, v, seg_states)
         ctx.f, ctx.C, ctx.seg, ctx.s0dtype = f, C, seg, None if s0 is None else s0.dtype
         ctx.set_materialize_grads(False)
-        return out[:, :S], states[n].clone()
+        return out[:, :S], seg_states[n_seg].clone()
 
     @staticmethod
     def backward(ctx, dout, dstate):
-        q, k, v, states = ctx.saved_tensors
+        q, k, v, seg_states = ctx.saved_tensors
         f, C, seg = ctx.f, ctx.C, ctx.seg
         B, S, H, Dk = q.shape
         Dv = v.shape[-1]
-        n = states.shape[0] - 1
-        ws = _Workspace(states, seg, B, H, C,
+        n = -(-S // C)
+        n_seg = seg_states.shape[0] - 1
+        ws = _Workspace(seg_states, seg, B, H, C,
                         dict(Q=(C, Dk), K=(C, Dk), V=(C, Dv), dO=(C, Dv), A=(C, C), dA=(C, C),
-                             dQ=(C, Dk), QS=(C, Dk), L=(Dk, Dv), G=(Dk, Dv), dK=(C, Dk),
-                             dV=(C, Dv)))
+                             KS=(C, Dk), KV=(Dk, Dv), ST=(Dk, Dv), dQ=(C, Dk), L=(Dk, Dv),
+                             G=(Dk, Dv), dK=(C, Dk), dV=(C, Dv)))
         dq, dk = q.new_empty(B, n * C, H, Dk), k.new_empty(B, n * C, H, Dk)
         dv = v.new_empty(B, n * C, H, Dv)
-        G = torch.zeros_like(states[0]) if dstate is None else dstate.to(states.dtype).clone()
-        for i0 in reversed(range(0, n, seg)):
-            i1 = min(n, i0 + seg)
+        G = torch.zeros_like(seg_states[0]) if dstate is None else dstate.to(seg_states.dtype).clone()
+        for s in reversed(range(n_seg)):
+            i0, i1 = s * seg, min(n, (s + 1) * seg)
             m, p0 = i1 - i0, i0 * C
             g = _seg(f, i0, i1)
             Qb = _load_blocks(ws("Q", m), q, p0, C)
@@ -189,12 +208,15 @@ class _ChunkLightning(torch.autograd.Function):
                 dO = ws("dO", m).zero_()
             else:
                 dO = _load_blocks(ws("dO", m), dout, p0, C)
+            # the states entering each block of the segment, rebuilt from the segment's
+            # first one: saving them all would cost as much memory traffic as v itself
+            st = _block_states(Kb, Vb, g, seg_states[s], ws("KS", m), ws("KV", m), ws("ST", m))
             A = _bmm(Qb, Kb.transpose(-1, -2), ws("A", m)).mul_(g.mask)
             dA = _bmm(dO, Vb.transpose(-1, -2), ws("dA", m)).mul_(g.mask)
-            dQ = _bmm(dO, states[i0:i1].transpose(-1, -2), ws("dQ", m)).mul_(g.qs)
+            dQ = _bmm(dO, st.transpose(-1, -2), ws("dQ", m)).mul_(g.qs)
             _bmm(dA, Kb, dQ, add=True)
             _store_blocks(dq, p0, dQ)
-            local = _bmm(torch.mul(Qb, g.qs, out=ws("QS", m)).transpose(-1, -2), dO,
+            local = _bmm(torch.mul(Qb, g.qs, out=ws("KS", m)).transpose(-1, -2), dO,
                          ws("L", m))                                  # dL/dKV_i from block i
             Gn = ws("G", m)                                           # dL/dKV_(i+1)
             Gn[m - 1].copy_(G)
