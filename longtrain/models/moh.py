@@ -153,7 +153,9 @@ class MoHAttention(nn.Module):
         v = self.wv(x).view(B, S, Hkv, D)
         gates, sel = self.route(x, q)
         q, k = _apply_rope(q, *rope), _apply_rope(k, *rope)
-        if self.sparse and isinstance(ops, LocalAttention):
+        # the sparse path is built on torch's CPU flash op (it returns the log-sum-exp); elsewhere
+        # its parts would fall back to materialised scores, slower than masked flash-attn
+        if self.sparse and isinstance(ops, LocalAttention) and _has_cpu_flash(q):
             o = self._sparse_attention(q, k, v, gates, sel, ops)
         else:
             o = ops.softmax(q, k, v, window=self.window) * gates.unsqueeze(-1).to(q.dtype)
