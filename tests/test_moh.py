@@ -116,6 +116,25 @@ def close(a, b, tol=1e-5):
     return float((a - b).abs().max()) <= tol * max(1.0, float(b.abs().max()))
 
 
+@pytest.mark.parametrize("window,docs", [(None, False), (5, True)])
+def test_sparse_path_math_twin(monkeypatch, window, docs):
+    """The plain-torch twin of the per-part kernel calls gives the same results."""
+    import longtrain.models.moh as moh_mod
+
+    cfg, layer = make_layer("learned", window=window)
+    layer.block_size = 8
+    S = 30
+    x = torch.randn(1, S, cfg.dim)
+    rope = rope_for(cfg, S)
+    cu = torch.tensor([0, 11, S]) if docs else None
+    o_ref, dx_ref, g_ref = run(layer, x, rope, NaiveGenericOps(cu))
+    monkeypatch.setattr(moh_mod, "_FORCE_MATH", True)
+    o_sp, dx_sp, g_sp = run(layer, x, rope, NaiveLocalOps(cu))
+    assert close(o_sp, o_ref) and close(dx_sp, dx_ref)
+    for n in g_ref:
+        assert close(g_sp[n], g_ref[n]), n
+
+
 @pytest.mark.parametrize("router,window", [("learned", None), ("query_norm", 6)])
 def test_sparse_path_with_the_real_kernel(router, window):
     """LocalAttention (kernels.attention_block) as ops, docs with a trailing document, vs the naive masked path."""

@@ -282,14 +282,21 @@ def _segments(br: Tensor, pos: Tensor, ds: Tensor, P: int, S: int,
     return segs
 
 
+_FORCE_MATH = False  # tests: run the parts through the plain-torch math twin
+
+
 def _has_cpu_flash(t: Tensor) -> bool:
     return t.device.type == "cpu" and hasattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu")
+
+
+def _kernel(t: Tensor) -> bool:
+    return _has_cpu_flash(t) and not _FORCE_MATH
 
 
 def _flash_fwd(q: Tensor, k: Tensor, v: Tensor, causal: bool, mask: Tensor | None,
                scale: float) -> tuple[Tensor, Tensor]:
     """q/k/v [B,H,L,D] -> out [B,H,L,D] (q dtype), lse [B,H,L] fp32 (top-left causal if causal)."""
-    if _has_cpu_flash(q):
+    if _kernel(q):
         o, l = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
             q, k, v, 0.0, causal, attn_mask=mask, scale=scale)
         return o, l.float()
@@ -301,7 +308,7 @@ def _flash_fwd(q: Tensor, k: Tensor, v: Tensor, causal: bool, mask: Tensor | Non
 def _flash_bwd(do: Tensor, q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Tensor, causal: bool,
                mask: Tensor | None, scale: float) -> tuple[Tensor, Tensor, Tensor]:
     """Gradients of one part given the MERGED out/lse of its rows. All [B,H,L,D]; fp32 out."""
-    if _has_cpu_flash(q):
+    if _kernel(q):
         dq, dk, dv = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
             do.to(q.dtype), q, k, v, o.to(q.dtype), lse.float().contiguous(), 0.0, causal,
             attn_mask=mask, scale=scale)
