@@ -51,6 +51,12 @@ def test_sp2_matches_sp1(impl, baselines, tmp_path):
     _assert_close(baselines["full"], losses(tmp_path))
 
 
+def test_dp2_sp2_matches_sp1(baselines, tmp_path):
+    # 4 ranks = dp 2 x sp 2, micro_batch 1 each: the same 2 samples per step as 1 rank x micro_batch 2
+    run_train(tmp_path, *COMMON, "training.micro_batch=1", "parallel.sp=2", "parallel.sp_impl=tokenring", nproc=4)
+    _assert_close(baselines["full"], losses(tmp_path))
+
+
 @pytest.mark.parametrize("impl,layout", [("tokenring", "zigzag"), ("ring", "contiguous")])
 def test_mixed_spans_sp2_matches_sp1(impl, layout, baselines, tmp_path):
     run_train(tmp_path, *COMMON, *MIXED, "parallel.sp=2", f"parallel.sp_impl={impl}",

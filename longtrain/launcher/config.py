@@ -93,7 +93,7 @@ class StageSection:
 @dataclass
 class ParallelSection:
     sp: int = 1
-    sp_impl: str = "tokenring"  # ring | tokenring | ulysses | hybrid
+    sp_impl: str = "auto"  # auto | ring | tokenring | ulysses | hybrid | hybrid-tokenring
     sp_layout: str = "zigzag"  # zigzag | contiguous
     ulysses_degree: int = 0  # hybrid only: ranks per Ulysses group (0 = auto)
     dp_engine: str = "fsdp2"  # fsdp2 | ddp | deepspeed
@@ -321,7 +321,7 @@ def validate(r: Recipe) -> None:
     if not 0 <= d.passkey_fraction <= 1:
         raise ConfigError(f"'data.passkey_fraction' must be in [0, 1], got {d.passkey_fraction}")
     _positive("parallel.sp", p.sp)
-    _choice("parallel.sp_impl", p.sp_impl, ("ring", "tokenring", "ulysses", "hybrid"))
+    _choice("parallel.sp_impl", p.sp_impl, ("auto", "ring", "tokenring", "ulysses", "hybrid", "hybrid-tokenring"))
     _choice("parallel.sp_layout", p.sp_layout, ("zigzag", "contiguous"))
     _choice("parallel.dp_engine", p.dp_engine, ("fsdp2", "ddp", "deepspeed"))
     _positive("parallel.ulysses_degree", p.ulysses_degree, allow_zero=True)
