@@ -308,3 +308,19 @@ def test_non_contiguous_inputs():
     decay = tnl_decay(4, 0, 2)
     want = naive_lightning_attention(q, k, v, decay)
     assert rel(lightning_attention(q, k, v, decay, backend="torch"), want) <= 1e-12
+
+
+def test_threaded_head_groups():
+    """CPU path with head groups in worker threads (uneven split 3/3/2), documents and
+    several segments: same numbers, and the caller's thread count is restored."""
+    inputs, do, dst = make(2, 300, 8, 24, 16, state=True)
+    cu = torch.tensor([0, 64, 100, 101, 300])
+    decay = tnl_decay(8, 1, 3)
+    ref = run(naive_lightning_attention, inputs, do, dst, decay, cu_seqlens=cu)
+    before = torch.get_num_threads()
+    for threads in (2, 3):
+        got = run(chunk_lightning_attention, inputs, do, dst, decay, dtype=torch.float32,
+                  cu_seqlens=cu, threads=threads, segment_tokens=128)
+        for g, r in zip([got[0], got[1], *got[2]], [ref[0], ref[1], *ref[2]]):
+            assert rel(g, r) <= TOL
+    assert torch.get_num_threads() == before

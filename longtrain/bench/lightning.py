@@ -10,6 +10,7 @@ SDPA gets one timed run at >= 16k (about 20 s per forward+backward at 32k on a
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import time
 from typing import Callable
@@ -43,6 +44,7 @@ def _lightning_step(B, S, H, D, dtype, device, backend, block_size):
     def step():
         out = lightning_attention(q, k, v, decay, backend=backend, block_size=block_size)
         out.backward(do)
+        q.grad = k.grad = v.grad = None     # in a model q, k, v are activations: no accumulation
     return step
 
 
@@ -53,6 +55,7 @@ def _sdpa_step(B, S, H, D, dtype, device):
 
     def step():
         F.scaled_dot_product_attention(q, k, v, is_causal=True).backward(do)
+        q.grad = k.grad = v.grad = None
     return step
 
 
@@ -79,6 +82,7 @@ def main(argv: list[str] | None = None) -> int:
     seqs = [int(s) for s in a.seq.split(",") if s]
     B, H, D = a.batch, a.heads, a.head_dim
     impls = ["lightning-torch"] + (["lightning-triton"] if device.type == "cuda" else [])
+    load_before = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
 
     times: dict[tuple[str, int], list[float]] = {}
     steps = {}
@@ -118,9 +122,14 @@ def main(argv: list[str] | None = None) -> int:
                 summary[f"{impl}: x faster than sdpa at {hi}"] = by[impl, hi]["x_vs_sdpa"]
     for k, v in summary.items():
         print(f"{k}: {v:.3f}")
+    # a shared machine distorts everything: OpenMP regions wait for descheduled threads
+    load_after = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
+    print(f"load average (1 min) before/after: {load_before} / {load_after}")
     write_json("lightning", {"config": {"batch": B, "heads": H, "head_dim": D, "dtype": a.dtype,
                                         "device": str(device), "block_size": a.block_size,
-                                        "rounds": a.rounds, "seqs": seqs},
+                                        "rounds": a.rounds, "seqs": seqs,
+                                        "threads": torch.get_num_threads(),
+                                        "loadavg_before_after": [load_before, load_after]},
                              "rows": rows, "summary": summary}, a.out)
     return 0
 
