@@ -339,7 +339,8 @@ def validate(r: Recipe) -> None:
     if r.model.preset is not None and r.model.preset not in PRESETS:
         raise ConfigError(f"unknown 'model.preset' {r.model.preset!r}{_closest(r.model.preset, list(PRESETS))}")
     if r.model.init_from is not None and not Path(r.model.init_from).is_dir():
-        raise ConfigError(f"'model.init_from' folder not found: {r.model.init_from}")
+        raise ConfigError(f"'model.init_from' folder not found: {r.model.init_from} (point it at a local Hugging Face "
+                          "LLaMA folder: edit the recipe or pass --set model.init_from=DIR)")
     if r.model.init_from is None:
         try:
             mc = r.model_config()
