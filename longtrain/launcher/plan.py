@@ -1,0 +1,458 @@
+"""`longtrain plan RECIPE --gpus N [--gpu h100] [--interconnect ib]`: size a job before running it.
+
+Memory per GPU (parameters, gradients, optimizer, activations with/without Mesa and activation
+checkpointing, logits) and step time (compute; sequence-parallel communication for ring, tokenring,
+ulysses and hybrid; data-parallel gradient traffic), for the recipe's layout and for every other
+sp degree, with a suggested sp degree and implementation.
+
+The activation count follows what this repository's model saves for backward (per token per
+layer; see `activation_bytes_per_token`), so the same formula is checked against measured peaks of
+real CPU steps in tests/test_plan.py (within 20%). Everything else is a first-order model: FLOPs
+at an assumed fraction of peak (--mfu), bytes over a link at its bandwidth, no latency terms.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from longtrain.errors import ConfigError
+
+GiB = 2**30
+
+
+@dataclass(frozen=True)
+class GPU:
+    name: str
+    memory_gib: float
+    bf16_tflops: float  # dense tensor-core peak
+    tf32_tflops: float
+    intra_gbs: float  # GPU-to-GPU bandwidth inside a node, GB/s per direction per GPU
+    intra_link: str
+
+
+GPUS: dict[str, GPU] = {
+    "h100": GPU("H100 SXM 80GB", 80, 989, 494, 450, "NVLink4"),
+    "h100-pcie": GPU("H100 PCIe 80GB", 80, 756, 378, 64, "PCIe5"),
+    "h200": GPU("H200 SXM 141GB", 141, 989, 494, 450, "NVLink4"),
+    "b200": GPU("B200 192GB", 180, 2250, 1100, 900, "NVLink5"),
+    "a100": GPU("A100 SXM 80GB", 80, 312, 156, 300, "NVLink3"),
+    "a100-40g": GPU("A100 SXM 40GB", 40, 312, 156, 300, "NVLink3"),
+    "l40s": GPU("L40S 48GB", 48, 362, 183, 32, "PCIe4"),
+    "a10": GPU("A10 24GB", 24, 125, 62.5, 16, "PCIe4"),
+}
+
+# inter-node bandwidth per GPU, GB/s per direction (one NIC per GPU unless stated)
+INTERCONNECTS: dict[str, tuple[float, str]] = {
+    "ib": (50.0, "InfiniBand NDR 400 Gb/s per GPU"),
+    "ib-ndr": (50.0, "InfiniBand NDR 400 Gb/s per GPU"),
+    "ib-hdr": (25.0, "InfiniBand HDR 200 Gb/s per GPU"),
+    "roce": (25.0, "RoCE 200 Gb/s per GPU"),
+    "efa": (25.0, "AWS EFA 3200 Gb/s per 8 GPUs"),
+    "ethernet": (3.125, "Ethernet 100 Gb/s per node of 8 GPUs"),
+    "nvlink": (450.0, "one NVLink domain across nodes (NVL72-style)"),
+}
+
+SP_IMPLS = ("ring", "tokenring", "ulysses", "hybrid")
+
+
+# ---- memory ----------------------------------------------------------------------------------
+
+def activation_bytes_per_token(cfg: Any, act_bytes: int, *, mesa: bool = False, checkpointing: bool = False,
+                               attention_fraction: float = 1.0) -> dict[str, float]:
+    """Bytes saved for backward per token, summed over layers, as this repository's model saves them.
+
+    Per layer (d = dim, f = ffn_dim, q = n_heads*head_dim, kv = n_kv_heads*head_dim, a = act_bytes):
+      2 RMSNorms: fp32 input, fp32 normalised, output (input of the next linears)  2 * (4d + 4d + a*d)
+      attention: q and k after RoPE, v, out, o-proj input, lse (fp32)               a*(3q + 2kv) + 4*H
+      SwiGLU: w1 out, silu out, w3 out, product (w2 input)                          4 a f
+    With `attention_fraction` < 1 (MoH: only shared + routed heads are computed) the per-head
+    attention tensors shrink accordingly. Mesa keeps these tensors in 8 bits (about half of bf16,
+    a quarter of fp32; norm statistics stay fp32). Activation checkpointing keeps only each
+    layer's input and recomputes one layer at a time during backward.
+    """
+    d, f, L = cfg.dim, cfg.ffn_dim, cfg.n_layers
+    q = cfg.n_heads * cfg.head_dim * attention_fraction
+    kv = cfg.n_kv_heads * cfg.head_dim
+    norms = 2 * (4 * d + 4 * d + act_bytes * d)
+    attn = act_bytes * (3 * q + 2 * kv) + 4 * cfg.n_heads
+    mlp = 4 * act_bytes * f
+    layer = norms + attn + mlp
+    if mesa:  # 8-bit copies of the saved activations (the fp32 norm inputs too)
+        layer = layer * (1.0 / act_bytes)
+    if checkpointing:
+        total = L * act_bytes * d + layer  # layer inputs + one recomputed layer
+    else:
+        total = L * layer
+    return {"per_layer": layer, "total": total}
+
+
+def logits_bytes_per_token(cfg: Any) -> float:
+    """fp32 logits, the log-softmax saved by the loss, and the logits' gradient (alive together)."""
+    return 3 * 4 * cfg.vocab_size
+
+
+@dataclass
+class Memory:
+    params: float
+    grads: float
+    optimizer: float
+    activations: float
+    activations_plain: float
+    activations_ckpt: float
+    activations_mesa: float
+    activations_mesa_ckpt: float
+    logits: float
+    transient: float  # gathered layers (FSDP2 / ZeRO-3) and foreach optimizer temporaries
+    total: float
+
+
+def memory_per_gpu(cfg: Any, *, world: int, sp: int, micro_batch: int, seq_len: int, dtype: str, engine: str,
+                   zero_stage: int, checkpointing: bool, mesa: bool) -> Memory:
+    """Bytes per GPU for one training step of the recipe's shape (peak = persistent + live activations)."""
+    P = cfg.n_params
+    per_layer_params = (P - cfg.vocab_size * cfg.dim * (1 if cfg.tie_embeddings else 2)) / cfg.n_layers
+    bf16 = dtype == "bf16"
+    w_bytes = 4  # fp32 master weights in every engine (FSDP2 mixed precision keeps sharded fp32)
+    g_bytes = 4
+    shard_p = shard_g = shard_o = 1
+    if engine == "fsdp2":
+        shard_p = shard_g = shard_o = world
+    elif engine == "deepspeed":
+        shard_o = world if zero_stage >= 1 else 1
+        shard_g = world if zero_stage >= 2 else 1
+        shard_p = world if zero_stage >= 3 else 1
+        if bf16:
+            w_bytes = 2 + (4 / max(1, shard_o)) * shard_p  # bf16 module weights + fp32 master (in the optimizer)
+            g_bytes = 2
+    params = P * w_bytes / shard_p
+    grads = P * g_bytes / shard_g
+    optimizer = P * 8 / shard_o
+    gathered = 0.0
+    if engine == "fsdp2" or (engine == "deepspeed" and zero_stage >= 3):
+        gathered = 2 * per_layer_params * (2 if bf16 else 4) * 2  # two gathered layers (prefetch) + their grads
+    opt_temp = P * 4 / shard_o  # foreach AdamW temporaries (about one fp32 copy of the local shard)
+    transient = gathered + opt_temp
+    tokens = micro_batch * seq_len / sp
+    a = 2 if bf16 else 4
+    att_frac = 1.0
+    if getattr(cfg, "moh", None) is not None:
+        att_frac = (cfg.moh.shared_heads + cfg.moh.routed_heads) / cfg.n_heads
+    acts = {(m, c): tokens * activation_bytes_per_token(cfg, a, mesa=m, checkpointing=c,
+                                                        attention_fraction=att_frac)["total"]
+            for m in (False, True) for c in (False, True)}
+    logits = tokens * logits_bytes_per_token(cfg)
+    act = acts[(mesa, checkpointing)]
+    layer_act = tokens * activation_bytes_per_token(cfg, a, mesa=mesa, attention_fraction=att_frac)["per_layer"]
+    # Peak = what lives all step + the largest of three moments: the start of backward (all saved
+    # activations and the logits; with Mesa also one layer dequantized), its end (all gradients, plus the recomputed last layer and the
+    # layer inputs with checkpointing) and the optimizer step (gradients + foreach temporaries).
+    backward_start = act + logits + gathered
+    if mesa and not checkpointing:  # backward dequantizes one layer's saved tensors at a time
+        plain_layer = tokens * activation_bytes_per_token(cfg, a, attention_fraction=att_frac)["per_layer"]
+        backward_start = max(backward_start, act + plain_layer + gathered)
+    backward_end = grads + (act if checkpointing else layer_act) + gathered
+    optimizer_step = grads + opt_temp
+    total = params + optimizer + max(backward_start, backward_end, optimizer_step)
+    return Memory(params, grads, optimizer, act, acts[(False, False)], acts[(False, True)], acts[(True, False)],
+                  acts[(True, True)], logits, transient, total)
+
+
+# ---- time ------------------------------------------------------------------------------------
+
+def flops_per_token(cfg: Any, seq_len: int, *, checkpointing: bool) -> dict[str, float]:
+    """Training FLOPs per token: 6 x matmul params, plus causal attention 6 * S_ctx * H * D per layer
+    (QK^T and PV, half of the square, x3 for backward); x4/3 with recomputation."""
+    from longtrain.models.spans import layer_plan
+
+    emb = cfg.vocab_size * cfg.dim  # the input embedding is a lookup
+    dense = 6 * (cfg.n_params - emb)
+    att_frac = 1.0
+    if getattr(cfg, "moh", None) is not None:
+        att_frac = (cfg.moh.shared_heads + cfg.moh.routed_heads) / cfg.n_heads
+    attn = 0.0
+    for span in layer_plan(cfg.attention, cfg.n_layers):
+        if span.kind == "lightning":
+            attn += 6 * 2 * cfg.n_heads * cfg.head_dim * cfg.head_dim  # chunked state updates, O(D^2)
+        else:
+            ctx = min(seq_len, span.window) if getattr(span, "window", None) else seq_len / 2
+            attn += 6 * 2 * ctx * cfg.n_heads * cfg.head_dim * att_frac
+    total = dense + attn
+    if checkpointing:
+        total *= 4 / 3
+        attn *= 4 / 3
+    return {"total": total, "attention": attn}
+
+
+def sp_comm_bytes(cfg: Any, impl: str, sp: int, tokens_local: float, act_bytes: int,
+                  ulysses_degree: int = 0) -> dict[str, float]:
+    """Bytes each rank sends per step on its busiest link direction for one sp group (all layers).
+
+    ring:      K,V (kv heads) W-1 times forward; K,V and dK,dV W-1 times backward (3x forward).
+    tokenring: Q travels one way and (out, lse) comes back the other way, concurrently, so the
+               busier direction counts: forward Q | out+lse; backward Q+dO+lse | dQ (fp32).
+    ulysses:   4 all-to-alls forward (q, k, v, out) and 4 backward; each sends (W-1)/W of the tensor.
+    hybrid:    ulysses over u ranks inside the node, ring over sp/u groups.
+    """
+    if sp == 1:
+        return {"bytes": 0.0, "overlappable": True}
+    W, L = sp, _n_softmax_layers(cfg)
+    t, a = tokens_local, act_bytes
+    hq, hkv, D = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+    if impl == "ring":
+        per_layer = 3 * (W - 1) * 2 * t * hkv * D * a
+        return {"bytes": L * per_layer, "overlappable": True}
+    if impl == "tokenring":
+        fwd = max(t * hq * D * a, t * hq * D * a + t * hq * 4)
+        bwd = max(2 * t * hq * D * a + t * hq * 4, t * hq * D * 4)
+        return {"bytes": L * (W - 1) * (fwd + bwd), "overlappable": True}
+    if impl == "ulysses":
+        per = t * (2 * hq + 2 * hkv) * D * a * (W - 1) / W
+        return {"bytes": L * 2 * per, "overlappable": False}
+    if impl == "hybrid":
+        u = ulysses_degree or _largest_divisor(W, hkv)
+        r = W // u
+        uly = sp_comm_bytes(cfg, "ulysses", u, t, a)["bytes"]
+        ring = sp_comm_bytes(cfg, "ring", r, t * u, a)["bytes"] / max(1, u) if r > 1 else 0.0
+        return {"bytes": uly + ring, "overlappable": False, "ulysses": u, "ring": r,
+                "ulysses_bytes": uly, "ring_bytes": ring}
+    raise ConfigError(f"unknown sp_impl {impl!r}")
+
+
+def _n_softmax_layers(cfg: Any) -> int:
+    from longtrain.models.spans import layer_plan
+
+    return sum(1 for s in layer_plan(cfg.attention, cfg.n_layers) if s.kind != "lightning")
+
+
+def _largest_divisor(n: int, limit: int) -> int:
+    return max(d for d in range(1, n + 1) if n % d == 0 and d <= max(1, limit))
+
+
+@dataclass
+class StepTime:
+    impl: str
+    compute_s: float
+    attention_s: float
+    sp_comm_s: float
+    sp_exposed_s: float
+    dp_comm_s: float
+    step_s: float
+    tokens_per_s: float
+    feasible: bool
+    note: str = ""
+
+
+def step_time(cfg: Any, gpu: GPU, inter_gbs: float, *, world: int, sp: int, impl: str, micro_batch: int,
+              grad_accum: int, seq_len: int, dtype: str, engine: str, checkpointing: bool, mfu: float,
+              gpus_per_node: int, ulysses_degree: int = 0, zero_stage: int = 0) -> StepTime:
+    """Seconds per optimizer step on each GPU and global tokens per second."""
+    tokens_local = micro_batch * seq_len / sp
+    f = flops_per_token(cfg, seq_len, checkpointing=checkpointing)
+    peak = (gpu.bf16_tflops if dtype == "bf16" else gpu.tf32_tflops) * 1e12 * mfu
+    compute = grad_accum * tokens_local * f["total"] / peak
+    attention = grad_accum * tokens_local * f["attention"] / peak
+    a = 2 if dtype == "bf16" else 4
+    note, feasible = "", True
+    if impl in ("ulysses", "hybrid") and sp > 1:
+        u = sp if impl == "ulysses" else (ulysses_degree or _largest_divisor(sp, cfg.n_kv_heads))
+        if cfg.n_heads % u:
+            feasible, note = False, f"n_heads {cfg.n_heads} not divisible by {u}"
+    comm = sp_comm_bytes(cfg, impl, sp, tokens_local, a, ulysses_degree)
+    in_node = sp <= gpus_per_node
+    bw = (gpu.intra_gbs if in_node else inter_gbs) * 1e9
+    if impl == "hybrid" and sp > 1:
+        sp_s = comm["ulysses_bytes"] / (gpu.intra_gbs * 1e9) + comm["ring_bytes"] / bw
+        exposed = comm["ulysses_bytes"] / (gpu.intra_gbs * 1e9) + max(0.0, comm["ring_bytes"] / bw - attention)
+    else:
+        sp_s = comm["bytes"] / bw
+        exposed = max(0.0, sp_s - attention) if comm["overlappable"] else sp_s
+    sp_s *= grad_accum
+    exposed *= grad_accum
+    # data parallel: FSDP2 / ZeRO-3 gather params fwd+bwd (bf16 or fp32) and reduce-scatter fp32
+    # grads; DDP / ZeRO-1/2 all-reduce grads (2x); ring algorithms send (n-1)/n of it.
+    P = cfg.n_params
+    n = world
+    if n > 1:
+        w = 2 if dtype == "bf16" else 4
+        if engine == "fsdp2" or (engine == "deepspeed" and zero_stage >= 3):
+            dp_bytes = (2 * w + 4) * P * (n - 1) / n
+        else:
+            dp_bytes = 2 * 4 * P * (n - 1) / n
+        dp_bw = (gpu.intra_gbs if world <= gpus_per_node else inter_gbs) * 1e9
+        dp_s = dp_bytes / dp_bw
+    else:
+        dp_s = 0.0
+    step = max(compute, dp_s) + exposed  # dp traffic overlaps with compute (FSDP prefetch, DDP buckets)
+    tokens = (world // sp) * micro_batch * grad_accum * seq_len
+    return StepTime(impl, compute, attention, sp_s, exposed, dp_s, step, tokens / step, feasible, note)
+
+
+# ---- the command -----------------------------------------------------------------------------
+
+@dataclass
+class Plan:
+    recipe: str
+    gpus: int
+    gpu: dict
+    interconnect: dict
+    model: dict
+    layout: dict
+    memory_gib: dict
+    step_time: list
+    candidates: list = field(default_factory=list)
+    suggestion: dict = field(default_factory=dict)
+
+
+def make_plan(recipe: Any, gpus: int, gpu: str = "h100", interconnect: str = "ib", gpus_per_node: int = 8,
+              mfu: float = 0.45, sp: int | None = None) -> Plan:
+    """The whole plan as data (what --json prints)."""
+    if gpu not in GPUS:
+        raise ConfigError(f"unknown --gpu {gpu!r}; choose one of: {', '.join(GPUS)}")
+    if interconnect not in INTERCONNECTS:
+        raise ConfigError(f"unknown --interconnect {interconnect!r}; choose one of: {', '.join(INTERCONNECTS)}")
+    if gpus <= 0:
+        raise ConfigError(f"--gpus must be > 0, got {gpus}")
+    if not 0 < mfu <= 1:
+        raise ConfigError(f"--mfu must be in (0, 1], got {mfu}")
+    g = GPUS[gpu]
+    inter_gbs, inter_desc = INTERCONNECTS[interconnect]
+    cfg = recipe.model_config()
+    t, p = recipe.training, recipe.parallel
+    seq = max([recipe.data.seq_len] + [s.seq_len or 0 for s in recipe.stages])
+    sp0 = sp or p.sp
+    if gpus % sp0:
+        raise ConfigError(f"{gpus} GPUs are not divisible by sp = {sp0}")
+    gpn = min(gpus_per_node, gpus)
+    common = dict(micro_batch=t.micro_batch, seq_len=seq, dtype=t.dtype)
+
+    def mem(s: int) -> Memory:
+        return memory_per_gpu(cfg, world=gpus, sp=s, engine=p.dp_engine, zero_stage=p.zero_stage,
+                              checkpointing=t.activation_checkpointing, mesa=recipe.mesa.enabled, **common)
+
+    def times(s: int) -> list[StepTime]:
+        return [step_time(cfg, g, inter_gbs, world=gpus, sp=s, impl=i, grad_accum=t.grad_accum,
+                          engine=p.dp_engine, checkpointing=t.activation_checkpointing, mfu=mfu,
+                          gpus_per_node=gpn, ulysses_degree=p.ulysses_degree, zero_stage=p.zero_stage, **common) for i in SP_IMPLS]
+
+    m = mem(sp0)
+    st = times(sp0)
+    budget = g.memory_gib * GiB * 0.9
+    cands = []
+    s = 1
+    while s <= gpus:
+        layout_ok = gpus % s == 0 and (s == 1 or seq % (2 * s) == 0)
+        if layout_ok:
+            mm = mem(s)
+            ts = [x for x in times(s) if x.feasible] if s > 1 else times(s)[:1]
+            best = max(ts, key=lambda x: x.tokens_per_s)
+            cands.append({"sp": s, "dp": gpus // s, "memory_gib": mm.total / GiB, "fits": mm.total <= budget,
+                          "best_impl": best.impl if s > 1 else "none", "step_s": best.step_s,
+                          "tokens_per_s": best.tokens_per_s})
+        s *= 2
+    fitting = [c for c in cands if c["fits"]]
+    if fitting:
+        top = max(c["tokens_per_s"] for c in fitting)
+        pick = min((c for c in fitting if c["tokens_per_s"] >= 0.97 * top), key=lambda c: c["sp"])
+        why = (f"smallest sp within 3% of the best throughput that fits in 90% of {g.memory_gib:.0f} GiB")
+    else:
+        pick = min(cands, key=lambda c: c["memory_gib"])
+        why = "nothing fits: turn on activation_checkpointing / mesa, lower micro_batch, or add GPUs"
+    to_gib = {k: v / GiB for k, v in asdict(m).items()}
+    return Plan(
+        recipe=recipe.source_path or recipe.run.name, gpus=gpus,
+        gpu={"key": gpu, **asdict(g), "mfu_assumed": mfu, "gpus_per_node": gpn},
+        interconnect={"key": interconnect, "gbs_per_gpu": inter_gbs, "what": inter_desc},
+        model={"preset": recipe.model.preset, "n_params": cfg.n_params, "n_layers": cfg.n_layers, "dim": cfg.dim,
+               "n_heads": cfg.n_heads, "n_kv_heads": cfg.n_kv_heads, "head_dim": cfg.head_dim,
+               "vocab_size": cfg.vocab_size, "moh": asdict(cfg.moh) if cfg.moh else None},
+        layout={"world": gpus, "dp": gpus // sp0, "sp": sp0, "sp_impl": p.sp_impl, "seq_len": seq,
+                "micro_batch": t.micro_batch, "grad_accum": t.grad_accum, "dtype": t.dtype, "engine": p.dp_engine,
+                "zero_stage": p.zero_stage if p.dp_engine == "deepspeed" else None,
+                "activation_checkpointing": t.activation_checkpointing, "mesa": recipe.mesa.enabled,
+                "tokens_per_step": (gpus // sp0) * t.micro_batch * t.grad_accum * seq},
+        memory_gib=to_gib, step_time=[asdict(x) for x in st], candidates=cands,
+        suggestion={"sp": pick["sp"], "sp_impl": pick["best_impl"], "why": why,
+                    "memory_gib": pick["memory_gib"], "tokens_per_s": pick["tokens_per_s"]})
+
+
+def format_plan(pl: Plan) -> str:
+    g, L, M = pl.gpu, pl.layout, pl.memory_gib
+    out = []
+    out.append(f"plan for {pl.recipe} on {pl.gpus} x {g['name']} ({g['gpus_per_node']} per node, "
+               f"{g['intra_link']} {g['intra_gbs']:.0f} GB/s; between nodes {pl.interconnect['what']}, "
+               f"{pl.interconnect['gbs_per_gpu']:g} GB/s per GPU)")
+    mo = pl.model
+    moh = f", MoH {mo['moh']['shared_heads']}+{mo['moh']['routed_heads']} of {mo['n_heads']} heads" if mo["moh"] else ""
+    out.append(f"model {mo['preset'] or 'custom'}: {mo['n_params'] / 1e9:.2f}B params, {mo['n_layers']} layers, "
+               f"dim {mo['dim']}, {mo['n_heads']} q / {mo['n_kv_heads']} kv heads x {mo['head_dim']}{moh}")
+    out.append(f"layout: dp {L['dp']} x sp {L['sp']} ({L['sp_impl']}), seq {L['seq_len']:,} "
+               f"({L['seq_len'] // L['sp']:,} tokens per GPU), micro_batch {L['micro_batch']} x grad_accum "
+               f"{L['grad_accum']}, {L['dtype']}, {L['engine']}"
+               f"{' ZeRO-' + str(L['zero_stage']) if L['zero_stage'] is not None else ''}, "
+               f"activation checkpointing {'on' if L['activation_checkpointing'] else 'off'}, "
+               f"Mesa {'on' if L['mesa'] else 'off'}; {L['tokens_per_step']:,} tokens per step")
+    out.append("")
+    out.append("memory per GPU                          GiB")
+    rows = [("parameters", M["params"]), ("gradients", M["grads"]), ("optimizer (AdamW m, v)", M["optimizer"]),
+            ("gathered layers + optimizer temporaries", M["transient"]),
+            ("activations, plain", M["activations_plain"]),
+            ("activations, checkpointing", M["activations_ckpt"]),
+            ("activations, Mesa 8-bit", M["activations_mesa"]),
+            ("activations, Mesa + checkpointing", M["activations_mesa_ckpt"]),
+            ("logits + loss (fp32)", M["logits"])]
+    for name, v in rows:
+        out.append(f"  {name:<38}{v:9.2f}")
+    out.append(f"  {'total, as configured':<38}{M['total']:9.2f}   ({100 * M['total'] / g['memory_gib']:.0f}% of "
+               f"{g['memory_gib']:.0f} GiB)")
+    out.append("")
+    out.append(f"step time at sp={L['sp']} (assumed {100 * g['mfu_assumed']:.0f}% of peak)")
+    out.append("  impl        compute   attention   sp comm   exposed   dp comm    step     tokens/s")
+    for s in pl.step_time:
+        flag = "" if s["feasible"] else f"   (not possible: {s['note']})"
+        out.append(f"  {s['impl']:<10}{s['compute_s']:8.2f}s {s['attention_s']:9.2f}s {s['sp_comm_s']:8.2f}s "
+                   f"{s['sp_exposed_s']:8.2f}s {s['dp_comm_s']:8.2f}s {s['step_s']:7.2f}s {s['tokens_per_s']:11,.0f}{flag}")
+    out.append("")
+    out.append("other sp degrees (best implementation each)")
+    out.append("  sp    dp   memory GiB  fits   impl        step     tokens/s")
+    for c in pl.candidates:
+        out.append(f"  {c['sp']:<5}{c['dp']:<5}{c['memory_gib']:10.1f}   {'yes' if c['fits'] else 'no ':<5}"
+                   f"{c['best_impl']:<10}{c['step_s']:7.2f}s {c['tokens_per_s']:11,.0f}")
+    sg = pl.suggestion
+    out.append("")
+    out.append(f"suggestion: sp={sg['sp']} {sg['sp_impl']} ({sg['why']}): {sg['memory_gib']:.1f} GiB per GPU, "
+               f"~{sg['tokens_per_s']:,.0f} tokens/s")
+    return "\n".join(out) + "\n"
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="longtrain plan", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("recipe")
+    p.add_argument("--gpus", type=int, required=True, help="total GPUs")
+    p.add_argument("--gpu", default="h100", help=f"GPU model: {', '.join(GPUS)}")
+    p.add_argument("--interconnect", default="ib", help=f"between nodes: {', '.join(INTERCONNECTS)}")
+    p.add_argument("--gpus-per-node", type=int, default=8)
+    p.add_argument("--mfu", type=float, default=0.45, help="assumed fraction of peak FLOP/s (default 0.45)")
+    p.add_argument("--sp", type=int, default=None, help="sp degree to detail (default: the recipe's)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--json", action="store_true", help="print JSON instead of the table")
+    return p
+
+
+def main(argv: list[str]) -> int:
+    from longtrain.launcher.config import load_recipe
+
+    a = _parser().parse_args(argv)
+    recipe = load_recipe(a.recipe, a.overrides)
+    pl = make_plan(recipe, a.gpus, a.gpu.lower(), a.interconnect.lower(), a.gpus_per_node, a.mfu, a.sp)
+    if a.json:
+        json.dump(asdict(pl), sys.stdout, indent=1)
+        sys.stdout.write("\n")
+    else:
+        sys.stdout.write(format_plan(pl))
+    return 0
