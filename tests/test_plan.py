@@ -155,7 +155,7 @@ def test_cli_table_and_json(capsys):
     assert proc.returncode == 0, proc.stderr
     pl = json.loads(proc.stdout)
     assert pl["layout"]["sp"] == 8 and pl["layout"]["dp"] == 8 and pl["gpu"]["key"] == "a100"
-    assert {s["impl"] for s in pl["step_time"]} == {"ring", "tokenring", "ulysses", "hybrid"}
+    assert {s["impl"] for s in pl["step_time"]} == {"ring", "tokenring", "ulysses", "hybrid", "hybrid-tokenring"}
     assert [c["sp"] for c in pl["candidates"]] == [1, 2, 4, 8, 16, 32, 64]
     assert pl["suggestion"]["sp"] in (1, 2, 4, 8, 16, 32, 64)
 
@@ -178,3 +178,18 @@ def test_plan_object_for_recipe():
 
     pl = make_plan(load_recipe(TINY), gpus=2, gpu="h100", interconnect="ib")
     assert pl.layout["world"] == 2 and pl.memory_gib["total"] > 0
+
+
+def test_plan_for_the_128k_recipe_without_local_paths(capsys):
+    """The shipped 128k recipe names an HF folder and data files that do not exist here: the plan
+    still runs (sizes from the preset) and says so."""
+    from longtrain.launcher.plan import main
+
+    recipe = REPO / "recipes" / "moh-llama3-8b-continue-128k.toml"
+    if not recipe.is_file():
+        pytest.skip("recipes/moh-llama3-8b-continue-128k.toml not present")
+    assert main([str(recipe), "--gpus", "64", "--json"]) == 0
+    pl = json.loads(capsys.readouterr().out)
+    assert pl["layout"]["seq_len"] == 131072 and pl["model"]["moh"] is not None
+    assert any("init_from" in n for n in pl["notes"])
+    assert pl["memory_gib"]["total"] < 80

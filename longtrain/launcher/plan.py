@@ -57,7 +57,7 @@ INTERCONNECTS: dict[str, tuple[float, str]] = {
     "nvlink": (450.0, "one NVLink domain across nodes (NVL72-style)"),
 }
 
-SP_IMPLS = ("ring", "tokenring", "ulysses", "hybrid")
+SP_IMPLS = ("ring", "tokenring", "ulysses", "hybrid", "hybrid-tokenring")
 
 
 # ---- memory ----------------------------------------------------------------------------------
@@ -196,7 +196,8 @@ def sp_comm_bytes(cfg: Any, impl: str, sp: int, tokens_local: float, act_bytes: 
     tokenring: Q travels one way and (out, lse) comes back the other way, concurrently, so the
                busier direction counts: forward Q | out+lse; backward Q+dO+lse | dQ (fp32).
     ulysses:   4 all-to-alls forward (q, k, v, out) and 4 backward; each sends (W-1)/W of the tensor.
-    hybrid:    ulysses over u ranks inside the node, ring over sp/u groups.
+    hybrid:    ulysses over u ranks inside the node, ring over sp/u groups (hybrid-tokenring:
+               TokenRing over the groups).
     """
     if sp == 1:
         return {"bytes": 0.0, "overlappable": True}
@@ -213,11 +214,13 @@ def sp_comm_bytes(cfg: Any, impl: str, sp: int, tokens_local: float, act_bytes: 
     if impl == "ulysses":
         per = t * (2 * hq + 2 * hkv) * D * a * (W - 1) / W
         return {"bytes": L * 2 * per, "overlappable": False}
-    if impl == "hybrid":
+    if impl in ("hybrid", "hybrid-tokenring"):
         u = ulysses_degree or _largest_divisor(W, hkv)
         r = W // u
         uly = sp_comm_bytes(cfg, "ulysses", u, t, a)["bytes"]
-        ring = sp_comm_bytes(cfg, "ring", r, t * u, a)["bytes"] / max(1, u) if r > 1 else 0.0
+        # after the all-to-all each rank holds t*u tokens of hq/u heads: the ring moves 1/u of the heads
+        outer = "ring" if impl == "hybrid" else "tokenring"
+        ring = sp_comm_bytes(cfg, outer, r, t * u, a)["bytes"] / max(1, u) if r > 1 else 0.0
         return {"bytes": uly + ring, "overlappable": False, "ulysses": u, "ring": r,
                 "ulysses_bytes": uly, "ring_bytes": ring}
     raise ConfigError(f"unknown sp_impl {impl!r}")
@@ -258,19 +261,20 @@ def step_time(cfg: Any, gpu: GPU, inter_gbs: float, *, world: int, sp: int, impl
     attention = grad_accum * tokens_local * f["attention"] / peak
     a = 2 if dtype == "bf16" else 4
     note, feasible = "", True
-    if impl in ("ulysses", "hybrid") and sp > 1:
+    if impl in ("ulysses", "hybrid", "hybrid-tokenring") and sp > 1:
         u = sp if impl == "ulysses" else (ulysses_degree or _largest_divisor(sp, cfg.n_kv_heads))
         if cfg.n_heads % u:
             feasible, note = False, f"n_heads {cfg.n_heads} not divisible by {u}"
     comm = sp_comm_bytes(cfg, impl, sp, tokens_local, a, ulysses_degree)
     in_node = sp <= gpus_per_node
     bw = (gpu.intra_gbs if in_node else inter_gbs) * 1e9
-    if impl == "hybrid" and sp > 1:
+    att_micro = attention / grad_accum  # ring/TokenRing hide their traffic behind one micro-batch's attention
+    if impl in ("hybrid", "hybrid-tokenring") and sp > 1:
         sp_s = comm["ulysses_bytes"] / (gpu.intra_gbs * 1e9) + comm["ring_bytes"] / bw
-        exposed = comm["ulysses_bytes"] / (gpu.intra_gbs * 1e9) + max(0.0, comm["ring_bytes"] / bw - attention)
+        exposed = comm["ulysses_bytes"] / (gpu.intra_gbs * 1e9) + max(0.0, comm["ring_bytes"] / bw - att_micro)
     else:
         sp_s = comm["bytes"] / bw
-        exposed = max(0.0, sp_s - attention) if comm["overlappable"] else sp_s
+        exposed = max(0.0, sp_s - att_micro) if comm["overlappable"] else sp_s
     sp_s *= grad_accum
     exposed *= grad_accum
     # data parallel: FSDP2 / ZeRO-3 gather params fwd+bwd (bf16 or fp32) and reduce-scatter fp32
@@ -306,6 +310,7 @@ class Plan:
     step_time: list
     candidates: list = field(default_factory=list)
     suggestion: dict = field(default_factory=dict)
+    notes: list = field(default_factory=list)
 
 
 def make_plan(recipe: Any, gpus: int, gpu: str = "h100", interconnect: str = "ib", gpus_per_node: int = 8,
@@ -370,7 +375,7 @@ def make_plan(recipe: Any, gpus: int, gpu: str = "h100", interconnect: str = "ib
         model={"preset": recipe.model.preset, "n_params": cfg.n_params, "n_layers": cfg.n_layers, "dim": cfg.dim,
                "n_heads": cfg.n_heads, "n_kv_heads": cfg.n_kv_heads, "head_dim": cfg.head_dim,
                "vocab_size": cfg.vocab_size, "moh": asdict(cfg.moh) if cfg.moh else None},
-        layout={"world": gpus, "dp": gpus // sp0, "sp": sp0, "sp_impl": p.sp_impl, "seq_len": seq,
+        layout={"world": gpus, "dp": gpus // sp0, "sp": sp0, "sp_impl": _resolve(p.sp_impl, cfg), "seq_len": seq,
                 "micro_batch": t.micro_batch, "grad_accum": t.grad_accum, "dtype": t.dtype, "engine": p.dp_engine,
                 "zero_stage": p.zero_stage if p.dp_engine == "deepspeed" else None,
                 "activation_checkpointing": t.activation_checkpointing, "mesa": recipe.mesa.enabled,
@@ -378,6 +383,48 @@ def make_plan(recipe: Any, gpus: int, gpu: str = "h100", interconnect: str = "ib
         memory_gib=to_gib, step_time=[asdict(x) for x in st], candidates=cands,
         suggestion={"sp": pick["sp"], "sp_impl": pick["best_impl"], "why": why,
                     "memory_gib": pick["memory_gib"], "tokens_per_s": pick["tokens_per_s"]})
+
+
+def _resolve(impl: str, cfg: Any) -> str:
+    """The trainer's rule for sp_impl = 'auto': TokenRing for MHA, ring for GQA/MQA."""
+    if impl != "auto":
+        return impl
+    return "tokenring" if cfg.n_kv_heads == cfg.n_heads else "ring"
+
+
+def load_for_plan(path: str, overrides: list[str]) -> tuple[Any, list[str]]:
+    """The recipe as `longtrain train` reads it, except that missing local paths (HF init_from
+    folder, data files, tokenizer) do not stop a plan: sizes come from model.preset."""
+    import tomllib
+    from pathlib import Path
+
+    from longtrain.launcher.config import apply_override, load_recipe, recipe_from_dict
+
+    try:
+        return load_recipe(path, overrides), []
+    except ConfigError as e:
+        if "not found" not in str(e) or not Path(path).is_file():
+            raise
+    data = tomllib.loads(Path(path).read_text())
+    for o in overrides:
+        apply_override(data, o)
+    notes = []
+    model, d = data.setdefault("model", {}), data.setdefault("data", {})
+    if model.get("init_from") and not Path(model["init_from"]).is_dir():
+        notes.append(f"model.init_from {model.pop('init_from')} not found here: sizes from preset "
+                     f"{model.get('preset')!r}")
+        stages = [st.get("seq_len") or 0 for st in data.get("stages", [])]
+        model.setdefault("max_seq_len", max([d.get("seq_len", 0), *stages, 8192]))
+    if d.get("source") and d["source"] != "stdlib" and not d["source"].startswith("passkey"):
+        import glob
+
+        if not any(Path(x).exists() or glob.glob(x) for x in d["source"].split(",")):
+            notes.append(f"data.source {d['source']} not found here (not needed for a plan)")
+            d["source"] = "stdlib"
+    if d.get("tokenizer", "bytes") != "bytes" and not Path(d["tokenizer"]).exists():
+        d["tokenizer"] = "bytes"
+    r = recipe_from_dict(data, str(path))
+    return r, notes
 
 
 def format_plan(pl: Plan) -> str:
@@ -411,19 +458,21 @@ def format_plan(pl: Plan) -> str:
                f"{g['memory_gib']:.0f} GiB)")
     out.append("")
     out.append(f"step time at sp={L['sp']} (assumed {100 * g['mfu_assumed']:.0f}% of peak)")
-    out.append("  impl        compute   attention   sp comm   exposed   dp comm    step     tokens/s")
+    out.append("  impl              compute   attention   sp comm   exposed   dp comm    step     tokens/s")
     for s in pl.step_time:
         flag = "" if s["feasible"] else f"   (not possible: {s['note']})"
-        out.append(f"  {s['impl']:<10}{s['compute_s']:8.2f}s {s['attention_s']:9.2f}s {s['sp_comm_s']:8.2f}s "
+        out.append(f"  {s['impl']:<16}{s['compute_s']:8.2f}s {s['attention_s']:9.2f}s {s['sp_comm_s']:8.2f}s "
                    f"{s['sp_exposed_s']:8.2f}s {s['dp_comm_s']:8.2f}s {s['step_s']:7.2f}s {s['tokens_per_s']:11,.0f}{flag}")
     out.append("")
     out.append("other sp degrees (best implementation each)")
-    out.append("  sp    dp   memory GiB  fits   impl        step     tokens/s")
+    out.append("  sp    dp   memory GiB  fits   impl              step     tokens/s")
     for c in pl.candidates:
         out.append(f"  {c['sp']:<5}{c['dp']:<5}{c['memory_gib']:10.1f}   {'yes' if c['fits'] else 'no ':<5}"
-                   f"{c['best_impl']:<10}{c['step_s']:7.2f}s {c['tokens_per_s']:11,.0f}")
+                   f"{c['best_impl']:<16}{c['step_s']:7.2f}s {c['tokens_per_s']:11,.0f}")
     sg = pl.suggestion
     out.append("")
+    for n in pl.notes:
+        out.append(f"note: {n}")
     out.append(f"suggestion: sp={sg['sp']} {sg['sp_impl']} ({sg['why']}): {sg['memory_gib']:.1f} GiB per GPU, "
                f"~{sg['tokens_per_s']:,.0f} tokens/s")
     return "\n".join(out) + "\n"
@@ -445,11 +494,10 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str]) -> int:
-    from longtrain.launcher.config import load_recipe
-
     a = _parser().parse_args(argv)
-    recipe = load_recipe(a.recipe, a.overrides)
+    recipe, notes = load_for_plan(a.recipe, a.overrides)
     pl = make_plan(recipe, a.gpus, a.gpu.lower(), a.interconnect.lower(), a.gpus_per_node, a.mfu, a.sp)
+    pl.notes = notes
     if a.json:
         json.dump(asdict(pl), sys.stdout, indent=1)
         sys.stdout.write("\n")
