@@ -173,3 +173,68 @@ def test_preemption_requeues_and_resumes(cluster, first_jobs):
     assert "done: 6 steps" in text
     ls = losses(out)
     assert sorted(ls) == list(range(1, 7)) and ls[6] < ls[1] - 1.0
+
+
+# ---- `longtrain slurm` without a cluster: the filled templates and its errors ---------------------
+
+def _slurm_cli(capsys, *args: str) -> tuple[int, str, str]:
+    from longtrain.launcher.cli import main
+
+    rc = main(["slurm", str(TINY), *args])
+    cap = capsys.readouterr()
+    return rc, cap.out, cap.err.strip()
+
+
+def test_filled_torchrun_template(capsys, tmp_path):
+    rc, out, err = _slurm_cli(capsys, "--nodes", "4", "--gpus-per-node", "8", "--partition", "gpu", "--account",
+                              "proj42", "--time", "48:00:00", "--env", "NCCL_SOCKET_IFNAME=ib0",
+                              "--setup", "module load cuda/12.4", "--set", "parallel.sp=16",
+                              "--set", "data.text_field=body text")
+    assert rc == 0, err
+    for line in ("#SBATCH --nodes=4", "#SBATCH --ntasks-per-node=1", "#SBATCH --gpus-per-node=8",
+                 "#SBATCH --partition=gpu", "#SBATCH --account=proj42", "#SBATCH --time=48:00:00",
+                 "#SBATCH --requeue", "#SBATCH --signal=B:USR1@120", "#SBATCH --open-mode=append",
+                 "export NCCL_SOCKET_IFNAME=ib0", "module load cuda/12.4", "PROCS_PER_NODE=8",
+                 "--rdzv-backend=c10d", "trap requeue USR1", "# world 32 = 4 node(s) x 8 processes; dp 2 x sp 16"):
+        assert line in out, line
+    assert "OVERRIDES=(--set parallel.sp=16 --set 'data.text_field=body text')" in out
+    assert re.search(r"#SBATCH --output=\S+/logs/%x-%j.out", out)
+    script = tmp_path / "job.sbatch"
+    script.write_text(out)
+    assert subprocess.run(["bash", "-n", str(script)]).returncode == 0  # valid shell
+
+
+def test_filled_srun_template(capsys):
+    rc, out, err = _slurm_cli(capsys, "--nodes", "2", "--gpus-per-node", "4", "--mode", "srun", "--mpi", "pmix",
+                              "--cpus-per-node", "32")
+    assert rc == 0, err
+    for line in ("#SBATCH --ntasks-per-node=4", "#SBATCH --cpus-per-task=8", "MPI=${LONGTRAIN_SRUN_MPI:-pmix}",
+                 'srun --mpi="$MPI"', "export MASTER_PORT=$((29500 + SLURM_JOB_ID % 20000))",
+                 "export OMP_NUM_THREADS=${OMP_NUM_THREADS:-8}"):
+        assert line in out, line
+    # env.py's default rendezvous port for srun tasks is the same rule
+    from longtrain.launcher.env import DEFAULT_PORT
+
+    assert DEFAULT_PORT == 29500
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["--nodes", "1", "--gpus-per-node", "8", "--procs-per-node", "3", "--set", "parallel.sp=2"],
+     "3 is not divisible by parallel.sp = 2"),
+    (["--nodes", "1", "--gpus-per-node", "4", "--procs-per-node", "8"], "more than --gpus-per-node 4"),
+    (["--nodes", "1", "--gpus-per-node", "0"], "needs --procs-per-node"),
+    (["--nodes", "0", "--gpus-per-node", "8"], "--nodes must be > 0"),
+    (["--nodes", "1", "--gpus-per-node", "8", "--env", "1BAD=x"], "NAME=VALUE"),
+    (["--nodes", "1", "--gpus-per-node", "8", "--set", "training.lrr=1"], "training.lrr"),
+    (["--nodes", "1", "--gpus-per-node", "8", "--set", "run.output_dir=/tmp/a b"], "white space"),
+])
+def test_slurm_cli_errors(capsys, args, needle):
+    rc, out, err = _slurm_cli(capsys, *args)
+    assert rc == 2 and len(err.splitlines()) == 1 and needle in err, err
+
+
+def test_submit_without_sbatch(capsys, monkeypatch, tmp_path):
+    monkeypatch.setenv("PATH", str(tmp_path))
+    rc, out, err = _slurm_cli(capsys, "--nodes", "1", "--gpus-per-node", "0", "--procs-per-node", "2", "--submit",
+                              "--set", f"run.output_dir={tmp_path / 'run'}")
+    assert rc == 2 and "needs sbatch on PATH" in err, err

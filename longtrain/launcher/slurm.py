@@ -125,7 +125,10 @@ def render(a: argparse.Namespace) -> tuple[str, Path, str]:
     recipe_path = Path(recipe.source_path).resolve()
     out_dir = recipe.output_dir if recipe.output_dir.is_absolute() else workdir / recipe.output_dir
     log_dir = Path(a.log_dir).resolve() if a.log_dir else out_dir / "logs"
-    job_name = a.job_name or recipe.run.name
+    job_name = "_".join((a.job_name or recipe.run.name).split())
+    if any(ch.isspace() for ch in str(log_dir)):
+        raise LaunchError(f"the log folder {str(log_dir)!r} contains white space, which #SBATCH lines cannot carry: "
+                          "pass --log-dir")
     text = (TEMPLATES / f"{a.mode}.sbatch").read_text()
     overrides = " ".join(f"--set {shlex.quote(o)}" for o in a.overrides)
     fills = {
