@@ -66,6 +66,8 @@ print(json.dumps({"peak": run(preset, b, seq, ckpt, mesa, True)}))
 # activations dominate in tiny; weights + AdamW state and activations are about even in small
 CASES = {"tiny": (4, 1024), "small": (2, 512)}
 VARIANTS = ("plain", "ckpt", "mesa")
+# small + Mesa peaks at the optimizer step like small + checkpointing (nothing new measured, 6 s CPU)
+SKIP = {("small", "mesa")}
 
 
 @pytest.fixture(scope="module")
@@ -81,7 +83,7 @@ def measured():
         assert proc.returncode == 0, proc.stderr[-3000:]
         return (preset, variant), json.loads(proc.stdout.strip().splitlines()[-1])["peak"]
 
-    keys = [(c, v) for c in CASES.items() for v in VARIANTS]
+    keys = [(c, v) for c in CASES.items() for v in VARIANTS if (c[0], v) not in SKIP]
     with ThreadPoolExecutor(2) as pool:  # single-threaded processes; resident sets are per process
         return dict(pool.map(one, keys))
 
@@ -89,6 +91,8 @@ def measured():
 @pytest.mark.parametrize("preset", list(CASES))
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_memory_within_20_percent_of_measured(measured, preset, variant):
+    if (preset, variant) in SKIP:
+        pytest.skip("not measured (see SKIP)")
     b, seq = CASES[preset]
     cfg = model_config(preset, max_seq_len=seq)
     m = memory_per_gpu(cfg, world=1, sp=1, micro_batch=b, seq_len=seq, dtype="fp32", engine="ddp", zero_stage=0,
