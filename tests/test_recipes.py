@@ -150,3 +150,29 @@ def test_masformer_cpu_trains(tmp_path):
 def test_tnl_lightning_cpu_trains(tmp_path):
     log = _trains("tnl-lightning-cpu", tmp_path)
     assert "(dp 1 x sp 2" in log
+
+
+def test_bench_models_arms_and_smoke(tmp_path):
+    """`longtrain bench models` builds the arms it names (tiny MHA base) and runs end to end."""
+    from longtrain.bench.models import ARMS, arm_overrides
+
+    cfgs = {a: load_recipe("tiny-cpu", arm_overrides(a, 256, 32)).model_config() for a in ARMS}
+    assert all(c.n_heads == c.n_kv_heads == 4 for c in cfgs.values())
+    assert cfgs["mha"].moh is None and cfgs["mha"].attention == ["full"]
+    m = cfgs["moh"].moh
+    assert Fraction(m.shared_heads + m.routed_heads, 4) == Fraction(3, 4) and m.router == "learned"
+    assert [str(s) for s in layer_plan(cfgs["mixed"].attention, 4)] == ["full"] + ["window:32"] * 3
+    assert cfgs["lightning"].attention == ["lightning"]
+
+    out = tmp_path / "models.json"
+    proc = subprocess.run([sys.executable, "-m", "longtrain.launcher.cli", "bench", "models", "--arms", "mha,moh",
+                           "--steps", "4", "--timing-steps", "0", "--warmup", "1", "--seq-len", "64",
+                           "--micro-batch", "2", "--max-documents", "20", "--attn-seqs", "", "--attn-routers",
+                           "query_norm", "--attn-repeat", "1", "--out", str(out)],
+                          capture_output=True, text=True, env=cli_env(), cwd=tmp_path, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    res = json.loads(out.read_text())
+    assert [r["arm"] for r in res["rows"]] == ["mha", "moh"]
+    for r in res["rows"]:
+        assert math.isfinite(r["final_loss"]) and r["tok_s_cpu"] > 0 and r["tok_s_wall"] > 0
+    assert len(res["curves"]["moh"]) == 4 and [r["seq"] for r in res["attention"]] == [64]
