@@ -58,6 +58,7 @@ def make_layer(router="learned", n_heads=8, n_kv=4, shared=2, routed=4, window=N
     span = Span("window", window) if window else Span("full")
     torch.manual_seed(seed)
     layer = MoHAttention(cfg, 0, span)
+    layer.sparse_min_seq = 0  # exercise the sparse path at test sizes
     with torch.no_grad():
         for p in layer.parameters():
             p.normal_(0, 0.3)

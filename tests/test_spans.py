@@ -46,6 +46,7 @@ def make(kind: str, span: Span):
         cfg.moh = MoHConfig(shared_heads=1, routed_heads=3, router="query_norm")
         layer = MoHAttention(cfg, 0, span)
         layer.block_size = 8  # several query blocks: prefix runs and window bands are exercised
+        layer.sparse_min_seq = 0  # the sparse path, even at test sizes
     else:
         layer = Attention(cfg, 0, span)
     with torch.no_grad():

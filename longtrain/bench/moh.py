@@ -107,7 +107,7 @@ def bench(sizes: list[str], seqs: list[int], routers: list[str], repeat: int,
                     _step(dense, x, rope, g, cu)
 
                 def layer_sparse():
-                    moh.sparse = True
+                    moh.sparse, moh.sparse_min_seq = True, 0
                     _step(moh, x, rope, g, cu)
 
                 def layer_masked():
