@@ -82,7 +82,8 @@ def activation_bytes_per_token(cfg: Any, act_bytes: int, *, mesa: bool = False, 
     attn = act_bytes * (3 * q + 2 * kv) + 4 * cfg.n_heads
     mlp = 4 * act_bytes * f
     layer = norms + attn + mlp
-    if mesa:  # 8-bit copies of the saved activations (the fp32 norm inputs too)
+    if mesa and not checkpointing:  # 8-bit copies of the saved activations (the fp32 norm inputs too)
+        # (inside a checkpointed block Mesa steps aside: the recomputed layer is saved exactly)
         layer = layer * (1.0 / act_bytes)
     if checkpointing:
         total = L * act_bytes * d + layer  # layer inputs + one recomputed layer
