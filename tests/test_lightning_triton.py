@@ -31,7 +31,6 @@ else:
     import torch
 
     from longtrain.kernels import lightning_attention, tnl_decay
-    from longtrain.kernels.lightning import naive_lightning_attention
 
     def rel(a, b):
         a, b = a.detach().double(), b.detach().double()

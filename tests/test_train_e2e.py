@@ -11,7 +11,6 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.distributed.checkpoint as dcp
 
 from helpers import REPO, cli_env, losses, run_train, train_cmd
 from longtrain.launcher.checkpoint import is_complete, read_meta, safe_load

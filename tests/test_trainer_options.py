@@ -3,7 +3,6 @@ gradient accumulation, DDP vs FSDP2, bf16, staged seq_len / rope_theta with resu
 
 from __future__ import annotations
 
-import pytest
 
 from helpers import losses, run_train
 

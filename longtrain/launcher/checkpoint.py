@@ -21,7 +21,7 @@ import shutil
 import signal
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import pickle
 
@@ -153,8 +153,10 @@ class Checkpointer:
         done = self.complete()
         return done[-1] if done else None
 
-    def save(self, step: int, state: dict[str, Any], meta: dict[str, Any]) -> Path:
-        """Collective: every rank calls it. Returns the published folder."""
+    def save(self, step: int, state: dict[str, Any] | None, meta: dict[str, Any],
+             write: Callable[[Path], None] | None = None) -> Path:
+        """Collective: every rank calls it. Writes `state` with DCP (or calls `write(tmp_dir)`, e.g. an
+        engine with its own format), adds meta.json, then publishes. Returns the published folder."""
         name = f"step_{step:08d}"
         final, tmp = self.root / name, self.root / f"{name}.tmp"
         if _rank() == 0:
@@ -162,7 +164,10 @@ class Checkpointer:
             tmp.mkdir(parents=True)
         _barrier()
         t0 = time.perf_counter()
-        dcp.save(state, checkpoint_id=str(tmp))
+        if write is not None:
+            write(tmp)
+        else:
+            dcp.save(state, checkpoint_id=str(tmp))
         if _rank() == 0:
             with open(tmp / "meta.json", "w") as f:
                 json.dump({**meta, "step": step, "saved_at": time.time()}, f, indent=1)

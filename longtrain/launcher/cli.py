@@ -10,7 +10,6 @@ import importlib
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 from longtrain.errors import LongtrainError
 

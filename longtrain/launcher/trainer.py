@@ -12,7 +12,6 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-from torch import nn
 
 from longtrain.errors import ConfigError, LaunchError
 from longtrain.launcher.checkpoint import Checkpointer, read_meta
@@ -186,7 +185,6 @@ class Trainer:
         return {"model": model_sd, "optim": optim_sd}
 
     def _meta(self) -> dict[str, Any]:
-        r = self.recipe
         return {"data_position": self.data_position, "world_size": self.layout.world, "dp": self.layout.dp,
                 "sp": self.layout.sp, "global_batch": self.global_batch, "seq_len": self.corpus.seq_len,
                 "rope_theta": self.model.cfg.rope_theta,
@@ -194,9 +192,11 @@ class Trainer:
 
     def save(self) -> None:
         if self.ds_engine is not None:
-            from longtrain.parallel.deepspeed_engine import save_deepspeed
+            from longtrain.parallel.deepspeed_engine import DS_SUBDIR, write_deepspeed
 
-            save_deepspeed(self, self.checkpointer)
+            meta = {**self._meta(), "deepspeed": {"zero_stage": self.ds_engine.zero_optimization_stage(),
+                                                  "dir": DS_SUBDIR}}
+            self.checkpointer.save(self.step, None, meta, write=lambda tmp: write_deepspeed(self.ds_engine, tmp))
             return
         self.checkpointer.save(self.step, self._state(), self._meta())
 

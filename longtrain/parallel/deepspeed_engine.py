@@ -26,8 +26,6 @@ import copy
 import json
 import logging
 import os
-import shutil
-import time
 from pathlib import Path
 from typing import Any, Callable
 
@@ -128,22 +126,6 @@ def wrap_deepspeed(model: nn.Module, recipe: Any, lr_lambda: Callable[[int], flo
 
 # ---- checkpoints -----------------------------------------------------------------------------
 
-def _barrier() -> None:
-    if dist.is_initialized():
-        dist.barrier()
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-    except OSError:
-        pass
-
-
 def full_state_dict(engine: Any) -> dict[str, torch.Tensor]:
     """Unsharded module weights (CPU copies). ZeRO-3 gathers one parameter at a time; every rank
     returns the same tensors (collective: call on all ranks)."""
@@ -162,54 +144,14 @@ def full_state_dict(engine: Any) -> dict[str, torch.Tensor]:
     return out
 
 
-def save_deepspeed(trainer: Any, checkpointer: Any) -> Path:
-    """Publish a checkpoint of a DeepSpeed run atomically (collective).
-
-    `<root>/step_N.tmp/` gets the DCP weights (`.metadata`, shards), DeepSpeed's files under
-    `deepspeed/` and meta.json; rank 0 then renames it to `step_N`, rewrites `latest` and prunes
-    to `keep_last`, exactly like Checkpointer.save.
-    """
+def write_deepspeed(engine: Any, folder: Path) -> None:
+    """Write a DeepSpeed run's state into `folder` (collective): the full weights as DCP (so
+    `longtrain convert` and evaluation read it like any checkpoint) and DeepSpeed's own files under
+    `deepspeed/`. The caller (Checkpointer.save) publishes the folder atomically."""
     import torch.distributed.checkpoint as dcp
 
-    engine, step = trainer.ds_engine, trainer.step
-    root = Path(checkpointer.root)
-    name = f"step_{step:08d}"
-    final, tmp = root / name, root / f"{name}.tmp"
-    rank = dist.get_rank()
-    if rank == 0:
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-    _barrier()
-    t0 = time.perf_counter()
-    dcp.save({"model": full_state_dict(engine)}, checkpoint_id=str(tmp))
-    engine.save_checkpoint(str(tmp), tag=DS_SUBDIR, save_latest=False)
-    if rank == 0:
-        meta = {**trainer._meta(), "step": step, "saved_at": time.time(),
-                "deepspeed": {"zero_stage": engine.zero_optimization_stage(), "dir": DS_SUBDIR}}
-        with open(tmp / "meta.json", "w") as f:
-            json.dump(meta, f, indent=1)
-            f.flush()
-            os.fsync(f.fileno())
-    _fault("crash_during_save", step, rank)
-    _barrier()
-    if rank == 0:
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        ptr_tmp = root / "latest.tmp"
-        with open(ptr_tmp, "w") as f:
-            f.write(name)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(ptr_tmp, root / "latest")
-        _fsync_dir(root)
-        for old in checkpointer.complete()[:-checkpointer.keep_last]:
-            shutil.rmtree(old, ignore_errors=True)
-        log.info("checkpoint %s saved in %.2fs (DeepSpeed ZeRO-%d)", final, time.perf_counter() - t0,
-                 engine.zero_optimization_stage())
-    _barrier()
-    _fault("pause_after_save", step, rank)
-    return final
+    dcp.save({"model": full_state_dict(engine)}, checkpoint_id=str(folder))
+    engine.save_checkpoint(str(folder), tag=DS_SUBDIR, save_latest=False)
 
 
 def load_deepspeed(trainer: Any, path: str | os.PathLike) -> None:
@@ -234,17 +176,3 @@ def load_deepspeed(trainer: Any, path: str | os.PathLike) -> None:
                                                      load_lr_scheduler_states=True)
     if load_path is None:
         raise CheckpointError(f"DeepSpeed could not load {p / DS_SUBDIR}")
-
-
-def _fault(kind: str, step: int, rank: int) -> None:
-    """Same test hooks as launcher/checkpoint.py (LONGTRAIN_FAULT=crash_during_save:N | pause_after_save:N)."""
-    if os.environ.get("LONGTRAIN_FAULT", "") != f"{kind}:{step}":
-        return
-    import signal
-
-    log.error("fault injection: %s at step %d", kind, step)
-    if kind == "crash_during_save" and rank == 0:
-        os.kill(os.getpid(), signal.SIGKILL)
-    if kind == "pause_after_save":
-        while True:
-            time.sleep(1)
