@@ -140,7 +140,7 @@ def _loss_run(steps: int, mesa: bool, out_dir: str, timeout: float) -> dict[str,
         "res = train(r)\n"
         "print('LOSSES ' + json.dumps(res['losses']))\n")
     sets = [f"training.steps={steps}", f"mesa.enabled={'true' if mesa else 'false'}",
-            f"run.output_dir={out_dir}", "checkpoint.resume=none", f"run.name=mesa-{int(mesa)}"]
+            f"run.output_dir={os.path.join(out_dir, 'mesa' if mesa else 'exact')}", "checkpoint.resume=none", f"run.name=mesa-{int(mesa)}"]
     env = dict(os.environ, WORLD_SIZE="1", RANK="0", LOCAL_RANK="0", OMP_NUM_THREADS="2")
     proc = subprocess.run([sys.executable, "-c", code, *sets], capture_output=True, text=True,
                           timeout=timeout, env=env)
@@ -148,8 +148,9 @@ def _loss_run(steps: int, mesa: bool, out_dir: str, timeout: float) -> dict[str,
     if proc.returncode != 0 or not lines:
         raise RuntimeError(f"training run failed (mesa={mesa}):\n{proc.stdout[-1500:]}\n{proc.stderr[-3000:]}")
     losses = json.loads(lines[-1][len("LOSSES "):])
-    tail = losses[-10:]
-    return {"steps": len(losses), "first": losses[0], "last": losses[-1], "last10_mean": sum(tail) / len(tail)}
+    tail, tail30 = losses[-10:], losses[-30:]
+    return {"steps": len(losses), "first": losses[0], "last": losses[-1], "last10_mean": sum(tail) / len(tail),
+            "last30_mean": sum(tail30) / len(tail30), "losses": losses}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -207,10 +208,13 @@ def main(argv: list[str] | None = None) -> int:
         out_dir = os.path.join("bench-results", "mesa-loss-runs")
         exact = _loss_run(args.loss_steps, False, out_dir, args.timeout)
         mesa = _loss_run(args.loss_steps, True, out_dir, args.timeout)
-        rel = abs(mesa["last10_mean"] - exact["last10_mean"]) / exact["last10_mean"]
-        payload["loss"] = {"exact": exact, "mesa": mesa, "rel_diff_last10": rel}
-        print(f"loss after {args.loss_steps} steps (mean of last 10): exact {exact['last10_mean']:.4f}, "
-              f"mesa {mesa['last10_mean']:.4f}, relative difference {rel:.4%}")
+        rel = (mesa["last10_mean"] - exact["last10_mean"]) / exact["last10_mean"]
+        rel30 = (mesa["last30_mean"] - exact["last30_mean"]) / exact["last30_mean"]
+        payload["loss"] = {"exact": exact, "mesa": mesa, "rel_diff_last10": rel, "rel_diff_last30": rel30}
+        print(f"loss after {args.loss_steps} steps: mean of last 10 exact {exact['last10_mean']:.4f}, "
+              f"mesa {mesa['last10_mean']:.4f} ({rel:+.2%}); mean of last 30 exact {exact['last30_mean']:.4f}, "
+              f"mesa {mesa['last30_mean']:.4f} ({rel30:+.2%}); final step exact {exact['last']:.4f}, "
+              f"mesa {mesa['last']:.4f}")
     write_json("mesa", payload, args.out)
     return 0
 
