@@ -44,15 +44,22 @@ def test_exact_resume_after_sigkill(tmp_path):
     run_train(straight, f"training.steps={n}", f"checkpoint.interval={n // 2}")
     # second run: pause right after publishing step n/2, then SIGKILL the whole job
     cmd = train_cmd(killed, f"training.steps={n}", f"checkpoint.interval={n // 2}")
-    proc = subprocess.Popen(cmd, env=cli_env(LONGTRAIN_FAULT=f"pause_after_save:{n // 2}"), cwd=REPO,
+    piddir = tmp_path / "pids"
+    piddir.mkdir()
+    proc = subprocess.Popen(cmd, env=cli_env(LONGTRAIN_FAULT=f"pause_after_save:{n // 2}",
+                                             LONGTRAIN_FAULT_PIDDIR=str(piddir)), cwd=REPO,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     ckpt = killed / "checkpoints" / f"step_{n // 2:08d}"
     deadline = time.time() + 240
-    while not ((killed / "checkpoints" / "latest").is_file() and is_complete(ckpt)):
+    while not ((killed / "checkpoints" / "latest").is_file() and is_complete(ckpt)
+               and len(list(piddir.glob("rank*.pid"))) == 2):
         assert proc.poll() is None, "training exited before the checkpoint"
         assert time.time() < deadline, "no checkpoint in time"
         time.sleep(0.5)
     time.sleep(1.0)
+    # SIGKILL the training processes (torchrun gives each worker a session of its own) and the launcher
+    for f in piddir.glob("rank*.pid"):
+        os.kill(int(f.read_text()), signal.SIGKILL)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
     assert max(losses(killed)) == n // 2  # nothing after the checkpoint was logged

@@ -229,5 +229,8 @@ def _fault(kind: str, step: int) -> None:
         os.kill(os.getpid(), signal.SIGKILL)
     if kind == "pause_after_save":
         log.error("fault injection: %s at step %d", kind, step)
+        piddir = os.environ.get("LONGTRAIN_FAULT_PIDDIR")
+        if piddir:  # torchrun starts workers in sessions of their own: tell the test whom to kill
+            Path(piddir, f"rank{_rank()}.pid").write_text(str(os.getpid()))
         while True:
             time.sleep(1)
