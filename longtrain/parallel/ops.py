@@ -22,7 +22,10 @@ class SequenceParallelOps:
                 softmax_scale: float | None = None) -> Tensor:
         from longtrain.parallel.sp_attention import sequence_parallel_attention
 
-        return sequence_parallel_attention(q, k, v, self.group, impl=self.impl, causal=True, layout=self.layout,
+        impl = self.impl
+        if impl == "auto":  # TokenRing for MHA, ring for GQA/MQA (see launcher/trainer.py: resolve_sp_impl)
+            impl = "tokenring" if q.shape[2] == k.shape[2] else "ring"
+        return sequence_parallel_attention(q, k, v, self.group, impl=impl, causal=True, layout=self.layout,
                                            softmax_scale=softmax_scale, window=window,
                                            cu_seqlens=self.cu_seqlens, ulysses_degree=self.ulysses_degree)
 
