@@ -101,26 +101,44 @@ def test_prompt_has_exact_length_needle_at_depth_and_answer_at_end():
 def test_mixed_documents_fraction_format_and_determinism():
     docs = [TEXT, TEXT[::-1], "x = 1\n" * 500]
     total = sum(map(len, docs))
-    mixed = pk.mix_passkey_documents(docs, 0.6, seed=3, seq_len=256)
-    again = pk.mix_passkey_documents(docs, 0.6, seed=3, seq_len=256)
-    other = pk.mix_passkey_documents(docs, 0.6, seed=4, seq_len=256)
+    mixed = pk.mix_passkey_documents(docs, 0.6, seed=3, seq_len=256, copy_share=0.5)
+    again = pk.mix_passkey_documents(docs, 0.6, seed=3, seq_len=256, copy_share=0.5)
+    other = pk.mix_passkey_documents(docs, 0.6, seed=4, seq_len=256, copy_share=0.5)
     assert mixed == again and mixed != other and mixed[:3] == docs
     synth = mixed[3:]
     share = sum(map(len, synth)) / (total + sum(map(len, synth)))
     assert abs(share - 0.6) < 0.02, share
     import re
 
-    pat = re.compile(r"\nThe pass key is (\d{5})\. Remember it\. \1 is the pass key\.\n.*"
+    pat = re.compile(r"\nThe pass key is (\d{5})\. Remember it\.\n.*"
                      r"\nWhat is the pass key\? The pass key is (\d{5})\.\n$", re.S)
+    bare = pk.min_length(TOK) + 2
+    drill = re.compile(r"^([a-z0-9 ]{1,60})\|\1\|\1\n$")
+    drills = [d for d in synth if drill.match(d)]
+    assert 0.35 < len(drills) / len(synth) < 0.65  # copy_share = 0.5 of the synthetic documents
+    synth = [d for d in synth if not drill.match(d)]
     keys = set()
     for d in synth:
         m = pat.search(d)
         assert m and m.group(1) == m.group(2), d
-        assert 128 // 8 <= len(d) <= 128 + 2 or len(d) <= 256, len(d)
+        assert bare + 8 <= len(d) <= 255, len(d)  # up to seq_len - 1: with its EOS it fills a sample
         keys.add(m.group(1))
     assert len(keys) > 0.9 * len(synth)  # keys are random
+    fillers = [re.sub(r"\nThe pass key is \d{5}\. Remember it\.\n", "", d.split(pk.QUESTION)[0]) for d in synth]
+    long = [f for f in fillers if len(f) > 130]
+    assert len(long) >= 5 and all(any(f[p:] == f[:-p] for p in range(8, 65)) for f in long)  # repeated
+    assert any(not re.search(r"[^a-z ]", f) for f in fillers) and any(re.search(r"[^a-z ]", f) for f in fillers)
+    plain = pk.mix_passkey_documents(docs, 0.5, seed=1, seq_len=256, filler_mix={"corpus": 1.0}, copy_share=0)[3:]
+    for d in plain:
+        f = re.sub(r"\nThe pass key is \d{5}\. Remember it\.\n", "", d.split(pk.QUESTION)[0])
+        assert any(f in doc for doc in docs), f
+    with pytest.raises(ValueError):
+        pk.mix_passkey_documents(docs, 0.5, filler_mix={"lorem": 1.0})
+    aligned = pk.mix_passkey_documents(docs, 0.5, seed=1, seq_len=200, align=True)
+    assert {len(d) for d in aligned} == {199}  # + EOS = one packed sample each (byte tokenizer)
+    assert sum("The pass key is" in d for d in aligned) > 0 and "".join(aligned[:3]) in "".join(docs) * 2
     only = pk.mix_passkey_documents(docs, 1.0, seed=0, seq_len=256)
-    assert all("pass key" in d for d in only) and abs(sum(map(len, only)) - total) < 256
+    assert abs(sum(map(len, only)) - total) < 0.06 * total
 
 
 # ---- scoring -------------------------------------------------------------------------------------
@@ -174,36 +192,44 @@ def greedy_decode(model, prompt: torch.Tensor, n: int) -> list[int]:
     return seq[len(prompt):].tolist()
 
 
-def test_teacher_forced_scoring_equals_greedy_decoding():
+@pytest.mark.parametrize("mode", pk.FILLERS)
+def test_teacher_forced_scoring_equals_greedy_decoding(mode):
     """A sample counts as correct iff greedy decoding reproduces the answer; the reported
     prediction is the greedy output up to (and including) its first wrong token."""
     oracle = InductionOracle()
     filler = pk.filler_tokens([TEXT], TOK, 5000)
     sc = Scorer(oracle, EvalLayout(), torch.device("cpu"), plain=False)
     lengths, depths, samples = [120, 161], [0.0, 0.5, 1.0], 4
-    res = passkey_eval(sc, TOK, filler, lengths, depths, samples, seed=5, batch=3, examples=100)
+    res = passkey_eval(sc, TOK, filler, lengths, depths, samples, seed=5, batch=3, examples=100, filler_mode=mode)
     assert len(res["examples"]) == len(lengths) * len(depths) * samples
     n_right = 0
-    for ex in res["examples"]:
-        rng = np.random.default_rng([5, ex["length"], depths.index(ex["depth"]),
-                                     [e for e in res["examples"] if e["length"] == ex["length"]
-                                      and e["depth"] == ex["depth"]].index(ex)])
-        key = pk.random_key(rng)
-        assert key == ex["key"]
-        tokens, a = pk.passkey_prompt(filler, TOK, ex["length"], ex["depth"], key, int(rng.integers(len(filler))))
-        got = greedy_decode(oracle, tokens[:a], len(tokens) - a)
-        want = tokens[a:].tolist()
-        assert ex["correct"] == (got == want)
-        first_bad = next((i for i, (g, w) in enumerate(zip(got, want)) if g != w), len(want))
-        assert ex["greedy"] == TOK.decode(got[:first_bad + 1]).strip()
-        n_right += ex["correct"]
+    for L in lengths:
+        for di, d in enumerate(depths):
+            exs = [e for e in res["examples"] if e["length"] == L and e["depth"] == d]
+            assert len(exs) == samples
+            for i, ex in enumerate(exs):
+                tokens, a, key = pk.eval_prompt(filler, TOK, L, d, [5, L, di, i], mode)
+                assert key == ex["key"] and len(tokens) == L
+                got = greedy_decode(oracle, tokens[:a], len(tokens) - a)
+                want = tokens[a:].tolist()
+                assert ex["correct"] == (got == want)
+                first_bad = next((j for j, (g, w) in enumerate(zip(got, want)) if g != w), len(want))
+                assert ex["greedy"] == TOK.decode(got[:first_bad + 1]).strip()
+                n_right += ex["correct"]
+            acc = res["accuracy"][lengths.index(L)][di]
+            assert acc == pytest.approx(100 * np.mean([e["correct"] for e in exs]))
     # the oracle fails exactly where an answer position is divisible by 11: some right, some wrong
     assert 0 < n_right < len(res["examples"])
-    acc = np.asarray(res["accuracy"])
-    for li, L in enumerate(lengths):
-        for di in range(len(depths)):
-            exs = [e for e in res["examples"] if e["length"] == L and e["depth"] == depths[di]]
-            assert acc[li, di] == pytest.approx(100 * np.mean([e["correct"] for e in exs]))
+
+
+def test_repeat_filler_is_one_snippet_repeated():
+    filler = pk.filler_tokens([TEXT], TOK, 5000)
+    tokens, a, key = pk.eval_prompt(filler, TOK, 400, 1.0, [1, 2, 3], "repeat")
+    hay = TOK.decode(tokens.tolist()).split(pk.NEEDLE.format(key=key))[0]
+    period = next(p for p in range(16, 65) if hay[p:] == hay[:-p])
+    assert len(hay) > 4 * period
+    t2, _, k2 = pk.eval_prompt(filler, TOK, 400, 1.0, [1, 2, 3], "corpus")
+    assert k2 == key and not torch.equal(t2, tokens)
 
 
 def test_untrained_model_is_at_chance():

@@ -36,7 +36,7 @@ import tomllib
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 import torch
@@ -363,14 +363,15 @@ def _my_batches(n: int, layout: EvalLayout, batch: int) -> list[list[int | None]
 # ---- passkey ------------------------------------------------------------------------------------
 
 def passkey_eval(scorer: Scorer, tokenizer, filler: Tensor, lengths: Sequence[int], depths: Sequence[float],
-                 samples: int, *, seed: int = 0, batch: int = 4, examples: int = 2) -> dict[str, Any]:
+                 samples: int, *, seed: int = 0, batch: int = 4, examples: int = 2,
+                 filler_mode: str = "repeat") -> dict[str, Any]:
     """Passkey accuracy (%) per (length, depth) over `samples` prompts each.
 
     Prompts depend only on (seed, length, depth index, sample index), never on the world size.
     Returns {"lengths", "depths", "samples", "accuracy" [len][depth] %, "digit_accuracy" (share of
     answer tokens right under teacher forcing) [len][depth] %, "examples"}.
     """
-    from longtrain.launcher.passkey import passkey_prompt, random_key
+    from longtrain.launcher.passkey import eval_prompt
 
     n_dep = len(depths)
     acc = np.zeros((len(lengths), n_dep))
@@ -386,9 +387,7 @@ def passkey_eval(scorer: Scorer, tokenizer, filler: Tensor, lengths: Sequence[in
             rows, starts, keys = [], [], []
             for t in b:
                 di, i = tasks[t if t is not None else real[0] if real else 0]
-                rng = np.random.default_rng([seed, L, di, i])
-                key = random_key(rng)
-                tok, a = passkey_prompt(filler, tokenizer, L, depths[di], key, int(rng.integers(len(filler))))
+                tok, a, key = eval_prompt(filler, tokenizer, L, depths[di], [seed, L, di, i], filler_mode)
                 rows.append(tok)
                 starts.append(a)
                 keys.append(key)
@@ -416,10 +415,10 @@ def passkey_eval(scorer: Scorer, tokenizer, filler: Tensor, lengths: Sequence[in
         dig[li] = 100 * digits.view(n_dep, samples).mean(1).numpy()
         for t in sorted(preds_text)[:examples]:
             di, i = tasks[t]
-            key = random_key(np.random.default_rng([seed, L, di, i]))
+            key = eval_prompt(filler, tokenizer, L, depths[di], [seed, L, di, i], filler_mode)[2]
             shown.append({"length": L, "depth": depths[di], "key": key, "greedy": preds_text[t].strip(),
                           "correct": bool(correct[t] > 0)})
-    return {"lengths": list(lengths), "depths": list(depths), "samples": samples,
+    return {"lengths": list(lengths), "depths": list(depths), "samples": samples, "filler_mode": filler_mode,
             "accuracy": acc.tolist(), "digit_accuracy": dig.tolist(), "examples": shown}
 
 
@@ -699,6 +698,8 @@ def _parser(metric: str) -> argparse.ArgumentParser:
         p.add_argument("--samples", type=int, default=10, help="prompts per (length, depth) (default 10)")
         p.add_argument("--batch", type=int, default=4, help="prompts per forward call")
         p.add_argument("--data", default=None, help="filler text source (default: the run's corpus, else stdlib)")
+        p.add_argument("--filler", default="repeat", choices=("repeat", "corpus"),
+                       help="haystack: one corpus snippet repeated (the classic test; default) or running corpus text")
     else:
         p.add_argument("--samples", type=int, default=8, help="held-out documents per length (default 8)")
         p.add_argument("--batch", type=int, default=1, help="documents per forward call")
@@ -846,10 +847,10 @@ def _run(args, lengths: list[int], info: Loaded, tokenizer) -> int:
             filler = filler_tokens(docs, tokenizer, 4 * max(lengths) * args.samples + 100_000)
             depths = parse_depths(args.depths)
             res = passkey_eval(scorer, tokenizer, filler, lengths, depths, args.samples, seed=args.seed,
-                               batch=args.batch)
+                               batch=args.batch, filler_mode=args.filler)
             res.update(meta, filler=src)
             table, plot = passkey_table(res), plot_passkey
-            title = f"Passkey retrieval: {name}"
+            title = f"Passkey retrieval: {name}, {args.filler} filler"
         else:
             docs, rule = heldout_documents(loaded.run_data, args.data, args.skip_documents)
             windows = heldout_windows(docs, tokenizer, lengths, args.samples)

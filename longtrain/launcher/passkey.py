@@ -20,14 +20,13 @@ context length L is exactly L tokens long (answer included) for any tokenizer.
 
 from __future__ import annotations
 
-import math
 from typing import Sequence
 
 import numpy as np
 import torch
 from torch import Tensor
 
-NEEDLE = "\nThe pass key is {key}. Remember it. {key} is the pass key.\n"
+NEEDLE = "\nThe pass key is {key}. Remember it.\n"
 QUESTION = "\nWhat is the pass key? The pass key is"
 ANSWER = " {key}"
 DIGITS = 5
@@ -63,6 +62,35 @@ def _repeated_snippet(docs: Sequence[str], rng: np.random.Generator, n_chars: in
     return (snippet * (n_chars // max(1, len(snippet)) + 1))[:n_chars]
 
 
+_LETTERS = np.array(list("abcdefghijklmnopqrstuvwxyz     "))
+
+
+def _repeated_random(docs: Sequence[str], rng: np.random.Generator, n_chars: int) -> str:
+    """8-32 random letters and spaces (no digits), repeated to `n_chars` characters.
+
+    Nothing but copying predicts the repeats, so these documents grow a copy (induction)
+    circuit quickly; the circuit then serves retrieval."""
+    if n_chars <= 0:
+        return ""
+    snippet = "".join(rng.choice(_LETTERS, int(rng.integers(8, 33))))
+    return (snippet * (n_chars // len(snippet) + 1))[:n_chars]
+
+
+_DRILL = np.array(list("abcdefghijklmnopqrstuvwxyz0123456789"))
+
+def _copy_drill(rng: np.random.Generator, n_chars: int | None = None) -> str:
+    """3-8 random words of 1-6 letters/digits, repeated: "k7 fxm 3a|k7 fxm 3a|k7 fxm 3a\n" (three
+    times), or repeated and cut to exactly `n_chars` characters."""
+    words = ["".join(rng.choice(_DRILL, int(rng.integers(1, 7)))) for _ in range(int(rng.integers(3, 9)))]
+    line = " ".join(words)
+    if n_chars is None:
+        return "|".join([line] * 3) + "\n"
+    return ("|".join([line] * (n_chars // (len(line) + 1) + 2)))[:n_chars]
+
+
+FILLER_KINDS = {"corpus": _filler_text, "snippet": _repeated_snippet, "random": _repeated_random}
+
+
 def passkey_document(filler: str, key: str, depth: float) -> str:
     """One training document: filler with the needle at `depth` (0..1), then question and answer."""
     cut = int(round(depth * len(filler)))
@@ -71,16 +99,34 @@ def passkey_document(filler: str, key: str, depth: float) -> str:
 
 def mix_passkey_documents(docs: Sequence[str], fraction: float, *, seed: int = 0, seq_len: int = 256,
                           digits: int = DIGITS, min_chars: int | None = None,
-                          max_chars: int | None = None, repeat_share: float = 0.0) -> list[str]:
+                          max_chars: int | None = None,
+                          filler_mix: dict[str, float] | None = None, copy_share: float = 0.8,
+                          align: bool = False) -> list[str]:
     """`docs` plus synthetic passkey documents making up about `fraction` of all characters.
 
-    Each synthetic document is between `min_chars` (default seq_len // 8) and `max_chars`
-    (default seq_len // 2) characters long, so most of them fit inside one packed sample
-    of seq_len tokens with a byte tokenizer; filler comes from `docs`, depth is uniform
-    in [0, 1]. fraction = 1 replaces `docs` by as many characters of passkey documents.
-    A share `repeat_share` of them uses a short corpus snippet repeated as filler: every
-    repeat is a copy event, which teaches a small model to copy (induction) within a few
-    hundred steps; the copy mechanism is what retrieval needs.
+    align=True: every returned document is exactly seq_len - 1 characters long
+    (corpus documents are cut into such pieces, the remainder dropped), so with a byte
+    tokenizer a document and its EOS fill exactly one packed sample and no passkey document
+    is ever split between samples: every needle-to-question distance up to the trained
+    length is seen whole. (Other tokenizers: lengths in tokens differ; nothing breaks, some
+    documents straddle samples.) align=False: corpus documents are kept and synthetic ones
+    are between `min_chars` (default: the bare prompt + 8) and `max_chars` (default
+    seq_len - 1) characters long. The needle's depth is u^2 for u uniform in [0, 1]. fraction = 1
+    replaces `docs` by as many characters of synthetic documents.
+
+    Filler kinds, drawn per document with weights `filler_mix` (default: half "snippet",
+    half "random"): "corpus" running text from `docs`; "snippet" a 16-64 character piece
+    of `docs` repeated (the classic passkey haystack repeats one block); "random" 8-32
+    random letters repeated. Repeats are copy events: they teach a small model to copy
+    (an induction circuit) within about a thousand steps, and copying is what retrieval
+    needs (learning it from the answer digits alone takes far longer).
+
+    A share `copy_share` of the synthetic documents are copy drills instead: 3-8 random
+    words of letters and digits written again and again ("k7 fxm 3a|k7 fxm 3a|..."; three
+    times when not aligned). After a space the next token is ambiguous from the space alone,
+    so copying it takes the preceding letters too: the prefix matching that the first answer
+    digit after "The pass key is " needs. Without these drills a tiny model copies the later
+    digits but not the first one, and does not retrieve at all within minutes.
     Deterministic in `seed`.
     """
     if not 0 < fraction <= 1:
@@ -88,21 +134,50 @@ def mix_passkey_documents(docs: Sequence[str], fraction: float, *, seed: int = 0
     if not docs:
         raise ValueError("passkey documents need filler text: the corpus is empty")
     fixed = len(NEEDLE.format(key="0" * digits)) + len(QUESTION) + len(ANSWER.format(key="0" * digits)) + 2
-    hi = max_chars if max_chars is not None else max(seq_len // 2, fixed + 16)
-    lo = min_chars if min_chars is not None else min(hi, max(seq_len // 8, fixed + 8))
+    n_align = seq_len - 1
+    if align:
+        if n_align < fixed + 8:
+            raise ValueError(f"seq_len {seq_len} is too short for passkey documents (need >= {fixed + 9})")
+        pieces = [d[i:i + n_align] for d in docs for i in range(0, len(d) - n_align + 1, n_align)]
+        docs = pieces or list(docs)
+        lo = hi = n_align
+    else:
+        hi = max_chars if max_chars is not None else max(seq_len - 1, fixed + 16)
+        lo = min_chars if min_chars is not None else min(hi, fixed + 8)
     if lo < fixed or hi < lo:
         raise ValueError(f"passkey documents need {fixed} <= min_chars <= max_chars, got {lo}, {hi}")
+    if not 0 <= copy_share < 1:
+        raise ValueError(f"copy_share must be in [0, 1), got {copy_share}")
     total = sum(len(d) for d in docs)
     target = total if fraction >= 1 else fraction / (1 - fraction) * total
-    n = max(1, int(math.ceil(target / ((lo + hi) / 2))))
+    mix = filler_mix if filler_mix is not None else {"snippet": 0.5, "random": 0.5}
+    unknown = set(mix) - set(FILLER_KINDS)
+    if unknown or not mix or min(mix.values()) < 0 or sum(mix.values()) <= 0:
+        raise ValueError(f"filler_mix needs non-negative weights over {sorted(FILLER_KINDS)}, got {mix}")
+    kinds = sorted(mix)
+    weights = np.array([mix[k] for k in kinds], dtype=np.float64)
+    weights /= weights.sum()
+    # Packing splits a document of n tokens at a sample boundary with probability ~ n / seq_len,
+    # so long documents are seen whole less often; drawing n with density ~ 1 / (seq_len - n + 8)
+    # keeps the whole ones about evenly spread over lengths (needle distances up to seq_len).
+    # Depth = u^2 puts more needles early (far from the question): far retrieval is the hard part.
+    lengths = np.arange(lo, hi + 1)
+    length_p = 1.0 / (np.maximum(seq_len - lengths, 0) + 8.0) if not align else np.ones(len(lengths))
+    length_p /= length_p.sum()
     rng = np.random.default_rng([seed, 0x9A55])
     out: list[str] = []
-    for _ in range(n):
-        length = int(rng.integers(lo, hi + 1))
+    made = 0
+    while made < target:
+        if rng.random() < copy_share:
+            out.append(_copy_drill(rng, n_align if align else None))
+            made += len(out[-1])
+            continue
+        length = int(rng.choice(lengths, p=length_p))
         key = random_key(rng, digits)
-        make = _repeated_snippet if rng.random() < repeat_share else _filler_text
+        make = FILLER_KINDS[kinds[int(rng.choice(len(kinds), p=weights))]]
         filler = make(docs, rng, length - fixed)
-        out.append(passkey_document(filler, key, float(rng.random())))
+        out.append(passkey_document(filler, key, float(rng.random()) ** 2))
+        made += len(out[-1])
     return out if fraction >= 1 else list(docs) + out
 
 
@@ -127,7 +202,7 @@ def filler_tokens(docs: Sequence[str], tokenizer, min_tokens: int) -> Tensor:
 
 def prompt_parts(tokenizer, key: str) -> tuple[Tensor, Tensor, Tensor]:
     """Token ids of needle, question and answer for `key`."""
-    enc = lambda s: torch.as_tensor(np.asarray(tokenizer.encode(s), dtype=np.int64))  # noqa: E731
+    enc = lambda s: torch.as_tensor(np.asarray(tokenizer.encode(s), dtype=np.int64))
     return enc(NEEDLE.format(key=key)), enc(QUESTION), enc(ANSWER.format(key=key))
 
 
@@ -154,3 +229,28 @@ def passkey_prompt(filler: Tensor, tokenizer, length: int, depth: float, key: st
     cut = int(round(depth * n_fill))
     tokens = torch.cat([fill[:cut], needle, fill[cut:], question, answer])
     return tokens, length - len(answer)
+
+
+FILLERS = ("repeat", "corpus")
+
+
+def eval_prompt(filler: Tensor, tokenizer, length: int, depth: float, seed: Sequence[int],
+                mode: str = "repeat") -> tuple[Tensor, int, str]:
+    """The evaluation prompt for one sample; all randomness comes from `seed` (e.g. [seed, L, depth, i]).
+
+    mode "repeat": the haystack is one snippet of 16-64 filler tokens repeated (the classic
+    passkey test repeats one fixed block of sentences); "corpus": running corpus text.
+    Returns (tokens [length], answer start, key).
+    """
+    if mode not in FILLERS:
+        raise ValueError(f"filler mode must be one of {FILLERS}, got {mode!r}")
+    rng = np.random.default_rng(list(seed))
+    key = random_key(rng)
+    start = int(rng.integers(len(filler)))
+    if mode == "repeat":
+        n = int(rng.integers(16, 65))
+        snippet = filler[(start + torch.arange(n)) % len(filler)]
+        tokens, a = passkey_prompt(snippet, tokenizer, length, depth, key, offset=0)
+    else:
+        tokens, a = passkey_prompt(filler, tokenizer, length, depth, key, offset=start)
+    return tokens, a, key
