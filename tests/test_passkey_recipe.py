@@ -1,7 +1,8 @@
-"""End to end: recipes/passkey-cpu.toml trains a byte-level model with sequence parallelism (sp=2)
-that retrieves the passkey at its trained length at every depth (>= 95%), while an untrained model
-of the same shape is at chance; the same checkpoint scores identically on 1 process, on 2 ranks
-with sp=2, and as an exported Hugging Face folder; the GPU recipe validates."""
+"""End to end: recipes/passkey-cpu.toml, run exactly as shipped (2 processes, sp = 2, in-training eval),
+trains a byte-level model that retrieves the passkey at its trained length: >= 95% over all depths
+(pooled, 40 prompts per depth) and no depth below 85%, while an untrained model of the same shape is
+at chance; the same checkpoint scores identically on 1 process, on 2 ranks with sp=2, and as an
+exported Hugging Face folder; the GPU recipe validates."""
 
 from __future__ import annotations
 
@@ -18,10 +19,7 @@ from helpers import REPO, cli_env
 from longtrain.launcher.config import load_recipe
 
 RECIPE = REPO / "recipes" / "passkey-cpu.toml"
-# CI settings: the recipe's model, data and sp=2, fewer steps (the cosine schedule ends at CI_STEPS);
-# docs/evaluation.md has the full recipe's numbers
-CI_STEPS = 3000
-CI_SETS = [f"training.steps={CI_STEPS}", "eval.every=0", "checkpoint.interval=100000", "metrics.log_every=500"]
+SAMPLES = 40  # prompts per depth: 200 in all, so one unlucky prompt moves the pooled accuracy by 0.5%
 
 
 def _run(cmd: list[str], timeout: int) -> subprocess.CompletedProcess:
@@ -48,24 +46,29 @@ def test_gpu_recipe_validates_and_matches_the_task():
 
 @pytest.mark.slow
 def test_passkey_recipe_learns_retrieval_with_sp2(tmp_path):
+    recipe = load_recipe(RECIPE)
+    steps, L = recipe.training.steps, str(recipe.data.seq_len)
     out = tmp_path / "run"
-    cmd = [sys.executable, "-m", "longtrain.launcher.cli", "train", str(RECIPE), "--nproc", "2",
-           "--set", f"run.output_dir={out}"]
-    for s in CI_SETS:
-        cmd += ["--set", s]
     t0 = time.perf_counter()
-    proc = _run(cmd, timeout=900)
+    proc = _run([sys.executable, "-m", "longtrain.launcher.cli", "train", str(RECIPE), "--nproc", "2",
+                 "--set", f"run.output_dir={out}"], timeout=1200)
     train_s = time.perf_counter() - t0
     assert "sp 2" in proc.stdout, proc.stdout[-2000:]
-    ckpt = out / "checkpoints" / f"step_{CI_STEPS:08d}"
-    L = str(load_recipe(RECIPE).data.seq_len)
+    ckpt = out / "checkpoints" / f"step_{steps:08d}"
 
-    one = _eval(ckpt, tmp_path / "e1", "--lengths", L, samples=20)
+    # the in-training evaluation ran and logged its accuracy next to the loss
+    from longtrain.launcher.metrics import read_jsonl
+
+    evals = [r for r in read_jsonl(out / "metrics.jsonl") if f"eval/passkey_acc@{L}" in r]
+    assert [r["step"] for r in evals][-1] == steps and len(evals) == steps // recipe.eval.every, evals
+
+    one = _eval(ckpt, tmp_path / "e1", "--lengths", L, samples=SAMPLES)
     acc = np.asarray(one["accuracy"])[0]
-    print(f"\ntrained {CI_STEPS} steps in {train_s:.0f}s; passkey accuracy at {L} by depth: {acc.tolist()}")
-    assert acc.min() >= 95.0, one["accuracy"]
+    print(f"\ntrained {steps} steps in {train_s:.0f}s; passkey accuracy at {L} by depth: {acc.tolist()}, "
+          f"pooled {acc.mean():.1f}; in-training evals: {[r[f'eval/passkey_acc@{L}'] for r in evals]}")
+    assert acc.mean() >= 95.0 and acc.min() >= 85.0, one["accuracy"]
 
-    sp2 = _eval(ckpt, tmp_path / "e2", "--lengths", L, "--nproc", "2", "--sp", "2", samples=20)
+    sp2 = _eval(ckpt, tmp_path / "e2", "--lengths", L, "--nproc", "2", "--sp", "2", samples=SAMPLES)
     assert sp2["accuracy"] == one["accuracy"] and sp2["sp"] == 2 and sp2["world_size"] == 2
     np.testing.assert_allclose(sp2["digit_accuracy"], one["digit_accuracy"])
 
@@ -73,7 +76,11 @@ def test_passkey_recipe_learns_retrieval_with_sp2(tmp_path):
     from longtrain.launcher.evaluate import load_model
 
     hf.save_hf_checkpoint(load_model(ckpt).model, tmp_path / "hf")
-    from_hf = _eval(tmp_path / "hf", tmp_path / "e3", "--lengths", L, samples=20)
+    # an HF folder has no run next to it: name the same held-out filler documents explicitly
+    skip = str(recipe.data.max_documents)
+    assert one["filler"] == f"stdlib documents {skip}.. (held out)", one["filler"]
+    from_hf = _eval(tmp_path / "hf", tmp_path / "e3", "--lengths", L, "--data", "stdlib", "--skip-documents", skip,
+                    samples=SAMPLES)
     assert from_hf["accuracy"] == one["accuracy"] and from_hf["examples"] == one["examples"]
 
     # an untrained model of the same shape: chance (exact match of 5 random digits: 1e-5)

@@ -584,11 +584,14 @@ def heldout_documents(run_data: dict[str, Any], data: str | None, skip: int | No
     return docs, rule
 
 
-def filler_documents(run_data: dict[str, Any], data: str | None) -> tuple[list[str], str]:
-    """Filler text for passkey haystacks: --data, else the held-out part of the run's source when
-    there is one, else its training documents (filler content does not matter), else stdlib."""
+def filler_documents(run_data: dict[str, Any], data: str | None, skip: int | None = None) -> tuple[list[str], str]:
+    """Filler text for passkey haystacks and a label saying which: --data (from document `skip` on),
+    else the held-out part of the run's source when there is one, else its training documents
+    (filler content does not matter), else stdlib."""
     if data is not None:
-        return _load_docs(data, {}), data
+        docs = _load_docs(data, {})
+        k = min(skip or 0, max(len(docs) - 1, 0))
+        return docs[k:], f"{data} documents {k}.." if k else data
     src = run_data.get("source")
     if src and not src.startswith("passkey"):
         try:
@@ -597,7 +600,7 @@ def filler_documents(run_data: dict[str, Any], data: str | None) -> tuple[list[s
             docs = []
         used = int(run_data.get("max_documents") or 0)
         if docs:
-            return (docs[used:] or docs), src
+            return (docs[used:], f"{src} documents {used}.. (held out)") if docs[used:] else (docs, src)
     return _load_docs("stdlib", {}), "stdlib"
 
 
@@ -707,7 +710,8 @@ def _parser(metric: str) -> argparse.ArgumentParser:
         p.add_argument("--data", default=None,
                        help="held-out documents (file, folder, glob or 'stdlib'); default: the run's training "
                             "source from document data.max_documents on")
-        p.add_argument("--skip-documents", type=int, default=None, help="skip the first N documents of the source")
+    p.add_argument("--skip-documents", type=int, default=None,
+                   help="skip the first N documents of the text source (--data; for ppl also the run's)")
     p.add_argument("--tokenizer", default=None, help="'bytes' or tokenizer.json (default: as trained)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--nproc", type=int, default=None, help="start torchrun with N processes on this machine")
@@ -841,7 +845,7 @@ def _run(args, lengths: list[int], info: Loaded, tokenizer) -> int:
                 "world_size": env.world_size, "sp": args.sp, "sp_impl": impl if args.sp > 1 else None,
                 "device": str(device), "dtype": str(dtype).replace("torch.", ""), "seed": args.seed}
         if args.metric == "passkey":
-            docs, src = filler_documents(loaded.run_data, args.data)
+            docs, src = filler_documents(loaded.run_data, args.data, args.skip_documents)
             from longtrain.launcher.passkey import filler_tokens
 
             filler = filler_tokens(docs, tokenizer, 4 * max(lengths) * args.samples + 100_000)
