@@ -149,3 +149,30 @@ def test_hf_llama_to_moh_sp2_staged_then_export(tmp_path):
         dense = transformers.LlamaForCausalLM.from_pretrained(exported).eval()
     with torch.no_grad():
         assert torch.isfinite(dense(sample).logits).all()
+
+
+def test_hf_llama_continues_as_mixed_spans_with_sp2(tmp_path):
+    """init_from + model.attention: the LLaMA's weights continue as full + sliding-window layers (MoH on
+    top, sp=2); loss finite and falling, the plan kept in the checkpoint and the export; lightning refused."""
+    hf = make_hf_llama(tmp_path / "hf")
+    out = tmp_path / "run"
+    run_train(out, "training.steps=8", f"model.init_from={hf}", 'model.attention=["full","window:48"]',
+              "mesa.enabled=false", "training.dtype=fp32", recipe=RECIPE)
+    ls = [losses(out)[s] for s in range(1, 9)]
+    assert all(math.isfinite(v) for v in ls)
+    assert sum(ls[-3:]) / 3 < sum(ls[:3]) / 3 - 0.05, ls
+    meta = json.loads((out / "checkpoints" / "step_00000008" / "meta.json").read_text())
+    assert meta["model"]["attention"] == ["full", "window:48"]
+
+    from longtrain.launcher.convert import load_checkpoint_model
+    from longtrain.models.hf import save_hf_checkpoint
+
+    trained, _ = load_checkpoint_model(out / "checkpoints" / "step_00000008")
+    assert [str(s) for s in trained.spans] == ["full", "window:48"]
+    exported = save_hf_checkpoint(trained, tmp_path / "out")
+    assert json.loads((exported / "config.json").read_text())["longtrain_attention"] == ["full", "window:48"]
+
+    bad = run_train(tmp_path / "bad", "training.steps=2", f"model.init_from={hf}",
+                    'model.attention=["full","lightning"]', recipe=RECIPE, check=False)
+    assert bad.returncode == 2 and "lightning layers have no weights" in bad.stderr + bad.stdout
+    assert "Traceback" not in bad.stderr

@@ -199,3 +199,29 @@ def test_bad_folders_give_clear_errors(tmp_path):
     (path / "model.safetensors").unlink()
     with pytest.raises(FileNotFoundError, match="safetensors"):
         load_hf_checkpoint(path)
+
+
+def test_init_with_window_plan_matches_transformers_with_window_mask(tmp_path):
+    """Continue-tuning a LLaMA as a mixed-span model: the HF weights with every layer `window:W` equal
+    transformers' LlamaForCausalLM given the same sliding-window mask (fp32, 1e-4); lightning is refused."""
+    hf, path = make_hf(tmp_path, "gqa_llama3")
+    T, W = 40, 7
+    tokens = torch.randint(0, 97, (2, T), generator=torch.Generator().manual_seed(3))
+    i = torch.arange(T)
+    allowed = (i[None, :] <= i[:, None]) & (i[:, None] - i[None, :] < W)  # W keys, own token included
+    mask = torch.zeros(T, T).masked_fill(~allowed, float("-inf")).expand(2, 1, T, T)
+    with torch.no_grad():
+        ref = hf(tokens, attention_mask=mask).logits.float()
+        dense_ref = hf(tokens).logits.float()
+    ours = load_hf_checkpoint(path, attention=[f"window:{W}"]).eval()
+    assert [str(s) for s in ours.spans] == [f"window:{W}"] * 2
+    with torch.no_grad():
+        got = ours(tokens).float()
+    assert (ref - dense_ref).abs().max() > 1e-2  # the window matters at this length
+    torch.testing.assert_close(got, ref, atol=1e-4, rtol=0)
+    # a window wider than the sequence is full attention
+    with torch.no_grad():
+        wide = load_hf_checkpoint(path, attention=["full", f"window:{T}"]).eval()(tokens).float()
+    torch.testing.assert_close(wide, dense_ref, atol=1e-4, rtol=0)
+    with pytest.raises(ValueError, match="lightning layers have no weights"):
+        load_hf_checkpoint(path, attention=["full", "lightning"])

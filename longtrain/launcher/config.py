@@ -341,6 +341,14 @@ def validate(r: Recipe) -> None:
     if r.model.init_from is not None and not Path(r.model.init_from).is_dir():
         raise ConfigError(f"'model.init_from' folder not found: {r.model.init_from} (point it at a local Hugging Face "
                           "LLaMA folder: edit the recipe or pass --set model.init_from=DIR)")
+    if r.model.init_from is not None and (Path(r.model.init_from) / "config.json").is_file():
+        from longtrain.models.hf import hf_model_config  # reads config.json only: the plan and MoH split must fit
+
+        try:
+            hf_model_config(r.model.init_from, moh=r.model_config().moh if r.model.moh else None,
+                            attention=r.model.attention)
+        except (OSError, TypeError, ValueError, KeyError) as e:
+            raise ConfigError(f"model.init_from {r.model.init_from}: {e}") from None
     if r.model.init_from is None:
         try:
             mc = r.model_config()

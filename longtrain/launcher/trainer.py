@@ -78,11 +78,10 @@ def build_model(recipe: Recipe, tokenizer_vocab: int) -> Transformer:
 
         try:
             moh = recipe.model_config().moh if recipe.model.moh else None
-            model = load_hf_checkpoint(recipe.model.init_from, moh=moh, router_seed=recipe.run.seed)
+            model = load_hf_checkpoint(recipe.model.init_from, moh=moh, router_seed=recipe.run.seed,
+                                       attention=recipe.model.attention)
         except (OSError, ValueError, TypeError) as e:
             raise ConfigError(f"model.init_from {recipe.model.init_from}: {e}") from None
-        if recipe.model.attention is not None:
-            log.warning("model.attention is ignored with init_from (the HF model is all full attention)")
         longest = max([recipe.data.seq_len] + [s.seq_len or 0 for s in recipe.stages])
         if longest > model.cfg.max_seq_len:  # continue-tuned beyond the HF context: the config says so
             model.cfg.max_seq_len = longest

@@ -35,6 +35,7 @@ import torch
 from torch import nn
 
 from longtrain.models.config import ModelConfig, MoHConfig
+from longtrain.models.spans import layer_plan
 from longtrain.models.llama import Transformer, rope_inv_freq
 
 _ROPE_TYPES = ("default", "linear", "llama3")
@@ -108,8 +109,13 @@ def _rope_from_hf(hf: dict[str, Any]) -> tuple[float, dict[str, Any] | None]:
     return theta, scaling
 
 
-def hf_model_config(path_or_config: str | Path | dict[str, Any], *, moh: MoHConfig | None = None) -> ModelConfig:
-    """ModelConfig for an HF LLaMA folder (or its parsed config.json); `moh` converts to MoH."""
+def hf_model_config(path_or_config: str | Path | dict[str, Any], *, moh: MoHConfig | None = None,
+                    attention: list[str] | None = None) -> ModelConfig:
+    """ModelConfig for an HF LLaMA folder (or its parsed config.json); `moh` converts to MoH.
+
+    `attention` replaces the folder's per-layer span plan (full attention for a plain LLaMA): `full` and
+    `window:N` layers use the same weights, so a LLaMA continues as a MASFormer-style mix; `lightning`
+    layers have other parameters and are refused."""
     hf = path_or_config if isinstance(path_or_config, dict) else read_hf_config(path_or_config)
     if hf.get("model_type", "llama") != "llama":
         raise ValueError(f"model_type {hf.get('model_type')!r} is not 'llama'")
@@ -130,11 +136,14 @@ def hf_model_config(path_or_config: str | Path | dict[str, Any], *, moh: MoHConf
         norm_eps=float(hf.get("rms_norm_eps", 1e-6)), rope_theta=theta, rope_scaling=scaling,
         max_seq_len=int(hf.get("max_position_embeddings", 2048)),
         tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
-        attention=list(hf.get("longtrain_attention", ["full"])),
+        attention=list(attention if attention is not None else hf.get("longtrain_attention", ["full"])),
         moh=moh if moh is not None else (MoHConfig(**saved_moh) if saved_moh else None),
         init_std=float(hf.get("initializer_range", 0.02)),
     )
     cfg.validate()
+    if attention is not None and any(s.kind == "lightning" for s in layer_plan(cfg.attention, cfg.n_layers)):
+        raise ValueError(f"attention plan {list(attention)}: lightning layers have no weights in a LLaMA checkpoint "
+                         "(extra gate and norm, no GQA); continue-tune with 'full' and 'window:N' layers only")
     return cfg
 
 
@@ -161,16 +170,17 @@ def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
 
 
 def load_hf_checkpoint(path: str | Path, *, moh: MoHConfig | None = None, dtype: torch.dtype = torch.float32,
-                       router_seed: int = 0) -> Transformer:
+                       router_seed: int = 0, attention: list[str] | None = None) -> Transformer:
     """Load an HF LLaMA folder into a Transformer (parameters in `dtype`, on CPU).
 
     `moh` converts to Mixture-of-Head (shared heads = first `shared_heads` heads, see module doc);
-    new router weights are seeded by `router_seed`. The source config.json is kept as
+    new router weights are seeded by `router_seed`. `attention` sets the per-layer span plan (see
+    `hf_model_config`). The source config.json is kept as
     `model.hf_config` (token ids pass through to an export).
     """
     path = Path(path)
     hf = read_hf_config(path)
-    cfg = hf_model_config(hf, moh=moh)
+    cfg = hf_model_config(hf, moh=moh, attention=attention)
     raw = _read_tensors(path)
     sd: dict[str, torch.Tensor] = {}
     for name, t in raw.items():
