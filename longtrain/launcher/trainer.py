@@ -299,7 +299,10 @@ class Trainer:
 
     def train_step(self) -> dict[str, float]:
         r, lay = self.recipe, self.layout
-        torch.manual_seed(r.run.seed * 7919 + self.step * 104729 + lay.rank)  # exact resume, any world size
+        step_seed = r.run.seed * 7919 + self.step * 104729 + lay.rank
+        torch.manual_seed(step_seed)  # exact resume, any world size
+        if self.mesa is not None:  # stochastic rounding too
+            self.mesa.reseed(step_seed * 1_000_003 + 17)
         self._apply_stage()
         micro = [self._shard(b) for b in self._micro_batches()]
         local_count = sum(int((b["labels"] != -100).sum()) for b in micro)
@@ -342,6 +345,8 @@ class Trainer:
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
             self.scheduler.step()
+        if self.mesa is not None and lay.world > 1:
+            self._sync_mesa_ranges()
         dist.all_reduce(loss_sum)
         self.step += 1
         self.data_position += self.global_batch
@@ -351,6 +356,23 @@ class Trainer:
             out["aux_loss"] = aux_sum.item() / lay.world / len(micro)
         out["grad_norm"] = gnorm
         return out
+
+    def _sync_mesa_ranges(self) -> None:
+        """Average Mesa's running ranges over all ranks, once per step (one all-reduce).
+
+        Each rank observes its own tokens, so the estimates would drift apart, while a checkpoint
+        holds one copy (replicated buffers are saved once): every rank carrying the same state is
+        what makes a resumed run continue exactly, at any world size."""
+        bufs = [b for n, b in self.mesa.named_buffers() if n.endswith((".shift", ".span"))]
+        if not bufs:
+            return
+        flat = torch.cat([b.reshape(-1) for b in bufs])
+        dist.all_reduce(flat)
+        flat /= self.layout.world
+        i = 0
+        for b in bufs:
+            b.copy_(flat[i:i + b.numel()].view_as(b))
+            i += b.numel()
 
     # ---- loop -----------------------------------------------------------------------------
     def fit(self) -> dict[str, Any]:

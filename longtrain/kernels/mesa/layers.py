@@ -185,6 +185,7 @@ class MesaState(nn.Module):
             self.layer_ranges(i)
         self.last_report: dict[str, list[dict[str, Any]]] = {}
         self._generators: dict[str, torch.Generator] = {}
+        self._step_seed: int | None = None
 
     def layer_ranges(self, layer: int | str) -> _LayerRanges:
         key = _layer_key(layer)
@@ -209,12 +210,25 @@ class MesaState(nn.Module):
         key = str(device)
         if key not in self._generators:
             g = torch.Generator(device=device)
-            dist = torch.distributed
-            rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
-            # the same seed on every rank would draw the same noise for the same element positions
-            g.manual_seed(self.config.seed + 1_000_003 * rank)
+            if self._step_seed is not None:
+                g.manual_seed(self._step_seed)
+            else:
+                dist = torch.distributed
+                rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+                # the same seed on every rank would draw the same noise for the same element positions
+                g.manual_seed(self.config.seed + 1_000_003 * rank)
             self._generators[key] = g
         return self._generators[key]
+
+    def reseed(self, seed: int) -> None:
+        """Restart the stochastic-rounding generators from `seed` (give each rank and step its own).
+
+        The trainer calls this every step with a seed derived from (run seed, step, rank), so the
+        rounding noise of a step does not depend on how many steps this process has run: a resumed
+        run draws what an uninterrupted one would have."""
+        self._step_seed = int(seed) % (2**63 - 1)
+        for g in self._generators.values():
+            g.manual_seed(self._step_seed)
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
                               unexpected_keys, error_msgs) -> None:
