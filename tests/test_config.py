@@ -44,7 +44,7 @@ def test_int_accepted_for_float():
     ({"model": {"attention": ["full"] * 5}}, "only 4 layers"),
     ({"model": {"attention": ["full"] * 3}}, "does not divide"),
     ({"data": {"seq_len": 10**6}}, "max_seq_len"),
-    ({"mesa": {"enabled": True, "bits": 4}}, "mesa.bits"),
+    ({"mesa": {"enabled": True, "bits": 3}}, "mesa.bits"),
 ])
 def test_validation_names_the_key(data, needle):
     with pytest.raises(ConfigError, match=None) as e:

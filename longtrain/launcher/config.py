@@ -331,8 +331,8 @@ def validate(r: Recipe) -> None:
     _positive("checkpoint.keep_last", c.keep_last)
     _positive("metrics.log_every", r.metrics.log_every)
     if r.mesa.enabled:
-        if r.mesa.bits not in (8,):
-            raise ConfigError(f"'mesa.bits' must be 8 (other widths are not implemented), got {r.mesa.bits}")
+        if r.mesa.bits not in (1, 2, 4, 8):
+            raise ConfigError(f"'mesa.bits' must be 8, 4, 2 or 1 (codes are packed into bytes), got {r.mesa.bits}")
         _choice("mesa.group", r.mesa.group, ("head", "channel"))
         if not 0 <= r.mesa.ema_decay < 1:
             raise ConfigError(f"'mesa.ema_decay' must be in [0, 1), got {r.mesa.ema_decay}")
