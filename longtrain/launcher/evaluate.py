@@ -490,7 +490,8 @@ def plot_passkey(res: dict[str, Any], path: Path, title: str) -> None:
     """Heat map: x context length (tokens), y needle depth, colour accuracy (%)."""
     plt = _pyplot()
     acc = np.asarray(res["accuracy"]).T  # [depth, length]
-    fig, ax = plt.subplots(figsize=(1.6 + 1.1 * len(res["lengths"]), 1.8 + 0.55 * len(res["depths"])), dpi=110)
+    width = max(4.8, 1.6 + 1.1 * len(res["lengths"]))  # wide enough for the title with one length
+    fig, ax = plt.subplots(figsize=(width, 1.8 + 0.55 * len(res["depths"])), dpi=110)
     im = ax.imshow(acc, vmin=0, vmax=100, cmap="RdYlGn", aspect="auto", origin="upper")
     ax.set_xticks(range(len(res["lengths"])), [fmt_length(L) for L in res["lengths"]])
     ax.set_yticks(range(len(res["depths"])), [f"{d:g}" for d in res["depths"]])
@@ -501,7 +502,10 @@ def plot_passkey(res: dict[str, Any], path: Path, title: str) -> None:
             ax.text(x, y, f"{acc[y, x]:.0f}", ha="center", va="center", fontsize=9, color="black")
     cb = fig.colorbar(im, ax=ax)
     cb.set_label("accuracy (%)")
-    ax.set_title(f"{title}\n({res['samples']} samples per cell)", fontsize=9)
+    import textwrap
+
+    wrapped = "\n".join(textwrap.wrap(title, width=int(width * 9)))
+    ax.set_title(f"{wrapped}\n({res['samples']} samples per cell)", fontsize=9)
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
