@@ -386,3 +386,13 @@ def test_in_training_eval_logs_passkey_and_ppl(tmp_path, sp):
     ea = EventAccumulator(str(out / "tensorboard"))
     ea.Reload()
     assert "eval/passkey_acc@128" in ea.Tags()["scalars"] and "eval/ppl@256" in ea.Tags()["scalars"]
+
+
+def test_filler_skip_past_the_source_is_a_clear_error():
+    from longtrain.errors import DataError
+    from longtrain.launcher.evaluate import filler_documents
+
+    docs, label = filler_documents({}, "stdlib", 3)
+    assert docs and label == "stdlib documents 3.."
+    with pytest.raises(DataError, match="--skip-documents is 10000000"):
+        filler_documents({}, "stdlib", 10_000_000)

@@ -32,6 +32,7 @@ import re
 import subprocess
 import sys
 import time
+import textwrap
 import tomllib
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
@@ -502,8 +503,6 @@ def plot_passkey(res: dict[str, Any], path: Path, title: str) -> None:
             ax.text(x, y, f"{acc[y, x]:.0f}", ha="center", va="center", fontsize=9, color="black")
     cb = fig.colorbar(im, ax=ax)
     cb.set_label("accuracy (%)")
-    import textwrap
-
     wrapped = "\n".join(textwrap.wrap(title, width=int(width * 9)))
     ax.set_title(f"{wrapped}\n({res['samples']} samples per cell)", fontsize=9)
     fig.tight_layout()
@@ -594,7 +593,9 @@ def filler_documents(run_data: dict[str, Any], data: str | None, skip: int | Non
     (filler content does not matter), else stdlib."""
     if data is not None:
         docs = _load_docs(data, {})
-        k = min(skip or 0, max(len(docs) - 1, 0))
+        k = skip or 0
+        if not docs[k:]:
+            raise DataError(f"no filler text: --data {data} has {len(docs)} documents, --skip-documents is {k}")
         return docs[k:], f"{data} documents {k}.." if k else data
     src = run_data.get("source")
     if src and not src.startswith("passkey"):
