@@ -8,7 +8,7 @@ STAMP := $(VENV)/.longtrain-installed
 NPROC ?= 2
 PYTEST_ARGS ?=
 
-.PHONY: demo test bench setup clean-runs
+.PHONY: demo test bench gpu-check setup clean-runs
 
 setup: $(STAMP)
 
@@ -30,6 +30,13 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(VENV)/bin/longtrain bench step
+
+# One command on a CUDA box (docs/gpu.md): compiled Triton kernels, CUDA attention backends, simulated
+# rings, NCCL, a bf16 training run, timings. Installs nothing: `PYTHON=python3 make gpu-check` runs the
+# checkout with that interpreter (torch + triton + numpy + tensorboard are enough).
+GPU_CHECK_PY := $(if $(filter command line environment,$(origin PYTHON)),$(PYTHON),$(if $(wildcard $(PY)),$(PY),$(PYTHON)))
+gpu-check:
+	PYTHONPATH=$(CURDIR)$${PYTHONPATH:+:$$PYTHONPATH} $(GPU_CHECK_PY) -m longtrain.bench.gpu_check $(GPU_CHECK_ARGS)
 
 clean-runs:
 	rm -rf runs bench-results

@@ -15,9 +15,19 @@ Mask semantics (positions are global; i = query, j = key):
                   past cu_seqlens[-1] form one trailing document).
 Rows with no visible key give out = 0 and lse = -inf (no NaN in forward or backward).
 
-Backends (a detail, same math): on CPU the torch flash-attention CPU op and its
-backward; on CUDA flash-attn when importable and the mask is expressible, else a
-plain fp32 math path. `LONGTRAIN_ATTENTION_BACKEND=math` forces the math path.
+Backends (a detail, same math; `choose_backend` picks one, a pure function):
+  cpu           torch's flash-attention CPU op and its backward (explicit mask for partial blocks)
+  flash         flash-attn (CUDA, fp16/bf16) when importable and the mask is expressible
+                (full, top-left causal with Sq == Sk, bottom-right causal window)
+  sdpa_flash    torch's fused CUDA flash kernel (fp16/bf16, head_dim % 8 == 0, <= 256) for full
+                and top-left causal blocks; it returns the log-sum-exp, and its backward takes
+                the final (merged) out and lse, exactly what a ring needs
+  sdpa_efficient torch's memory-efficient CUDA kernel, same role, any float dtype
+  flex          FlexAttention (compiled) with a block mask for every other block (documents,
+                windows, causal at offsets); backward through its differentiable lse
+  math          fp32 einsum with an explicit S x S mask: the reference, and for blocks with
+                Sq*Sk <= MATH_MAX_PAIRS on CUDA, where launching a fused kernel costs more
+`LONGTRAIN_ATTENTION_BACKEND=<name>` forces one (e.g. math, as the reference).
 """
 
 from __future__ import annotations
@@ -140,7 +150,7 @@ def _flash_attn():
                       getattr(flash_attn, "__version__", "?"))
         except Exception:  # noqa: BLE001 - any import failure means "not available"
             _FLASH = False
-            _log.info("attention_block: flash-attn not importable; CUDA uses the torch math path")
+            _log.info("attention_block: flash-attn not importable; CUDA uses torch's fused SDPA kernels and FlexAttention")
     return _FLASH or None
 
 
@@ -165,16 +175,49 @@ class _Spec:
                           causal=self.causal, window=self.window, bounds=self.bounds, device=device)
 
 
-def _backend(q: torch.Tensor, spec: _Spec) -> str:
-    forced = os.environ.get("LONGTRAIN_ATTENTION_BACKEND")
+BACKENDS = ("cpu", "flash", "sdpa_flash", "sdpa_efficient", "flex", "math")
+MATH_MAX_PAIRS = 128 * 128  # on CUDA, blocks with Sq*Sk at most this use math (<= 64 KiB of scores a head)
+_LOGGED: set = set()
+
+
+def choose_backend(device_type: str, dtype: torch.dtype, kind: str, *, flash_installed: bool,
+                   flash_expressible: bool, head_dim: int, sq: int, sk: int,
+                   forced: str | None = None) -> str:
+    """Which kernel computes a block: a pure function of device, dtype, block kind and packages.
+
+    kind: 'full' | 'causal' (top-left aligned, no other mask) | 'partial' (anything else:
+    documents, windows, causal at offsets). flash_expressible: flash-attn's (bottom-right)
+    masks can express the block. Returns one of BACKENDS (see the module docstring).
+    """
     if forced:
+        if forced not in BACKENDS:
+            raise ValueError(f"LONGTRAIN_ATTENTION_BACKEND={forced!r}: use one of {', '.join(BACKENDS)}")
         return forced
-    if q.device.type == "cpu":
+    if device_type == "cpu":
         return "cpu"
-    if q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) and _flash_window(spec) is not None \
-            and _flash_attn() is not None:
+    if device_type != "cuda" or sq * sk <= MATH_MAX_PAIRS:
+        return "math"
+    half = dtype in (torch.float16, torch.bfloat16)
+    if half and flash_installed and flash_expressible and head_dim % 8 == 0 and head_dim <= 256:
         return "flash"
-    return "math"
+    if kind in ("full", "causal"):
+        return "sdpa_flash" if half and head_dim % 8 == 0 and head_dim <= 256 else "sdpa_efficient"
+    return "flex"
+
+
+def _backend(q: torch.Tensor, spec: _Spec) -> str:
+    forced = os.environ.get("LONGTRAIN_ATTENTION_BACKEND") or None
+    half = q.dtype in (torch.float16, torch.bfloat16)
+    name = choose_backend(q.device.type, q.dtype, spec.kind,
+                          flash_installed=q.is_cuda and half and _flash_attn() is not None,
+                          flash_expressible=_flash_window(spec) is not None,
+                          head_dim=q.shape[-1], sq=spec.sq, sk=spec.sk, forced=forced)
+    key = (q.device.type, q.dtype, spec.kind, name)
+    if key not in _LOGGED and q.device.type != "cpu":
+        _LOGGED.add(key)
+        _log.info("attention_block: %s %s %s blocks -> %s", q.device.type, str(q.dtype).replace("torch.", ""),
+                  spec.kind, name)
+    return name
 
 
 def _flash_window(spec: _Spec):
@@ -285,6 +328,174 @@ def _flash_backward(dout, q, k, v, out, lse, spec: _Spec):
     return dq, dk, dv
 
 
+def _sdpa_flash_ok(q: torch.Tensor) -> bool:
+    return q.dtype in (torch.float16, torch.bfloat16) and q.shape[-1] % 8 == 0 and q.shape[-1] <= 256
+
+
+_FLASH_AUX: dict = {}  # device -> (cum_seq_q, cum_seq_k, rng_state, unused) of a dense forward
+_EFF_LSE_WIDTH: dict = {}  # Sq -> width of the efficient kernel's lse (it pads rows on some versions)
+
+
+def _sdpa_forward(q, k, v, spec: _Spec, efficient: bool):
+    """torch's fused CUDA kernels (flash / memory-efficient) for full and top-left causal blocks."""
+    hq, sq = q.shape[2], q.shape[1]
+    qt, kt, vt = _t(q), _t(_expand_kv(k, hq)), _t(_expand_kv(v, hq))
+    causal = spec.kind == "causal"
+    if not efficient:
+        res = torch.ops.aten._scaled_dot_product_flash_attention(qt, kt, vt, 0.0, causal, False,
+                                                                 scale=spec.scale)
+        out, lse = res[0], res[1]
+        # the dense (not varlen) markers and rng state of a no-dropout call: the backward needs
+        # these exact objects (an empty int64 tensor would send it down the varlen path)
+        _FLASH_AUX[q.device] = (res[2], res[3], res[6], res[7])
+    else:
+        out, lse, _, _ = torch.ops.aten._scaled_dot_product_efficient_attention(
+            qt, kt, vt, None, True, 0.0, causal, scale=spec.scale)
+        _EFF_LSE_WIDTH[sq] = lse.shape[-1]
+        lse = lse[..., :sq]
+    return _t(out), lse
+
+
+def _philox(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    z = torch.zeros((), dtype=torch.int64, device=device)  # dropout 0: never read
+    return z, z
+
+
+def _reduce_kv_grad(g: torch.Tensor, hkv: int) -> torch.Tensor:
+    b, sk, hq, d = g.shape
+    return g if hq == hkv else g.view(b, sk, hkv, hq // hkv, d).sum(3)
+
+
+def _sdpa_backward(dout, q, k, v, out, lse, spec: _Spec, efficient: bool):
+    hq, hkv, sq, sk = q.shape[2], k.shape[2], q.shape[1], k.shape[1]
+    qt, kt, vt = _t(q), _t(_expand_kv(k, hq)), _t(_expand_kv(v, hq))
+    causal = spec.kind == "causal"
+    if not efficient:
+        if q.device not in _FLASH_AUX:  # backward before any forward in this process: make the markers
+            _sdpa_forward(q[:, :1], k[:, :1], v[:, :1], _Spec(1, 1, False, spec.scale, None, 0, 0, None), False)
+        cq, ck, seed, offset = _FLASH_AUX[q.device]
+        dq, dk, dv = torch.ops.aten._scaled_dot_product_flash_attention_backward(
+            _t(dout), qt, kt, vt, _t(out), lse, cq, ck, sq, sk, 0.0, causal, seed, offset,
+            scale=spec.scale)
+    else:
+        width = _EFF_LSE_WIDTH.get(sq, sq)
+        if width != sq:
+            lse = torch.nn.functional.pad(lse, (0, width - sq))
+        dq, dk, dv, _ = torch.ops.aten._scaled_dot_product_efficient_attention_backward(
+            _t(dout), qt, kt, vt, None, _t(out), lse, *_philox(q.device), 0.0, [True, True, True, False], causal,
+            scale=spec.scale)
+    return _t(dq), _reduce_kv_grad(_t(dk), hkv), _reduce_kv_grad(_t(dv), hkv)
+
+
+_FLEX: dict = {}
+
+
+def _flex_fn():
+    """FlexAttention, compiled on CUDA (eager flex materialises the scores)."""
+    if "fn" not in _FLEX:
+        from torch.nn.attention.flex_attention import flex_attention
+        # automatic dynamic shapes: ring blocks come in a few sizes; after the first recompile one
+        # dynamic kernel serves them all instead of one compile per size (and the recompile limit)
+        _FLEX["fn"] = torch.compile(flex_attention)
+        # shapes x dtypes x grad mode (forward under no_grad, recompute under grad) exceed the
+        # default limit of 8 compiled variants, after which dynamo would silently run eager flex
+        cfg = torch._dynamo.config
+        name = "recompile_limit" if hasattr(cfg, "recompile_limit") else "cache_size_limit"
+        setattr(cfg, name, max(getattr(cfg, name), 64))
+    return _FLEX["fn"]
+
+
+_MASKS: dict = {}
+
+
+def _flex_block_mask(spec: _Spec, device: torch.device):
+    """BlockMask of the block's mask (cached by the block's geometry)."""
+    key = (spec.sq, spec.sk, spec.q_offset, spec.k_offset, spec.causal, spec.window, spec.bounds, str(device))
+    bm = _MASKS.get(key)
+    if bm is not None:
+        return bm
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    q_off, k_off, causal, window = spec.q_offset, spec.k_offset, spec.causal, spec.window
+    if spec.bounds is not None:
+        qd = _doc_ids(torch.arange(q_off, q_off + spec.sq, device=device), spec.bounds)
+        kd = _doc_ids(torch.arange(k_off, k_off + spec.sk, device=device), spec.bounds)
+    else:
+        qd = kd = None
+
+    def mask_mod(b, h, qi, kj):
+        i, j = qi + q_off, kj + k_off
+        keep = i >= 0  # all-true of the right shape
+        if causal:
+            keep = keep & (j <= i)
+        if window is not None:
+            keep = keep & (j > i - window)
+            if not causal:
+                keep = keep & (j < i + window)
+        if qd is not None:
+            keep = keep & (qd[qi] == kd[kj])
+        return keep
+
+    try:  # compiled mask construction never holds the Sq x Sk boolean mask
+        bm = create_block_mask(mask_mod, None, None, spec.sq, spec.sk, device=device,
+                               _compile=device.type == "cuda" and spec.sq * spec.sk > 1 << 24)
+    except TypeError:
+        bm = create_block_mask(mask_mod, None, None, spec.sq, spec.sk, device=device)
+    if len(_MASKS) > 256:
+        _MASKS.clear()
+    _MASKS[key] = bm
+    return bm
+
+
+def _flex_call(q, k, v, spec: _Spec):
+    fn = _flex_fn() if q.is_cuda else __import__("torch.nn.attention.flex_attention",
+                                                 fromlist=["flex_attention"]).flex_attention
+    out, lse = fn(_t(q), _t(k), _t(v), block_mask=_flex_block_mask(spec, q.device), scale=spec.scale,
+                  enable_gqa=q.shape[2] != k.shape[2], return_lse=True)
+    return _t(out), lse
+
+
+def _flex_forward(q, k, v, spec: _Spec):
+    with torch.no_grad():
+        return _flex_call(q, k, v, spec)
+
+
+def backward_through_lse(fwd, dout, q, k, v, out, lse, spec: _Spec):
+    """Block gradients for the FINAL (merged) out/lse, by autograd through a differentiable
+    forward `fwd(q, k, v, spec) -> (out_b, lse_b)` of the block alone (FlexAttention's).
+
+    With c = exp(lse_b - lse) per row, the block's true gradient equals autograd through
+    (out_b, lse_b) with grad_out = c*dout and grad_lse = c*(rowsum(dout*out_b) - rowsum(dout*out)).
+    """
+    with torch.enable_grad():
+        qd, kd, vd = (x.detach().requires_grad_() for x in (q, k, v))
+        ob, lb = fwd(qd, kd, vd, spec)
+        do = dout.float()
+        c = torch.exp(lb.detach().float() - lse)  # [B,H,Sq]; 0 where either side is dead
+        delta = (do * out.float()).sum(-1).transpose(1, 2)
+        delta_b = (do * ob.detach().float()).sum(-1).transpose(1, 2)
+        g_out = (do * c.transpose(1, 2)[..., None]).to(ob.dtype)
+        g_lse = (c * (delta_b - delta)).to(lb.dtype)
+        dq, dk, dv = torch.autograd.grad((ob, lb), (qd, kd, vd), (g_out, g_lse))
+    return dq, dk, dv
+
+
+def _flex_backward(dout, q, k, v, out, lse, spec: _Spec):
+    return backward_through_lse(_flex_call, dout, q, k, v, out, lse, spec)
+
+
+_FORWARDS = {
+    "cpu": _cpu_forward, "math": _math_forward, "flash": _flash_forward, "flex": _flex_forward,
+    "sdpa_flash": lambda q, k, v, s: _sdpa_forward(q, k, v, s, efficient=False),
+    "sdpa_efficient": lambda q, k, v, s: _sdpa_forward(q, k, v, s, efficient=True),
+}
+_BACKWARDS = {
+    "cpu": _cpu_backward, "math": _math_backward, "flash": _flash_backward, "flex": _flex_backward,
+    "sdpa_flash": lambda *a: _sdpa_backward(*a, efficient=False),
+    "sdpa_efficient": lambda *a: _sdpa_backward(*a, efficient=True),
+}
+
+
 # ----------------------------------------------------------------------------- block API
 
 
@@ -315,9 +526,7 @@ def block_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: _Spec
     if spec.kind == "empty":
         return (q.new_zeros(b, sq, hq, d),
                 torch.full((b, hq, sq), NEG_INF, dtype=torch.float32, device=q.device))
-    backend = _backend(q, spec)
-    fwd = {"cpu": _cpu_forward, "flash": _flash_forward, "math": _math_forward}[backend]
-    out, lse = fwd(q, k, v, spec)
+    out, lse = _FORWARDS[_backend(q, spec)](q, k, v, spec)
     return out, lse.float()
 
 
@@ -340,9 +549,7 @@ def block_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torc
         nrm = (do * do).sum(-1)  # [B,S,H]
         coef = torch.where(nrm > 0, delta.transpose(1, 2) / nrm.clamp_min(1e-30), torch.zeros_like(nrm))
         out = (do * coef[..., None]).to(dout.dtype)
-    backend = _backend(q, spec)
-    bwd = {"cpu": _cpu_backward, "flash": _flash_backward, "math": _math_backward}[backend]
-    return bwd(dout, q, k, v, out, lse, spec)
+    return _BACKWARDS[_backend(q, spec)](dout, q, k, v, out, lse, spec)
 
 
 class _AttentionBlockFn(torch.autograd.Function):

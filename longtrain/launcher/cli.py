@@ -13,7 +13,7 @@ import sys
 
 from longtrain.errors import LongtrainError
 
-BENCHES = ("step", "sp", "lightning", "mesa", "models", "moh")
+BENCHES = ("step", "sp", "lightning", "mesa", "models", "moh", "gpu-check")
 
 
 def _error(msg: str) -> int:
@@ -80,7 +80,7 @@ def cmd_bench(argv: list[str]) -> int:
     if name not in BENCHES:
         return _error(f"unknown bench {name!r}; choose one of: {', '.join(BENCHES)}")
     try:
-        mod = importlib.import_module(f"longtrain.bench.{name}")
+        mod = importlib.import_module(f"longtrain.bench.{name.replace('-', '_')}")
     except ModuleNotFoundError as e:
         return _error(f"bench {name!r} is not available ({e})")
     return int(mod.main(argv[1:]) or 0)

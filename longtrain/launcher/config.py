@@ -79,6 +79,7 @@ class TrainingSection:
     dtype: str = "fp32"  # fp32 | bf16
     activation_checkpointing: bool = False
     device: str = "auto"  # auto | cpu | cuda
+    compile: bool = False  # torch.compile each transformer block (attention kernels stay outside)
 
 
 @dataclass

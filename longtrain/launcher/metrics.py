@@ -25,6 +25,24 @@ def peak_flops(device: torch.device) -> float | None:
     return next((v for k, v in PEAK_FLOPS.items() if k in name), None)
 
 
+def train_flops_per_token(cfg: Any, seq_len: int) -> float:
+    """Training FLOPs per token: 6 x parameters (input embedding excluded: a lookup) plus causal
+    attention counted once, 6 * seq_len * n_heads * head_dim per full layer (the common
+    12*L*H*Q*T form counts the masked half too, torchtitan #341); a window of N keys costs
+    min(N, seq_len)/seq_len x 2 of that, lightning layers have no quadratic term."""
+    from longtrain.models.spans import layer_plan
+
+    n = cfg.n_params - cfg.vocab_size * cfg.dim  # input embedding: no matmul
+    attn = 0.0
+    for span in layer_plan(list(cfg.attention or ["full"]), cfg.n_layers):
+        if span.kind == "full":
+            attn += 6 * seq_len * cfg.n_heads * cfg.head_dim
+        elif span.kind == "window":
+            w = min(span.window or seq_len, seq_len)
+            attn += 12 * (w - w * w / (2 * seq_len)) * cfg.n_heads * cfg.head_dim
+    return 6.0 * n + attn
+
+
 def memory_mb(device: torch.device) -> float:
     """CUDA max allocated on GPU, process RSS on CPU (MiB)."""
     if device.type == "cuda":

@@ -18,7 +18,7 @@ from longtrain.launcher.checkpoint import Checkpointer, read_meta
 from longtrain.launcher.config import Recipe, save_resolved
 from longtrain.launcher.data import PackedCorpus, build_tokenizer, collate, load_documents
 from longtrain.launcher.env import init_distributed
-from longtrain.launcher.metrics import Metrics, memory_mb, peak_flops
+from longtrain.launcher.metrics import Metrics, memory_mb, peak_flops, train_flops_per_token
 from longtrain.models import LocalAttention, Transformer, lm_loss_sum
 
 log = logging.getLogger("longtrain")
@@ -110,6 +110,21 @@ def enable_mesa(model: Transformer, recipe: Recipe) -> Any:
     return attach_mesa(model, cfg)
 
 
+def compile_blocks(model: Transformer, mesa: bool) -> None:
+    """training.compile: torch.compile every transformer block in place, as torchtitan does.
+
+    Attention (softmax, sequence-parallel, lightning) runs outside the compiled graphs: the
+    AttentionOps methods are marked torch.compiler.disable, so the block compiles around them;
+    fused kernels do that work anyway. Mesa's saved-tensor hooks cannot be traced, so the two
+    are refused together rather than silently running eager.
+    """
+    if mesa:
+        raise ConfigError("training.compile = true with mesa.enabled = true is not supported (Mesa's "
+                          "saved-tensor hooks cannot be compiled); turn one of them off")
+    for block in model.layers:
+        block.compile()
+
+
 def resolve_sp_impl(impl: str, cfg) -> str:
     """'auto': TokenRing for multi-head attention (Q and K,V weigh the same on the wire, and TokenRing
     uses both link directions), ring for GQA/MQA (K,V are smaller than Q, so moving K,V is cheaper).
@@ -145,6 +160,8 @@ class Trainer:
         self.mesa = enable_mesa(self.model, r)
         self.model.activation_checkpointing = r.training.activation_checkpointing
         self.model.to(self.device)
+        if r.training.compile:
+            compile_blocks(self.model, self.mesa is not None)
         self.dtype = torch.bfloat16 if r.training.dtype == "bf16" else torch.float32
         self.engine = r.parallel.dp_engine
         self.ds_engine = None
@@ -310,12 +327,13 @@ class Trainer:
         self._apply_stage()
         micro = [self._shard(b) for b in self._micro_batches()]
         local_count = sum(int((b["labels"] != -100).sum()) for b in micro)
-        counts = torch.tensor([float(local_count)], dtype=torch.float64)
+        # on the training device: NCCL has no CPU tensors (make gpu-check found this on its first run)
+        counts = torch.tensor([float(local_count)], dtype=torch.float64, device=self.device)
         dist.all_reduce(counts)
         global_count = counts.item()
         scale = lay.world / max(global_count, 1.0)  # engines average grads over all ranks
-        loss_sum = torch.zeros((), dtype=torch.float64)
-        aux_sum = torch.zeros((), dtype=torch.float64)
+        loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
+        aux_sum = torch.zeros((), dtype=torch.float64, device=self.device)
         amp = (torch.autocast(self.device.type, dtype=torch.bfloat16)
                if self.dtype == torch.bfloat16 and self.engine == "ddp" else nullcontext())
         for i, b in enumerate(micro):
@@ -398,7 +416,7 @@ class Trainer:
         first_step = self.step
         history: list[float] = []
         peak = peak_flops(self.device)
-        flops_per_token = 6 * self.model.cfg.n_params
+        flops_per_token = train_flops_per_token(self.model.cfg, r.data.seq_len)
         evaluator = self._evaluator()
         try:
             while self.step < r.training.steps:

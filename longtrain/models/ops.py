@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from typing import Protocol
 
+import torch
 from torch import Tensor
 
 
@@ -30,6 +31,7 @@ class LocalAttention:
     def __init__(self, cu_seqlens: Tensor | None = None) -> None:
         self.cu_seqlens = cu_seqlens
 
+    @torch.compiler.disable  # fused kernels / communication: outside compiled graphs (training.compile)
     def softmax(self, q: Tensor, k: Tensor, v: Tensor, *, window: int | None = None,
                 softmax_scale: float | None = None) -> Tensor:
         from longtrain.kernels import attention_block
@@ -38,6 +40,7 @@ class LocalAttention:
                                  cu_seqlens=self.cu_seqlens)
         return out
 
+    @torch.compiler.disable
     def linear(self, q: Tensor, k: Tensor, v: Tensor, decay: Tensor) -> Tensor:
         from longtrain.kernels import lightning_attention
 

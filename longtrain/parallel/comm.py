@@ -43,6 +43,12 @@ class Counters:
 
 COUNTERS = Counters()
 
+# A stand-in for torch.distributed's point-to-point layer (None = the real one): an object with
+# global_rank(group, peer) -> int and start(group, recvs, sends) -> list of objects with wait().
+# parallel/simulate.py installs one that runs the ranks of a ring as threads of one process
+# (a ring on one GPU); the P2P trace tests install one that records every operation.
+TRANSPORT = None
+
 
 def nbytes(*tensors: torch.Tensor) -> int:
     return sum(t.numel() * t.element_size() for t in tensors)
@@ -61,6 +67,8 @@ class P2P:
         self.sends: list[tuple[torch.Tensor, int, int]] = []
 
     def _global(self, peer: int) -> int:
+        if TRANSPORT is not None:
+            return TRANSPORT.global_rank(self.group, peer)
         return dist.get_global_rank(self.group, peer) if self.group is not None else peer
 
     def recv(self, t: torch.Tensor, peer: int, direction: str, tag: int = 0) -> torch.Tensor:
@@ -81,6 +89,9 @@ class P2P:
             COUNTERS.sends_by_kind[kind] += 1
 
     def start(self) -> "Handles":
+        if TRANSPORT is not None:
+            recvs, sends, self.recvs, self.sends = self.recvs, self.sends, [], []
+            return Handles(TRANSPORT.start(self.group, recvs, sends))
         ops = [dist.P2POp(dist.irecv, t, p, self.group, tag) for t, p, tag in self.recvs]
         ops += [dist.P2POp(dist.isend, t, p, self.group, tag) for t, p, tag in self.sends]
         self.recvs, self.sends = [], []

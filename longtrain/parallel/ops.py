@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch.distributed as dist
+import torch
 from torch import Tensor
 
 
@@ -18,6 +19,7 @@ class SequenceParallelOps:
         self.cu_seqlens = cu_seqlens
         self.ulysses_degree = ulysses_degree or None
 
+    @torch.compiler.disable  # fused kernels / communication: outside compiled graphs (training.compile)
     def softmax(self, q: Tensor, k: Tensor, v: Tensor, *, window: int | None = None,
                 softmax_scale: float | None = None) -> Tensor:
         from longtrain.parallel.sp_attention import sequence_parallel_attention
@@ -29,6 +31,7 @@ class SequenceParallelOps:
                                            softmax_scale=softmax_scale, window=window,
                                            cu_seqlens=self.cu_seqlens, ulysses_degree=self.ulysses_degree)
 
+    @torch.compiler.disable
     def linear(self, q: Tensor, k: Tensor, v: Tensor, decay: Tensor) -> Tensor:
         from longtrain.parallel.linear_sp import linear_sp_attention
 

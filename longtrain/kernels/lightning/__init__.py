@@ -20,6 +20,7 @@ from .decay import tnl_decay
 from .naive import naive_lightning_attention
 
 BACKENDS = ("auto", "torch", "triton", "naive")
+TRITON_MAX_HEAD_DIM = 64
 
 
 def _triton_available() -> bool:
@@ -35,7 +36,7 @@ def lightning_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, decay
     q, k: [B, S, H, Dk]; v: [B, S, H, Dv]; decay: [H] rates s >= 0 (not trained).
     initial_state: [B, H, Dk, Dv] (any float dtype; used in fp32).
     cu_seqlens: int [n_docs + 1] from 0 to S, shared by all batch rows.
-    backend: "auto" (triton on CUDA when importable, else "torch"), "torch"
+    backend: "auto" (triton on CUDA when importable and Dk, Dv <= 64, else "torch"), "torch"
     (blocked, any device), "triton", "naive" (token recurrence, reference only).
     block_size: tokens per block (default 64; triton needs a power of two >= 16).
     Returns out [B, S, H, Dv] in q's dtype, and with return_state the final state
@@ -54,7 +55,10 @@ def lightning_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, decay
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     if backend == "auto":
-        backend = "triton" if q.is_cuda and _triton_available() else "torch"
+        # the Triton backward keeps whole [C, D] tiles and two [D, D] states on chip: above 64 it
+        # needs more shared memory than an H100/H200 has (352 KiB at D = 128, make gpu-check)
+        fits = max(Dk, v.shape[-1]) <= TRITON_MAX_HEAD_DIM
+        backend = "triton" if q.is_cuda and fits and _triton_available() else "torch"
     kwargs = dict(initial_state=initial_state, return_state=return_state, cu_seqlens=cu_seqlens)
     if backend == "naive":
         out = naive_lightning_attention(q, k, v, decay, **kwargs)

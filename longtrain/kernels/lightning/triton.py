@@ -29,7 +29,9 @@ def _autotune(key: list[str]):
     def wrap(fn):
         if INTERPRET:
             return fn
-        configs = [triton.Config({}, num_warps=w, num_stages=s) for w in (4, 8) for s in (1, 2, 3)]
+        # two configs, not six: each costs a compile per kernel and flag set on first use (six took
+        # 180 s before the first fp32 step on an H200; make gpu-check), none spilled
+        configs = [triton.Config({}, num_warps=4, num_stages=1), triton.Config({}, num_warps=8, num_stages=2)]
         return triton.autotune(configs=configs, key=key)(fn)
     return wrap
 
