@@ -73,3 +73,95 @@ def run_distributed(fn: Callable, world_size: int, *args: Any, threads: int = 1,
     if errors:
         raise RuntimeError("distributed worker failed\n" + "\n".join(errors))
     return [results[r] for r in range(world_size)]
+
+
+# ----------------------------------------------------------------------------- P2P traces
+
+
+def _comm_name(group: "dist.ProcessGroup | None") -> str:
+    if group is None or group == dist.group.WORLD:
+        return "WORLD"
+    return str(getattr(group, "group_name", None) or dist._get_process_group_name(group))  # noqa: SLF001
+
+
+class TraceTransport:
+    """Records every point-to-point operation of the sequence-parallel code, then performs it.
+
+    Install as `longtrain.parallel.comm.TRANSPORT` in a worker; `ops` lists, in issue order,
+    dicts with comm (name), ranks (global ranks of the comm), op ('send' | 'recv'), me and peer
+    (global ranks), tag, numel, shape, dtype, contiguous, batch (index of the P2P.start call).
+    With `deliver=False` nothing is sent (a dry run: receive buffers keep their contents).
+    """
+
+    def __init__(self, deliver: bool = True) -> None:
+        self.ops: list[dict[str, Any]] = []
+        self.deliver = deliver
+        self.batches = 0
+
+    def global_rank(self, group, peer: int) -> int:
+        return dist.get_global_rank(group, peer) if group is not None else peer
+
+    def start(self, group, recvs, sends) -> list:
+        name = _comm_name(group)
+        ranks = tuple(dist.get_process_group_ranks(group if group is not None else dist.group.WORLD))
+        me = dist.get_rank()
+        for kind, items in (("recv", recvs), ("send", sends)):
+            for t, peer, tag in items:
+                self.ops.append({"comm": name, "ranks": ranks, "op": kind, "me": me, "peer": peer, "tag": tag,
+                                 "numel": t.numel(), "shape": tuple(t.shape), "dtype": str(t.dtype),
+                                 "contiguous": t.is_contiguous(), "batch": self.batches})
+        self.batches += 1
+        if not self.deliver:
+            return []
+        ops = [dist.P2POp(dist.irecv, t, p, group, tag) for t, p, tag in recvs]
+        ops += [dist.P2POp(dist.isend, t, p, group, tag) for t, p, tag in sends]
+        return dist.batch_isend_irecv(ops) if ops else []
+
+    def record_collective(self, op: str, group, tensor) -> None:
+        self.ops.append({"comm": _comm_name(group), "op": op, "me": dist.get_rank(), "numel": tensor.numel(),
+                         "dtype": str(tensor.dtype), "contiguous": tensor.is_contiguous(),
+                         "ranks": tuple(dist.get_process_group_ranks(group if group is not None else dist.group.WORLD))})
+
+
+def check_pairing(traces: list[list[dict[str, Any]]]) -> list[str]:
+    """Problems that would hang or corrupt NCCL in per-rank traces (empty list = none).
+
+    NCCL matches the point-to-point messages between two ranks on one communicator by order
+    alone (no tags): the k-th send a -> b must meet the k-th receive b <- a with the same
+    element count and dtype. Peers must be members of the communicator (global ranks), no
+    buffer may be non-contiguous, and every member of a communicator must issue the same
+    sequence of collectives.
+    """
+    problems: list[str] = []
+    sends: dict[tuple, list[dict]] = {}
+    recvs: dict[tuple, list[dict]] = {}
+    colls: dict[str, dict[int, list[tuple]]] = {}
+    for trace in traces:
+        for o in trace:
+            if not o["contiguous"]:
+                problems.append(f"rank {o['me']}: non-contiguous {o['op']} buffer {o.get('shape')} on {o['comm']}")
+            if o["op"] in ("send", "recv"):
+                if o["peer"] not in o["ranks"]:
+                    problems.append(f"rank {o['me']}: {o['op']} peer {o['peer']} is not a member "
+                                    f"{o['ranks']} of {o['comm']} (a group rank passed as a global one?)")
+                if o["op"] == "send":
+                    sends.setdefault((o["comm"], o["me"], o["peer"]), []).append(o)
+                else:
+                    recvs.setdefault((o["comm"], o["peer"], o["me"]), []).append(o)
+            else:
+                colls.setdefault(o["comm"], {}).setdefault(o["me"], []).append((o["op"], o["numel"], o["dtype"]))
+    for key in sorted(set(sends) | set(recvs)):
+        s, r = sends.get(key, []), recvs.get(key, [])
+        comm, a, b = key
+        if len(s) != len(r):
+            problems.append(f"{comm}: rank {a} sends {len(s)} messages to rank {b}, which posts {len(r)} receives")
+        for i, (x, y) in enumerate(zip(s, r)):
+            if (x["numel"], x["dtype"]) != (y["numel"], y["dtype"]):
+                problems.append(f"{comm}: message {i} from rank {a} to {b}: sent {x['numel']} x {x['dtype']} "
+                                f"(tag {x['tag']}), received into {y['numel']} x {y['dtype']} (tag {y['tag']})")
+                break
+    for comm, per_rank in colls.items():
+        seqs = list(per_rank.values())
+        if any(sq != seqs[0] for sq in seqs[1:]):
+            problems.append(f"{comm}: members issue different collective sequences {per_rank}")
+    return problems

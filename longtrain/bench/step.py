@@ -85,6 +85,8 @@ def main(argv: list[str]) -> int:
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--engine", action="append", default=None, help="fsdp2 and/or ddp (default both)")
+    ap.add_argument("--compile", action="store_true",
+                    help="also run each engine with training.compile = true (compiled vs eager tokens/s)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
 
@@ -92,13 +94,19 @@ def main(argv: list[str]) -> int:
 
     rows = []
     for engine in args.engine or ["fsdp2", "ddp"]:
-        sets = [*args.overrides, f"parallel.dp_engine={engine}", "checkpoint.resume=none",
-                "run.output_dir=/tmp/longtrain-bench-step"]
-        # a fresh process per engine, so one engine's state cannot slow the next
-        (ours, plain), = run_distributed(_worker, 1, args.recipe, sets, args.steps, args.warmup,
-                                         threads=torch.get_num_threads(), timeout=1800)
-        rows.append({"engine": engine, "longtrain_tok_s": ours, "plain_eager_tok_s": plain,
-                     "ratio": ours / plain})
-    print_table(rows)
-    write_json("step", {"recipe": args.recipe, "steps": args.steps, "rows": rows}, args.out)
+        for compiled in ([False, True] if args.compile else [False]):
+            sets = [*args.overrides, f"parallel.dp_engine={engine}", "checkpoint.resume=none",
+                    "run.output_dir=/tmp/longtrain-bench-step", f"training.compile={str(compiled).lower()}"]
+            # a fresh process per arm, so one arm's state (or compiled code) cannot touch the next
+            (ours, plain), = run_distributed(_worker, 1, args.recipe, sets, args.steps, args.warmup,
+                                             threads=torch.get_num_threads(), timeout=1800)
+            rows.append({"engine": engine, "compile": compiled, "longtrain_tok_s": ours,
+                         "plain_eager_tok_s": plain, "ratio": ours / plain})
+    for r in rows:
+        if r["compile"]:
+            eager = next(e for e in rows if e["engine"] == r["engine"] and not e["compile"])
+            r["compiled_vs_eager"] = r["longtrain_tok_s"] / eager["longtrain_tok_s"]
+    print_table(rows, ["engine", "compile", "longtrain_tok_s", "plain_eager_tok_s", "ratio", "compiled_vs_eager"])
+    write_json("step", {"recipe": args.recipe, "steps": args.steps, "overrides": args.overrides, "rows": rows},
+               args.out)
     return 0

@@ -97,6 +97,7 @@ class ParallelSection:
     sp_impl: str = "auto"  # auto | ring | tokenring | ulysses | hybrid | hybrid-tokenring
     sp_layout: str = "zigzag"  # zigzag | contiguous
     ulysses_degree: int = 0  # hybrid only: ranks per Ulysses group (0 = auto)
+    sp_one_communicator: bool = False  # ring/TokenRing: both streams on one communicator (NCCL deadlock workaround)
     dp_engine: str = "fsdp2"  # fsdp2 | ddp | deepspeed
     zero_stage: int = 1  # deepspeed only
     deepspeed_config: dict | None = None  # merged over the generated DeepSpeed config

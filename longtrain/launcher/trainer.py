@@ -182,6 +182,10 @@ class Trainer:
                 lr=t.lr, betas=(t.beta1, t.beta2), eps=1e-8, foreach=True)
             self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(r))
         self.sp_impl = resolve_sp_impl(r.parallel.sp_impl, self.model.cfg)
+        if self.layout.sp > 1 and self.sp_impl in ("ring", "tokenring"):
+            from longtrain.parallel.comm import warm_up
+
+            warm_up(self.layout.sp_group, self.device, one_communicator=r.parallel.sp_one_communicator)
         self.step = 0
         self.data_position = 0
         self.checkpointer = Checkpointer(r.checkpoint_dir, r.checkpoint.keep_last)
@@ -312,7 +316,7 @@ class Trainer:
         g = lay.sp_group
         cu = batch["cu_seqlens"].to(dev) if batch["cu_seqlens"] is not None else None
         ops = SequenceParallelOps(g, impl=self.sp_impl, layout=p.sp_layout, cu_seqlens=cu,
-                                  ulysses_degree=p.ulysses_degree or None)
+                                  ulysses_degree=p.ulysses_degree or None, one_communicator=p.sp_one_communicator)
         return {"tokens": shard_sequence(batch["tokens"].to(dev), g, dim=1, layout=p.sp_layout),
                 "labels": shard_sequence(batch["labels"].to(dev), g, dim=1, layout=p.sp_layout),
                 "positions": shard_sequence(batch["positions"].to(dev), g, dim=0, layout=p.sp_layout),

@@ -61,8 +61,9 @@ class P2P:
     before the matching send (REFERENCES §7), so all receives go out first.
     """
 
-    def __init__(self, group: dist.ProcessGroup | None):
+    def __init__(self, group: dist.ProcessGroup | None, tag_offset: int = 0):
         self.group = group
+        self.tag_offset = tag_offset  # keeps two streams apart when they share one communicator
         self.recvs: list[tuple[torch.Tensor, int, int]] = []
         self.sends: list[tuple[torch.Tensor, int, int]] = []
 
@@ -72,7 +73,7 @@ class P2P:
         return dist.get_global_rank(self.group, peer) if self.group is not None else peer
 
     def recv(self, t: torch.Tensor, peer: int, direction: str, tag: int = 0) -> torch.Tensor:
-        self.recvs.append((t, self._global(peer), tag))
+        self.recvs.append((t, self._global(peer), tag + self.tag_offset))
         COUNTERS.bytes_recv[direction] += nbytes(t)
         return t
 
@@ -80,7 +81,7 @@ class P2P:
              count_block: bool = True) -> None:
         t = t.contiguous()
         g = self._global(peer)
-        self.sends.append((t, g, tag))
+        self.sends.append((t, g, tag + self.tag_offset))
         n = nbytes(t)
         COUNTERS.bytes_sent[direction] += n
         COUNTERS.bytes_by_kind[kind] += n
@@ -148,3 +149,26 @@ def split_group(group: dist.ProcessGroup | None, inner: int) -> tuple[dist.Proce
         _GROUPS[key] = (dist.new_group(inner_ranks, use_local_synchronization=True),
                         dist.new_group(outer_ranks, use_local_synchronization=True))
     return _GROUPS[key]
+
+
+def warm_up(group: dist.ProcessGroup | None, device: torch.device, *, one_communicator: bool = False) -> None:
+    """One tiny exchange between every pair of ranks of `group` (and its twin communicator).
+
+    NCCL creates a pair's connection lazily, on its first message, and that blocks; ring and
+    TokenRing talk to every pair (TokenRing sends to r+s for every s), so doing this once
+    before the first step keeps the set-up out of the first step's time.
+    """
+    rank, world = dist.get_rank(group), dist.get_world_size(group)
+    if world < 2:
+        return
+    comms = [group] if one_communicator else [group, twin_group(group)]
+    for g in comms:
+        for s in range(1, world):
+            p2p = P2P(g)
+            p2p.recv(torch.empty(1, device=device), (rank - s) % world, "warmup")
+            p2p.send(torch.zeros(1, device=device), (rank + s) % world, "warmup", "warmup", count_block=False)
+            p2p.start().wait()
+    for d in ("warmup",):
+        COUNTERS.bytes_recv.pop(d, None)
+        COUNTERS.bytes_sent.pop(d, None)
+        COUNTERS.bytes_by_kind.pop(d, None)

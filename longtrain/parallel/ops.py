@@ -14,10 +14,12 @@ class SequenceParallelOps:
     """
 
     def __init__(self, group: dist.ProcessGroup | None, *, impl: str = "tokenring", layout: str = "zigzag",
-                 cu_seqlens: Tensor | None = None, ulysses_degree: int | None = None) -> None:
+                 cu_seqlens: Tensor | None = None, ulysses_degree: int | None = None,
+                 one_communicator: bool = False) -> None:
         self.group, self.impl, self.layout = group, impl, layout
         self.cu_seqlens = cu_seqlens
         self.ulysses_degree = ulysses_degree or None
+        self.one_communicator = one_communicator
 
     @torch.compiler.disable  # fused kernels / communication: outside compiled graphs (training.compile)
     def softmax(self, q: Tensor, k: Tensor, v: Tensor, *, window: int | None = None,
@@ -29,7 +31,8 @@ class SequenceParallelOps:
             impl = "tokenring" if q.shape[2] == k.shape[2] else "ring"
         return sequence_parallel_attention(q, k, v, self.group, impl=impl, causal=True, layout=self.layout,
                                            softmax_scale=softmax_scale, window=window,
-                                           cu_seqlens=self.cu_seqlens, ulysses_degree=self.ulysses_degree)
+                                           cu_seqlens=self.cu_seqlens, ulysses_degree=self.ulysses_degree,
+                                           one_communicator=self.one_communicator)
 
     @torch.compiler.disable
     def linear(self, q: Tensor, k: Tensor, v: Tensor, decay: Tensor) -> Tensor:

@@ -42,6 +42,7 @@ class RingSpec:
     window: int | None
     bounds: Bounds | None
     scale: float
+    twin_tag: int = 0  # tag offset of the second stream (non-zero when twin is group itself)
 
     def plan(self, owner: int, holder: int) -> PairPlan:
         """Calls for owner's queries against holder's keys."""
@@ -165,7 +166,7 @@ def ring_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch
                 acc += incoming[1]
             last = s == d
             direction = "up" if (not last or d == w - 1) else "down"
-            p2p = P2P(rs.twin)
+            p2p = P2P(rs.twin, rs.twin_tag)
             buf = p2p.recv(torch.empty_like(acc), (r + d) % w if last else (r - 1) % w, direction, tag=s)
             p2p.send(acc, (r - d) % w if last else (r + 1) % w, "dkv", direction, tag=s)
             handles = p2p.start()

@@ -25,12 +25,23 @@ def _default_ulysses_degree(world: int, hq: int, hkv: int) -> int:
     return 1
 
 
+ONE_COMM_TAG = 1 << 16  # tag offset of the second stream when both share one communicator
+
+
+def _ring_spec(group, rank: int, world: int, segs, causal: bool, window, bounds, scale: float,
+               one_communicator: bool) -> RingSpec:
+    if one_communicator:
+        return RingSpec(group, group, rank, world, segs, causal, window, bounds, scale, ONE_COMM_TAG)
+    return RingSpec(group, twin_group(group), rank, world, segs, causal, window, bounds, scale)
+
+
 def sequence_parallel_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                                 group: dist.ProcessGroup | None = None, *, impl: str = "tokenring",
                                 causal: bool = True, layout: str = "zigzag",
                                 softmax_scale: float | None = None, window: int | None = None,
                                 cu_seqlens: torch.Tensor | Sequence[int] | None = None,
-                                ulysses_degree: int | None = None) -> torch.Tensor:
+                                ulysses_degree: int | None = None,
+                                one_communicator: bool = False) -> torch.Tensor:
     """Attention over a sequence sharded across the ranks of `group` (None: default group).
 
     q [B, S/W, Hq, D], k/v [B, S/W, Hkv, D] are this rank's shards in `layout`
@@ -42,7 +53,10 @@ def sequence_parallel_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tenso
     partials return), "ulysses" (all-to-all heads; Hq divisible by W), "hybrid"
     (Ulysses inside groups of `ulysses_degree` consecutive ranks, ring across; default
     degree = largest proper divisor of W that splits the heads), "hybrid-tokenring"
-    (same with TokenRing across). Returns this rank's output shard [B, S/W, Hq, D] in
+    (same with TokenRing across). one_communicator: run the two streams of ring/TokenRing
+    (K,V and dK,dV; queries and partials) on `group` alone instead of a second communicator,
+    for fabrics where two concurrent NCCL communicators deadlock (nccl #574, #781); same results.
+    Returns this rank's output shard [B, S/W, Hq, D] in
     q.dtype; merges happen in fp32. Differentiable w.r.t. q, k, v.
     """
     if impl not in IMPLS:
@@ -66,7 +80,7 @@ def sequence_parallel_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tenso
         return ulysses_attention(q, k, v, group, rank, world, segs, causal=causal, scale=scale,
                                  window=window, bounds=bounds)
     if impl in ("ring", "tokenring"):
-        rs = RingSpec(group, twin_group(group), rank, world, segs, causal, window, bounds, scale)
+        rs = _ring_spec(group, rank, world, segs, causal, window, bounds, scale, one_communicator)
         fn = RingAttention if impl == "ring" else TokenRingAttention
         return fn.apply(q, k, v, rs)
     # hybrid: Ulysses inside groups of u consecutive ranks, ring / TokenRing across them
@@ -80,7 +94,8 @@ def sequence_parallel_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tenso
     across = "tokenring" if impl == "hybrid-tokenring" else "ring"
     if u == 1:
         return sequence_parallel_attention(q, k, v, group, impl=across, causal=causal, layout=layout,
-                                           softmax_scale=scale, window=window, cu_seqlens=bounds)
+                                           softmax_scale=scale, window=window, cu_seqlens=bounds,
+                                           one_communicator=one_communicator)
     inner, outer = split_group(group, u)
     g, i = divmod(rank, u)
     qg, kg, vg, qh, my_segs, perm = gather_sequence(q, k, v, inner, i, u, segs[g * u:(g + 1) * u])
@@ -96,7 +111,7 @@ def sequence_parallel_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tenso
                                                        for s in segs[r]]).tolist()))
             for j in range(n_outer))
         assert outer_segs[g] == my_segs
-        rs = RingSpec(outer, twin_group(outer), g, n_outer, outer_segs, causal, window, bounds, scale)
+        rs = _ring_spec(outer, g, n_outer, outer_segs, causal, window, bounds, scale, one_communicator)
         fn = RingAttention if across == "ring" else TokenRingAttention
         out = fn.apply(qg, kg, vg, rs)
     return scatter_sequence(out, qh, hq, inner, perm)

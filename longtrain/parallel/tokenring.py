@@ -79,7 +79,7 @@ def tokenring_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rs: Rin
 
     def post_partial(s: int, out_p, lse_p):
         """Partial of owner r-s back to it; the partial of my queries from r+s to me."""
-        p2p = P2P(rs.twin)
+        p2p = P2P(rs.twin, rs.twin_tag)
         mine = rs.plan(r, r + s)
         got = None
         if not mine.empty:
@@ -156,7 +156,7 @@ def tokenring_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: 
         return got, p2p.start()
 
     def post_dq(s: int, dq_p):
-        p2p = P2P(rs.twin)
+        p2p = P2P(rs.twin, rs.twin_tag)
         mine = rs.plan(r, r + s)
         got = None
         if not mine.empty:
