@@ -63,21 +63,17 @@ def test_choice_is_logged_once(caplog, monkeypatch):
     from longtrain.kernels import attention as A
 
     monkeypatch.setattr(A, "_LOGGED", set())
-    monkeypatch.setenv("LONGTRAIN_ATTENTION_BACKEND", "math")
+    monkeypatch.delenv("LONGTRAIN_ATTENTION_BACKEND", raising=False)
     q = torch.randn(1, 8, 2, 8)
-    spec = make_spec(q, q, causal=True, softmax_scale=None, window=None, q_offset=0, k_offset=0, bounds=None)
-    monkeypatch.setattr(torch.Tensor, "is_cuda", property(lambda self: False))
+    causal = make_spec(q, q, causal=True, softmax_scale=None, window=None, q_offset=0, k_offset=0, bounds=None)
+    window = make_spec(q, q, causal=True, softmax_scale=None, window=3, q_offset=0, k_offset=0, bounds=None)
     with caplog.at_level(logging.INFO, logger="longtrain.kernels.attention"):
-        # a non-CPU device type is what gets logged; fake one through the device attribute
-        class _Q:
-            device = torch.device("meta")
-            dtype = torch.float32
-            shape = q.shape
-            is_cuda = False
         for _ in range(3):
-            A._backend(_Q(), spec)
+            A._backend(q, causal)
+            A._backend(q, window)
     lines = [r.message for r in caplog.records if "attention_block:" in r.message]
-    assert lines == ["attention_block: meta float32 causal blocks -> math"]
+    assert lines == ["attention_block: cpu float32 causal blocks -> cpu",
+                     "attention_block: cpu float32 partial blocks -> cpu"]
 
 
 @pytest.mark.parametrize("window,bounds,q_offset", [(7, (0, 5, 30), 10), (None, (0, 13, 22), 0), (None, None, 40)])

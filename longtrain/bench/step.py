@@ -81,7 +81,7 @@ def _worker(rank: int, world: int, recipe_path: str, sets: list[str], steps: int
 def main(argv: list[str]) -> int:
     ap = argparse.ArgumentParser(prog="longtrain bench step", description=__doc__)
     ap.add_argument("--recipe", default="recipes/tiny-cpu.toml")
-    ap.add_argument("--set", dest="overrides", action="append", default=[])
+    ap.add_argument("--set", dest="overrides", action="extend", nargs="+", default=[])
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--engine", action="append", default=None, help="fsdp2 and/or ddp (default both)")

@@ -213,7 +213,7 @@ def _backend(q: torch.Tensor, spec: _Spec) -> str:
                           flash_expressible=_flash_window(spec) is not None,
                           head_dim=q.shape[-1], sq=spec.sq, sk=spec.sk, forced=forced)
     key = (q.device.type, q.dtype, spec.kind, name)
-    if key not in _LOGGED and q.device.type != "cpu":
+    if key not in _LOGGED:
         _LOGGED.add(key)
         _log.info("attention_block: %s %s %s blocks -> %s", q.device.type, str(q.dtype).replace("torch.", ""),
                   spec.kind, name)

@@ -1,4 +1,4 @@
-"""`longtrain train|plan|slurm|eval|convert|bench`.
+"""`longtrain train|plan|slurm|eval|convert|bench|recipes`.
 
 Bad input exits with status 2 and one line `longtrain: error: ...` (no traceback).
 """
@@ -23,9 +23,9 @@ def _error(msg: str) -> int:
 
 def _train_parser(sub) -> None:
     p = sub.add_parser("train", help="train from a recipe (starts torchrun itself with --nproc)")
-    p.add_argument("recipe", help="TOML recipe, e.g. recipes/tiny-cpu.toml")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a recipe value, e.g. --set training.lr=1e-3 (repeatable)")
+    p.add_argument("recipe", help="TOML recipe file, or the name of a shipped one (longtrain recipes)")
+    p.add_argument("--set", dest="overrides", action="extend", nargs="+", default=[], metavar="KEY=VALUE",
+                   help="override recipe values, e.g. --set training.lr=1e-3 training.steps=500 (repeatable)")
     p.add_argument("--nproc", type=int, default=None,
                    help="processes to start on this machine when not already under torchrun/Slurm/MPI")
     p.add_argument("--dry-run", action="store_true", help="validate recipe, mesh, data and model; do not train")
@@ -86,6 +86,44 @@ def cmd_bench(argv: list[str]) -> int:
     return int(mod.main(argv[1:]) or 0)
 
 
+def cmd_recipes(argv: list[str]) -> int:
+    """`longtrain recipes` lists the shipped recipes; `longtrain recipes show NAME` prints one."""
+    from longtrain.shipped import closest_recipes, recipe_description, recipe_names, shipped_dir, shipped_recipe
+
+    if argv and argv[0] in ("-h", "--help"):
+        print("usage: longtrain recipes [show NAME]\n\nList the recipes that ship with longtrain, or print one "
+              "(redirect it to a file to copy and edit it).")
+        return 0
+    if not argv:
+        names = recipe_names()
+        width = max(map(len, names), default=0)
+        for n in names:
+            print(f"{n.ljust(width)}  {recipe_description(shipped_dir('recipes') / f'{n}.toml')}")
+        print(f"\n{len(names)} recipes in {shipped_dir('recipes')}; "
+              "'longtrain recipes show NAME > my.toml' to copy one, 'longtrain train NAME' to run it")
+        return 0
+    if argv[0] != "show" or len(argv) != 2:
+        return _error("usage: longtrain recipes [show NAME]")
+    path = shipped_recipe(argv[1])
+    if path is None:
+        close = closest_recipes(argv[1])
+        return _error(f"no shipped recipe {argv[1]!r}" + (f"; closest: {', '.join(close)}" if close else "")
+                      + " ('longtrain recipes' lists them)")
+    sys.stdout.write(path.read_text())
+    return 0
+
+
+def _version() -> str:
+    try:
+        from importlib.metadata import version
+
+        return version("longtrain")
+    except Exception:  # noqa: BLE001 - a checkout on PYTHONPATH has no distribution metadata
+        from longtrain import __version__
+
+        return __version__
+
+
 def _sub_main(module: str, argv: list[str]) -> int:
     mod = importlib.import_module(module)
     return int(mod.main(argv) or 0)
@@ -97,6 +135,11 @@ def main(argv: list[str] | None = None) -> int:
     passthrough = {"bench": None, "plan": "longtrain.launcher.plan", "slurm": "longtrain.launcher.slurm",
                    "eval": "longtrain.launcher.evaluate", "convert": "longtrain.launcher.convert"}
     try:
+        if argv and argv[0] == "--version":
+            print(f"longtrain {_version()}")
+            return 0
+        if argv and argv[0] == "recipes":
+            return cmd_recipes(argv[1:])
         if argv and argv[0] in passthrough:
             if argv[0] == "bench":
                 return cmd_bench(argv[1:])
@@ -107,13 +150,15 @@ def main(argv: list[str] | None = None) -> int:
                     return _error(f"'longtrain {argv[0]}' is not available in this build ({e.name} missing)")
                 raise
         parser = argparse.ArgumentParser(prog="longtrain", description=__doc__)
+        parser.add_argument("--version", action="version", version=f"longtrain {_version()}")
         sub = parser.add_subparsers(dest="command", required=True)
         _train_parser(sub)
         for name, helptext in (("plan", "size a job: memory per GPU and step time"),
                                ("slurm", "print or submit an sbatch script for a recipe"),
                                ("eval", "passkey retrieval / perplexity by position"),
                                ("convert", "export a training checkpoint to a Hugging Face folder"),
-                               ("bench", "benchmarks: " + ", ".join(BENCHES))):
+                               ("bench", "benchmarks: " + ", ".join(BENCHES)),
+                               ("recipes", "list the shipped recipes, or 'recipes show NAME' to print one")):
             sub.add_parser(name, help=helptext, add_help=False)
         args = parser.parse_args(argv)
         if args.command == "train":

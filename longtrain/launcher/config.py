@@ -273,17 +273,26 @@ def recipe_from_dict(data: dict[str, Any], source_path: str = "") -> Recipe:
     return recipe
 
 
+def resolve_recipe(path: str | os.PathLike) -> Path:
+    """A recipe file, or a bare name (no folder) of a shipped recipe: `tiny-cpu` or `tiny-cpu.toml`."""
+    from longtrain.shipped import closest_recipes, recipe_names, shipped_recipe
+
+    p = Path(path)
+    if p.is_file():
+        return p
+    if not p.parent.parts:
+        found = shipped_recipe(p.name)
+        if found is not None:
+            return found
+        raise ConfigError(f"recipe not found: {path} (no such file, and no shipped recipe by that name; closest "
+                          f"shipped recipes: {', '.join(closest_recipes(p.name))}; 'longtrain recipes' lists all "
+                          f"{len(recipe_names())})")
+    raise ConfigError(f"recipe file not found: {path}")
+
+
 def load_recipe(path: str | os.PathLike, overrides: list[str] | None = None) -> Recipe:
     """Read a TOML recipe, apply `section.key=value` overrides, validate."""
-    p = Path(path)
-    if not p.is_file():
-        builtin = Path(__file__).resolve().parents[2] / "recipes" / p.name
-        if not p.suffix:
-            builtin = builtin.with_suffix(".toml")
-        if builtin.is_file() and not p.parent.parts:
-            p = builtin
-        else:
-            raise ConfigError(f"recipe file not found: {path}")
+    p = resolve_recipe(path)
     try:
         data = tomllib.loads(p.read_text())
     except tomllib.TOMLDecodeError as e:

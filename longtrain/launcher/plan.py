@@ -398,14 +398,14 @@ def load_for_plan(path: str, overrides: list[str]) -> tuple[Any, list[str]]:
     import tomllib
     from pathlib import Path
 
-    from longtrain.launcher.config import apply_override, load_recipe, recipe_from_dict
+    from longtrain.launcher.config import apply_override, load_recipe, recipe_from_dict, resolve_recipe
 
     try:
         return load_recipe(path, overrides), []
     except ConfigError as e:
-        if "not found" not in str(e) or not Path(path).is_file():
+        if "not found" not in str(e) or "recipe" in str(e).split(":")[0]:
             raise
-    data = tomllib.loads(Path(path).read_text())
+    data = tomllib.loads(resolve_recipe(path).read_text())
     for o in overrides:
         apply_override(data, o)
     notes = []
@@ -488,7 +488,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--gpus-per-node", type=int, default=8)
     p.add_argument("--mfu", type=float, default=0.45, help="assumed fraction of peak FLOP/s (default 0.45)")
     p.add_argument("--sp", type=int, default=None, help="sp degree to detail (default: the recipe's)")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--set", dest="overrides", action="extend", nargs="+", default=[], metavar="KEY=VALUE")
     p.add_argument("--json", action="store_true", help="print JSON instead of the table")
     return p
 

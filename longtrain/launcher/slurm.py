@@ -19,7 +19,6 @@ from pathlib import Path
 
 from longtrain.errors import ConfigError, LaunchError
 
-TEMPLATES = Path(__file__).resolve().parents[2] / "slurm"
 MODES = ("torchrun", "srun")
 
 
@@ -51,7 +50,7 @@ def _parser() -> argparse.ArgumentParser:
                    help="shell line run before the launch (module load ..., source venv/bin/activate)")
     p.add_argument("--sbatch-arg", action="append", default=[], metavar="ARG",
                    help="extra #SBATCH line, e.g. --sbatch-arg=--constraint=h100")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+    p.add_argument("--set", dest="overrides", action="extend", nargs="+", default=[], metavar="KEY=VALUE",
                    help="recipe override passed to every rank (repeatable)")
     p.add_argument("--python", default=sys.executable, help="python on the compute nodes")
     p.add_argument("--workdir", default=os.getcwd(), help="working directory of the job")
@@ -129,7 +128,9 @@ def render(a: argparse.Namespace) -> tuple[str, Path, str]:
     if any(ch.isspace() for ch in str(log_dir)):
         raise LaunchError(f"the log folder {str(log_dir)!r} contains white space, which #SBATCH lines cannot carry: "
                           "pass --log-dir")
-    text = (TEMPLATES / f"{a.mode}.sbatch").read_text()
+    from longtrain.shipped import shipped_dir
+
+    text = (shipped_dir("slurm") / f"{a.mode}.sbatch").read_text()
     overrides = " ".join(f"--set {shlex.quote(o)}" for o in a.overrides)
     fills = {
         "@SBATCH@": "\n".join(_sbatch_lines(a, job_name, procs, log_dir)),
