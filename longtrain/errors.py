@@ -19,3 +19,7 @@ class CheckpointError(LongtrainError):
 
 class DataError(LongtrainError):
     pass
+
+
+class TrainingError(LongtrainError):
+    """The run cannot go on (e.g. too many consecutive non-finite steps)."""

@@ -82,3 +82,15 @@ def test_unknown_bench():
 
 def test_nproc_not_divisible_by_sp():
     _assert_clean_error(_cli("train", str(TINY), "--nproc", "3", "--set", "parallel.sp=2"), "divisible")
+
+
+@pytest.mark.parametrize("nproc", ["1", "2"])
+def test_errors_inside_the_workers_are_one_line(tmp_path, nproc):
+    """Errors that only the workers can see (here: a corpus too small for one sample) are one line and
+    exit 2 under --nproc 2 too: reported once, without torchrun's ChildFailedError report."""
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "notes.txt").write_text("too short")
+    proc = _cli("train", str(TINY), "--nproc", nproc, "--set", f"data.source={data}",
+                "--set", f"run.output_dir={tmp_path / 'out'}")
+    _assert_clean_error(proc, "too few for one sample")

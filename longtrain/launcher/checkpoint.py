@@ -7,14 +7,18 @@ Layout under the checkpoint folder:
 
 A save writes into `<name>.tmp`, then rank 0 renames it to `<name>` and rewrites `latest`
 (write + fsync + os.replace), so a crash at any moment leaves the previous checkpoint usable.
-meta.json holds the step, the global data position and the run's shape; nothing is ever
-unpickled (DCP reads tensors; meta is JSON).
+meta.json holds the step, the global data position, the run's shape and the size and CRC-32 of
+every file of the checkpoint (each rank digests the shards it wrote); nothing is ever unpickled
+(DCP reads tensors; meta is JSON). Resuming verifies them (the ranks share the files to check):
+`resume = "auto"` skips a damaged or incomplete checkpoint with one warning and takes the
+newest intact one; a damaged checkpoint named explicitly is an error.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import zlib
 import os
 import re
 import shutil
@@ -121,6 +125,75 @@ def safe_load(state: dict[str, Any], path: str | os.PathLike) -> None:
     dcp.load(state, storage_reader=SafeReader(str(path)), planner=SafeLoadPlanner())
 
 
+def file_digest(path: Path) -> dict[str, int]:
+    """{"size": bytes, "crc32": CRC-32} of one file, read in 8 MiB chunks."""
+    crc, size = 0, 0
+    with open(path, "rb") as f:
+        while True:
+            chunk = f.read(8 << 20)
+            if not chunk:
+                break
+            crc = zlib.crc32(chunk, crc)
+            size += len(chunk)
+    return {"size": size, "crc32": crc}
+
+
+def _my_files(folder: Path, rank: int, world: int, dcp_layout: bool) -> list[Path]:
+    """The files this rank digests after a save: the DCP shards it wrote (__RANK_*.distcp; rank 0
+    also .metadata), or with another layout a round-robin share of all files."""
+    files = sorted(p for p in folder.rglob("*") if p.is_file() and p.name != "meta.json")
+    if dcp_layout:
+        mine = [p for p in files if p.name.startswith(f"__{rank}_")]
+        if rank == 0:
+            mine += [p for p in files if not p.name.startswith("__")]
+        return mine
+    return files[rank::world]
+
+
+def verify_files(folder: Path, meta: dict[str, Any], rank: int = 0, world: int = 1) -> list[str]:
+    """Problems with this rank's round-robin share of the files listed in meta.json (empty: intact)."""
+    listed = sorted((meta.get("files") or {}).items())
+    problems = []
+    for name, want in listed[rank::world]:
+        f = folder / name
+        if not f.is_file():
+            problems.append(f"missing file {name}")
+            continue
+        size = f.stat().st_size
+        if size != want["size"]:
+            problems.append(f"{name} is {size} bytes, {want['size']} were written (truncated or overwritten)")
+            continue
+        if file_digest(f)["crc32"] != want["crc32"]:
+            problems.append(f"{name} fails its checksum (damaged)")
+    return problems
+
+
+def _gather(obj: Any) -> list[Any]:
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return [obj]
+    out: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def check_checkpoint(path: Path) -> list[str]:
+    """Collective: what is wrong with checkpoint `path` (empty list: complete and intact)."""
+    problems: list[str] = []
+    meta = None
+    if _rank() == 0:
+        try:
+            meta = read_meta(path)
+        except CheckpointError as e:
+            problems.append(str(e).replace(f"checkpoint {path} ", ""))
+    meta = _gather(meta)[0]
+    if meta is None:
+        problems = _gather(problems)[0]
+        return problems or ["unreadable"]
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    mine = verify_files(path, meta, _rank(), world)
+    return [p for part in _gather(mine) for p in part]
+
+
 class Checkpointer:
     def __init__(self, root: str | os.PathLike, keep_last: int = 2) -> None:
         self.root = Path(root)
@@ -153,6 +226,26 @@ class Checkpointer:
         done = self.complete()
         return done[-1] if done else None
 
+    def steps(self) -> list[Path]:
+        """Every published step_N folder (complete or not), newest first."""
+        if not self.root.is_dir():
+            return []
+        found = [p for p in self.root.iterdir() if _STEP_RE.match(p.name) and p.is_dir()]
+        return sorted(found, key=lambda p: -int(_STEP_RE.match(p.name).group(1)))
+
+    def resume_point(self) -> Path | None:
+        """Collective: the newest checkpoint that is complete and intact, for resume = "auto".
+
+        Newer ones that are damaged or incomplete are skipped with one warning each (rank 0)."""
+        for p in self.steps():
+            problems = check_checkpoint(p)
+            if not problems:
+                return p
+            if _rank() == 0:
+                log.warning("checkpoint %s is unusable (%s); trying the one before it", p,
+                            "; ".join(problems[:3]) + (f"; {len(problems) - 3} more" if len(problems) > 3 else ""))
+        return None
+
     def save(self, step: int, state: dict[str, Any] | None, meta: dict[str, Any],
              write: Callable[[Path], None] | None = None) -> Path:
         """Collective: every rank calls it. Writes `state` with DCP (or calls `write(tmp_dir)`, e.g. an
@@ -168,9 +261,14 @@ class Checkpointer:
             write(tmp)
         else:
             dcp.save(state, checkpoint_id=str(tmp))
+        _barrier()  # every rank's files are written
+        world = dist.get_world_size() if dist.is_initialized() else 1
+        digests = {p.relative_to(tmp).as_posix(): file_digest(p)
+                   for p in _my_files(tmp, _rank(), world, dcp_layout=write is None)}
+        files = {k: v for part in _gather(digests) for k, v in part.items()}
         if _rank() == 0:
             with open(tmp / "meta.json", "w") as f:
-                json.dump({**meta, "step": step, "saved_at": time.time()}, f, indent=1)
+                json.dump({**meta, "step": step, "saved_at": time.time(), "files": files}, f, indent=1)
                 f.flush()
                 os.fsync(f.fileno())
         _fault("crash_during_save", step)

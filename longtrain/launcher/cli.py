@@ -10,6 +10,8 @@ import importlib
 import os
 import subprocess
 import sys
+import tempfile
+from pathlib import Path
 
 from longtrain.errors import LongtrainError
 
@@ -42,9 +44,58 @@ def _spawn_torchrun(args: argparse.Namespace) -> int:
     env = dict(os.environ)
     env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // n)))
     env.setdefault("TORCHELASTIC_ERROR_FILE", "")
-    env["LONGTRAIN_QUIET_TORCHRUN"] = "1"
-    proc = subprocess.run(cmd, env=env)
-    return 0 if proc.returncode == 0 else (2 if proc.returncode == 2 else proc.returncode)
+    with tempfile.TemporaryDirectory(prefix="longtrain-errors-") as errdir:
+        env[ERROR_DIR_ENV] = errdir
+        return _run_reporting(cmd, env, Path(errdir))
+
+
+ERROR_DIR_ENV = "LONGTRAIN_ERROR_DIR"
+
+
+def _run_reporting(cmd: list[str], env: dict[str, str], errdir: Path) -> int:
+    """Run torchrun; a user error raised in the workers is reported once, exit 2.
+
+    Workers write their `longtrain: error` line to errdir instead of printing it. From the
+    moment one exists, the rest of stderr (torchrun's ChildFailedError report, the other
+    ranks' broken-connection tracebacks) is held back and dropped if the job then fails;
+    a crash without such a file keeps all of its output.
+    """
+    import threading
+
+    proc = subprocess.Popen(cmd, env=env, stderr=subprocess.PIPE, text=True, errors="replace")
+    held: list[str] = []
+
+    def pump() -> None:
+        assert proc.stderr is not None
+        for line in proc.stderr:
+            if held or any(errdir.iterdir()):
+                held.append(line)
+            else:
+                sys.stderr.write(line)
+                sys.stderr.flush()
+
+    t = threading.Thread(target=pump, daemon=True)
+    t.start()
+    rc = proc.wait()
+    t.join(timeout=10)
+    errors = sorted(errdir.glob("rank*.txt"), key=lambda p: int(p.stem[4:]))
+    if rc != 0 and errors:
+        print(errors[0].read_text().strip(), file=sys.stderr, flush=True)
+        return 2
+    sys.stderr.writelines(held)
+    return 0 if rc == 0 else (2 if rc == 2 else rc)
+
+
+def _report_worker_error(msg: str) -> bool:
+    """In a worker started by `longtrain train --nproc`: hand the error line to the launcher."""
+    errdir = os.environ.get(ERROR_DIR_ENV)
+    rank = os.environ.get("RANK")
+    if not errdir or rank is None or not os.path.isdir(errdir):
+        return False
+    tmp = Path(errdir, f".rank{rank}.tmp")
+    tmp.write_text(f"longtrain: error: {msg}\n")
+    os.replace(tmp, Path(errdir, f"rank{rank}.txt"))
+    return True
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -165,6 +216,8 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_train(args)
         return 2
     except LongtrainError as e:
+        if _report_worker_error(str(e)):
+            return 2
         return _error(str(e))
     except KeyboardInterrupt:
         return 130

@@ -80,6 +80,7 @@ class TrainingSection:
     activation_checkpointing: bool = False
     device: str = "auto"  # auto | cpu | cuda
     compile: bool = False  # torch.compile each transformer block (attention kernels stay outside)
+    max_bad_steps: int = 10  # stop after this many consecutive steps with a non-finite loss or grad norm
 
 
 @dataclass
@@ -318,6 +319,7 @@ def validate(r: Recipe) -> None:
     for name in ("steps", "micro_batch", "grad_accum"):
         _positive(f"training.{name}", getattr(t, name))
     _positive("training.lr", t.lr)
+    _positive("training.max_bad_steps", t.max_bad_steps)
     _positive("training.warmup", t.warmup, allow_zero=True)
     _positive("training.grad_clip", t.grad_clip, allow_zero=True)
     _positive("training.weight_decay", t.weight_decay, allow_zero=True)

@@ -8,13 +8,14 @@ import os
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
 import torch.distributed as dist
 
-from longtrain.errors import ConfigError, LaunchError
-from longtrain.launcher.checkpoint import Checkpointer, read_meta
+from longtrain.errors import CheckpointError, ConfigError, LaunchError, TrainingError
+from longtrain.launcher.checkpoint import Checkpointer, check_checkpoint, read_meta
 from longtrain.launcher.config import Recipe, save_resolved
 from longtrain.launcher.data import PackedCorpus, build_tokenizer, collate, load_documents
 from longtrain.launcher.env import init_distributed
@@ -22,6 +23,15 @@ from longtrain.launcher.metrics import Metrics, memory_mb, peak_flops, train_flo
 from longtrain.models import LocalAttention, Transformer, lm_loss_sum
 
 log = logging.getLogger("longtrain")
+
+
+def _fault_nan(step: int) -> bool:
+    """Test hook LONGTRAIN_FAULT='nan_loss:A-B': the loss of steps A..B (1-based) becomes NaN."""
+    spec = os.environ.get("LONGTRAIN_FAULT", "")
+    if not spec.startswith("nan_loss:"):
+        return False
+    a, _, b = spec.split(":", 1)[1].partition("-")
+    return int(a) <= step <= int(b or a)
 
 
 def setup_logging(is_main: bool) -> None:
@@ -188,6 +198,8 @@ class Trainer:
             warm_up(self.layout.sp_group, self.device, one_communicator=r.parallel.sp_one_communicator)
         self.step = 0
         self.data_position = 0
+        self.bad_streak = 0   # consecutive steps whose update was skipped (non-finite loss / grad norm)
+        self.bad_total = 0
         self.checkpointer = Checkpointer(r.checkpoint_dir, r.checkpoint.keep_last)
         self.metrics: Metrics | None = None
 
@@ -229,7 +241,13 @@ class Trainer:
         self.checkpointer.prepare()
         if r.checkpoint.resume == "none":
             return
-        path = self.checkpointer.latest() if r.checkpoint.resume == "auto" else r.checkpoint.resume
+        if r.checkpoint.resume == "auto":
+            path = self.checkpointer.resume_point()
+        else:
+            path = r.checkpoint.resume
+            problems = check_checkpoint(Path(path))
+            if problems:
+                raise CheckpointError(f"checkpoint {path} is unusable: {'; '.join(problems[:3])}")
         if path is None:
             return
         meta = read_meta(path)
@@ -349,6 +367,8 @@ class Trainer:
             with no_sync, amp:
                 logits = self.wrapped(b["tokens"], b["positions"], b["ops"])
                 loss, _ = lm_loss_sum(logits, b["labels"])
+                if _fault_nan(self.step + 1):
+                    loss = loss * float("nan")
                 total = loss * scale
                 aux = self.model.aux_loss()
                 if aux is not None:
@@ -368,12 +388,26 @@ class Trainer:
             else:
                 gn = torch.nn.utils.clip_grad_norm_(self.model.parameters(), float("inf"))
             gnorm = float(gn.full_tensor() if hasattr(gn, "full_tensor") else gn)
-            self.optimizer.step()
+            dist.all_reduce(loss_sum)
+            # NaN guard: the global loss and the global grad norm are the same on every rank, so all
+            # ranks agree on skipping without another collective; the weights keep the last good update
+            if math.isfinite(loss_sum.item()) and math.isfinite(gnorm):
+                self.optimizer.step()
+                self.bad_streak = 0
+            else:
+                self.bad_streak += 1
+                self.bad_total += 1
+                if self.env.is_main:
+                    log.warning("step %d: non-finite %s; update skipped (%d in a row, %d in this run; the run "
+                                "stops after training.max_bad_steps = %d in a row)", self.step + 1,
+                                "loss" if not math.isfinite(loss_sum.item()) else "gradient norm", self.bad_streak,
+                                self.bad_total, r.training.max_bad_steps)
             self.optimizer.zero_grad(set_to_none=True)
             self.scheduler.step()
         if self.mesa is not None and lay.world > 1:
             self._sync_mesa_ranges()
-        dist.all_reduce(loss_sum)
+        if self.ds_engine is not None:
+            dist.all_reduce(loss_sum)
         self.step += 1
         self.data_position += self.global_batch
         out = {"loss": loss_sum.item() / max(global_count, 1.0), "tokens": global_count}
@@ -381,6 +415,7 @@ class Trainer:
             dist.all_reduce(aux_sum)
             out["aux_loss"] = aux_sum.item() / lay.world / len(micro)
         out["grad_norm"] = gnorm
+        out["skipped_steps"] = self.bad_total
         return out
 
     def _sync_mesa_ranges(self) -> None:
@@ -436,13 +471,22 @@ class Trainer:
                            "memory_mb": memory_mb(self.device)}
                 if "aux_loss" in res:
                     scalars["aux_loss"] = res["aux_loss"]
+                if self.bad_total:
+                    scalars["skipped_steps"] = float(self.bad_total)
                 if peak:
                     scalars["mfu"] = flops_per_token * tok_s / self.layout.world / peak
                 self.metrics.step(self.step, scalars, dt, first_step)
                 self._log_moh_usage()
                 if evaluator is not None and r.eval.every and self.step % r.eval.every == 0:
                     self.metrics.scalars(self.step, evaluator(self))
-                if self.step % r.checkpoint.interval == 0 or self.step == r.training.steps:
+                if self.bad_streak >= r.training.max_bad_steps:
+                    last = self.checkpointer.latest()
+                    raise TrainingError(
+                        f"stopping at step {self.step}: {self.bad_streak} consecutive steps with a non-finite loss or "
+                        f"gradient norm (training.max_bad_steps = {r.training.max_bad_steps}); the newest checkpoint, "
+                        f"{last.name if last else 'none'}, holds weights from before them (lower training.lr, or "
+                        "check the data)")
+                if self.bad_streak == 0 and (self.step % r.checkpoint.interval == 0 or self.step == r.training.steps):
                     self.save()
         finally:
             self.metrics.close()

@@ -1,0 +1,91 @@
+"""Runs that survive damage: checksummed checkpoints with fallback, a NaN guard.
+
+Damaged newest checkpoint, each kind (truncated shard, zeroed shard, missing meta.json, missing
+shard): `resume = "auto"` warns once, resumes from the previous checkpoint, and the run then
+equals an uninterrupted one step for step (fp32 on CPU is bit-deterministic). Named explicitly,
+a damaged checkpoint is one line and exit status 2.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from helpers import losses, run_train
+
+N, EVERY = 8, 2
+# constant schedule: a run stopped at step 6 follows the same lr as one planned for 8
+COMMON = [f"checkpoint.interval={EVERY}", "checkpoint.keep_last=10", "training.schedule=constant"]
+
+
+@pytest.fixture(scope="module")
+def straight(tmp_path_factory) -> dict[int, float]:
+    out = tmp_path_factory.mktemp("straight")
+    run_train(out, f"training.steps={N}", *COMMON)
+    return losses(out)
+
+
+def _damage(ck: Path, kind: str) -> str:
+    shard = sorted(ck.glob("__*_*.distcp"))[-1]
+    if kind == "truncated shard":
+        data = shard.read_bytes()
+        shard.write_bytes(data[: len(data) // 2])
+    elif kind == "zeroed shard":
+        shard.write_bytes(bytes(shard.stat().st_size))
+    elif kind == "missing meta.json":
+        (ck / "meta.json").unlink()
+    elif kind == "missing shard":
+        shard.unlink()
+    return shard.name
+
+
+@pytest.mark.parametrize("kind", ["truncated shard", "zeroed shard", "missing meta.json", "missing shard"])
+def test_damaged_newest_checkpoint_falls_back(kind, straight, tmp_path):
+    out = tmp_path / "run"
+    run_train(out, "training.steps=6", *COMMON)
+    ck = out / "checkpoints"
+    meta = json.loads((ck / "step_00000006" / "meta.json").read_text())
+    assert meta["files"] and all({"size", "crc32"} <= set(v) for v in meta["files"].values())
+    _damage(ck / "step_00000006", kind)
+    proc = run_train(out, f"training.steps={N}", *COMMON)
+    warnings = [line for line in (proc.stdout + proc.stderr).splitlines() if "is unusable" in line]
+    assert len(warnings) == 1 and "step_00000006" in warnings[0], proc.stdout[-3000:]
+    assert "resumed from" in proc.stdout and "step_00000004" in proc.stdout
+    got = losses(out)
+    assert [got[s] for s in range(5, N + 1)] == [straight[s] for s in range(5, N + 1)]
+
+
+def test_explicit_damaged_checkpoint_is_one_line(tmp_path):
+    out = tmp_path / "run"
+    run_train(out, "training.steps=2", *COMMON)
+    ck = out / "checkpoints" / "step_00000002"
+    _damage(ck, "zeroed shard")
+    proc = run_train(tmp_path / "other", "training.steps=4", f"checkpoint.resume={ck}", check=False)
+    assert proc.returncode == 2
+    err = [line for line in proc.stderr.strip().splitlines() if line.strip()]
+    assert len(err) == 1 and "is unusable" in err[0] and "checksum" in err[0], proc.stderr[-2000:]
+
+
+def test_nan_step_is_skipped_on_all_ranks(tmp_path):
+    out = tmp_path / "run"
+    proc = run_train(out, "training.steps=6", *COMMON, LONGTRAIN_FAULT="nan_loss:3")
+    got = losses(out)
+    assert got[3] != got[3]  # NaN, logged as it was
+    assert all(got[s] == got[s] for s in (1, 2, 4, 5, 6))  # the weights were not touched by step 3
+    warns = [line for line in proc.stdout.splitlines() if "non-finite" in line]
+    assert len(warns) == 1 and "step 3" in warns[0]
+    from longtrain.launcher.metrics import read_jsonl
+
+    assert read_jsonl(out / "metrics.jsonl")[-1]["skipped_steps"] == 1
+
+
+def test_too_many_bad_steps_stop_with_one_line(tmp_path):
+    out = tmp_path / "run"
+    proc = run_train(out, "training.steps=12", *COMMON, "training.max_bad_steps=3", check=False,
+                     LONGTRAIN_FAULT="nan_loss:3-20")
+    assert proc.returncode == 2
+    err = [line for line in proc.stderr.strip().splitlines() if line.strip()]
+    assert len(err) == 1 and "3 consecutive steps with a non-finite loss" in err[0], proc.stderr[-2000:]
+    assert (out / "checkpoints" / "latest").read_text().strip() == "step_00000002"
