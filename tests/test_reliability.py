@@ -89,3 +89,41 @@ def test_too_many_bad_steps_stop_with_one_line(tmp_path):
     err = [line for line in proc.stderr.strip().splitlines() if line.strip()]
     assert len(err) == 1 and "3 consecutive steps with a non-finite loss" in err[0], proc.stderr[-2000:]
     assert (out / "checkpoints" / "latest").read_text().strip() == "step_00000002"
+
+
+@pytest.mark.parametrize("sig", ["SIGTERM", "SIGUSR1"])
+def test_signal_saves_and_resumes_exactly(sig, tmp_path):
+    """A signal to the process group of `longtrain train --nproc 2` (a terminal, a container stop,
+    Slurm) 60% of the way between two checkpoints: a checkpoint of the step reached, exit 75, and
+    the resumed run equals an uninterrupted one."""
+    import os
+    import signal
+    import subprocess
+    import time
+
+    from helpers import REPO, cli_env, train_cmd
+
+    n, every = 10, 5
+    sets = [f"training.steps={n}", f"checkpoint.interval={every}", "checkpoint.keep_last=10",
+            "training.schedule=constant"]
+    straight = tmp_path / "straight"
+    run_train(straight, *sets)
+    out = tmp_path / "signalled"
+    proc = subprocess.Popen(train_cmd(out, *sets), env=cli_env(LONGTRAIN_FAULT="slow_steps:0.4"), cwd=REPO,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    deadline = time.time() + 240
+    while not (out / "metrics.jsonl").is_file() or len((out / "metrics.jsonl").read_text().splitlines()) < 8:
+        assert time.time() < deadline and proc.poll() is None, proc.communicate()
+        time.sleep(0.05)
+    os.killpg(proc.pid, getattr(signal, sig))
+    stdout, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 75, (proc.returncode, stdout[-2000:], stderr[-3000:])
+    err = [line for line in stderr.strip().splitlines() if line.strip()]
+    assert len(err) == 1 and "received" in err[0] and "status 75" in err[0], stderr[-3000:]
+    ck = out / "checkpoints"
+    reached = max(losses(out))
+    assert 8 <= reached < n
+    assert (ck / "latest").read_text().strip() == f"step_{reached:08d}", err
+    run_train(out, *sets)
+    a, b = losses(straight), losses(out)
+    assert [b[s] for s in range(1, n + 1)] == [a[s] for s in range(1, n + 1)]

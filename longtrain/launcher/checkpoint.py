@@ -330,5 +330,7 @@ def _fault(kind: str, step: int) -> None:
         piddir = os.environ.get("LONGTRAIN_FAULT_PIDDIR")
         if piddir:  # torchrun starts workers in sessions of their own: tell the test whom to kill
             Path(piddir, f"rank{_rank()}.pid").write_text(str(os.getpid()))
-        while True:
-            time.sleep(1)
+        from longtrain.launcher import signals
+
+        while signals.requested is None:  # a save-on-signal signal ends the pause (the step loop then exits)
+            time.sleep(0.2)

@@ -60,15 +60,29 @@ def _run_reporting(cmd: list[str], env: dict[str, str], errdir: Path) -> int:
     ranks' broken-connection tracebacks) is held back and dropped if the job then fails;
     a crash without such a file keeps all of its output.
     """
+    import signal
     import threading
 
-    proc = subprocess.Popen(cmd, env=env, stderr=subprocess.PIPE, text=True, errors="replace")
+    # torchrun runs in a session of its own, so a signal to our process group (a terminal, a container
+    # stop, Slurm) reaches it once, through us: SIGUSR1, which torchrun does not handle, goes on as
+    # SIGTERM, which torchrun passes to the workers (they save a checkpoint and exit 75)
+    proc = subprocess.Popen(cmd, env=env, stderr=subprocess.PIPE, text=True, errors="replace",
+                            start_new_session=True)
+    forwarded = {signal.SIGTERM: signal.SIGTERM, signal.SIGINT: signal.SIGINT, signal.SIGHUP: signal.SIGTERM,
+                 signal.SIGUSR1: signal.SIGTERM}
+    stopping = []  # from a forwarded signal on, torchrun's shutdown chatter is held back too
+
+    def forward(signum, _frame) -> None:
+        stopping.append(signum)
+        proc.send_signal(forwarded[signum])
+
+    previous = {s: signal.signal(s, forward) for s in forwarded}
     held: list[str] = []
 
     def pump() -> None:
         assert proc.stderr is not None
         for line in proc.stderr:
-            if held or any(errdir.iterdir()):
+            if held or stopping or any(errdir.iterdir()):
                 held.append(line)
             else:
                 sys.stderr.write(line)
@@ -76,8 +90,18 @@ def _run_reporting(cmd: list[str], env: dict[str, str], errdir: Path) -> int:
 
     t = threading.Thread(target=pump, daemon=True)
     t.start()
-    rc = proc.wait()
+    try:
+        rc = proc.wait()
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
     t.join(timeout=10)
+    preempted = errdir / "preempted.txt"
+    if preempted.is_file():
+        print(preempted.read_text().strip(), file=sys.stderr, flush=True)
+        from longtrain.launcher.signals import PREEMPTED_EXIT
+
+        return PREEMPTED_EXIT
     errors = sorted(errdir.glob("rank*.txt"), key=lambda p: int(p.stem[4:]))
     if rc != 0 and errors:
         print(errors[0].read_text().strip(), file=sys.stderr, flush=True)
@@ -86,15 +110,17 @@ def _run_reporting(cmd: list[str], env: dict[str, str], errdir: Path) -> int:
     return 0 if rc == 0 else (2 if rc == 2 else rc)
 
 
-def _report_worker_error(msg: str) -> bool:
-    """In a worker started by `longtrain train --nproc`: hand the error line to the launcher."""
+def _report_worker_error(msg: str, name: str = "") -> bool:
+    """In a worker started by `longtrain train --nproc`: hand the error line (or, with name
+    "preempted", the preemption line) to the launcher instead of printing it."""
     errdir = os.environ.get(ERROR_DIR_ENV)
     rank = os.environ.get("RANK")
     if not errdir or rank is None or not os.path.isdir(errdir):
         return False
-    tmp = Path(errdir, f".rank{rank}.tmp")
-    tmp.write_text(f"longtrain: error: {msg}\n")
-    os.replace(tmp, Path(errdir, f"rank{rank}.txt"))
+    final = Path(errdir, f"{name}.txt" if name else f"rank{rank}.txt")
+    tmp = final.with_name(f".{final.name}.tmp")
+    tmp.write_text(f"longtrain: {msg}\n" if name else f"longtrain: error: {msg}\n")
+    os.replace(tmp, final)
     return True
 
 
@@ -219,9 +245,37 @@ def main(argv: list[str] | None = None) -> int:
         if _report_worker_error(str(e)):
             return 2
         return _error(str(e))
+    except Exception as e:  # noqa: BLE001 - only Preempted is handled; the rest keeps its traceback
+        from longtrain.launcher.signals import PREEMPTED_EXIT, Preempted
+
+        if not isinstance(e, Preempted):
+            raise
+        if os.environ.get("RANK", "0") == "0":
+            if not _report_worker_error(str(e), name="preempted"):
+                print(f"longtrain: {e}", file=sys.stderr, flush=True)
+        return PREEMPTED_EXIT
     except KeyboardInterrupt:
         return 130
 
 
+def _worker_exit(rc: int) -> None:
+    """End a torchrun worker without the interpreter's teardown.
+
+    Now and then (about 1 run in 20 here) a worker that finished cleanly aborted in that teardown
+    ("terminate called without an active exception", SIGABRT from a C++ thread of torch's), which
+    turns a finished run into a failed job. Everything of ours is closed by now (metrics, process
+    group), so flush and leave.
+    """
+    import logging
+
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(rc)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    code = main()
+    if os.environ.get("TORCHELASTIC_RUN_ID") is not None:
+        _worker_exit(code)
+    sys.exit(code)

@@ -120,6 +120,7 @@ class CheckpointSection:
     keep_last: int = 2
     resume: str = "auto"  # auto | none | path to a checkpoint folder
     dir: str = ""  # default: <output_dir>/checkpoints
+    save_on_signal: list[str] = field(default_factory=lambda: ["SIGTERM", "SIGUSR1"])  # checkpoint, exit 75
 
 
 @dataclass
@@ -320,6 +321,12 @@ def validate(r: Recipe) -> None:
         _positive(f"training.{name}", getattr(t, name))
     _positive("training.lr", t.lr)
     _positive("training.max_bad_steps", t.max_bad_steps)
+    from longtrain.launcher.signals import check_names
+
+    try:
+        check_names(r.checkpoint.save_on_signal)
+    except ValueError as e:
+        raise ConfigError(f"'checkpoint.save_on_signal': {e}") from None
     _positive("training.warmup", t.warmup, allow_zero=True)
     _positive("training.grad_clip", t.grad_clip, allow_zero=True)
     _positive("training.weight_decay", t.weight_decay, allow_zero=True)

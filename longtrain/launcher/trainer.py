@@ -16,6 +16,7 @@ import torch.distributed as dist
 
 from longtrain.errors import CheckpointError, ConfigError, LaunchError, TrainingError
 from longtrain.launcher.checkpoint import Checkpointer, check_checkpoint, read_meta
+from longtrain.launcher import signals
 from longtrain.launcher.config import Recipe, save_resolved
 from longtrain.launcher.data import PackedCorpus, build_tokenizer, collate, load_documents
 from longtrain.launcher.env import init_distributed
@@ -23,6 +24,13 @@ from longtrain.launcher.metrics import Metrics, memory_mb, peak_flops, train_flo
 from longtrain.models import LocalAttention, Transformer, lm_loss_sum
 
 log = logging.getLogger("longtrain")
+
+
+def _fault_slow() -> None:
+    """Test hook LONGTRAIN_FAULT='slow_steps:SECONDS': sleep that long in every step."""
+    spec = os.environ.get("LONGTRAIN_FAULT", "")
+    if spec.startswith("slow_steps:"):
+        time.sleep(float(spec.split(":", 1)[1]))
 
 
 def _fault_nan(step: int) -> bool:
@@ -347,6 +355,7 @@ class Trainer:
         if self.mesa is not None:  # stochastic rounding too
             self.mesa.reseed(step_seed * 1_000_003 + 17)
         self._apply_stage()
+        _fault_slow()
         micro = [self._shard(b) for b in self._micro_batches()]
         local_count = sum(int((b["labels"] != -100).sum()) for b in micro)
         # on the training device: NCCL has no CPU tensors (make gpu-check found this on its first run)
@@ -454,6 +463,8 @@ class Trainer:
                                log_every=r.metrics.log_every, tensorboard=r.metrics.tensorboard)
         first_step = self.step
         history: list[float] = []
+        if r.checkpoint.save_on_signal:
+            signals.install(r.checkpoint.save_on_signal)
         peak = peak_flops(self.device)
         flops_per_token = train_flops_per_token(self.model.cfg, r.data.seq_len)
         evaluator = self._evaluator()
@@ -486,12 +497,28 @@ class Trainer:
                         f"gradient norm (training.max_bad_steps = {r.training.max_bad_steps}); the newest checkpoint, "
                         f"{last.name if last else 'none'}, holds weights from before them (lower training.lr, or "
                         "check the data)")
-                if self.bad_streak == 0 and (self.step % r.checkpoint.interval == 0 or self.step == r.training.steps):
+                saved = self.bad_streak == 0 and (self.step % r.checkpoint.interval == 0
+                                                  or self.step == r.training.steps)
+                if saved:
                     self.save()
+                if r.checkpoint.save_on_signal and self._signal_received():
+                    if not saved and self.bad_streak == 0:
+                        self.save()
+                    last = self.checkpointer.latest()
+                    raise signals.Preempted(
+                        f"received {signals.requested or 'a stop signal (on another rank)'} during step {self.step}: "
+                        f"checkpoint {last.name if last else 'none'} is saved; exiting with status "
+                        f"{signals.PREEMPTED_EXIT} (requeue). Rerun the same command to resume.")
         finally:
             self.metrics.close()
         return {"first_loss": history[0] if history else None, "last_loss": history[-1] if history else None,
                 "steps": self.step, "losses": history}
+
+    def _signal_received(self) -> bool:
+        """Whether any rank got a save-on-signal signal: one tiny all-reduce per step, so all agree."""
+        flag = torch.tensor([1.0 if signals.requested else 0.0], device=self.device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return flag.item() > 0
 
     def _evaluator(self):
         r = self.recipe
