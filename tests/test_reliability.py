@@ -91,8 +91,8 @@ def test_too_many_bad_steps_stop_with_one_line(tmp_path):
     assert (out / "checkpoints" / "latest").read_text().strip() == "step_00000002"
 
 
-@pytest.mark.parametrize("sig", ["SIGTERM", "SIGUSR1"])
-def test_signal_saves_and_resumes_exactly(sig, tmp_path):
+@pytest.mark.parametrize("sig,background", [("SIGTERM", False), ("SIGUSR1", False), ("SIGTERM", True)])
+def test_signal_saves_and_resumes_exactly(sig, background, tmp_path):
     """A signal to the process group of `longtrain train --nproc 2` (a terminal, a container stop,
     Slurm) 60% of the way between two checkpoints: a checkpoint of the step reached, exit 75, and
     the resumed run equals an uninterrupted one."""
@@ -105,7 +105,7 @@ def test_signal_saves_and_resumes_exactly(sig, tmp_path):
 
     n, every = 10, 5
     sets = [f"training.steps={n}", f"checkpoint.interval={every}", "checkpoint.keep_last=10",
-            "training.schedule=constant"]
+            "training.schedule=constant", f"checkpoint.async={str(background).lower()}"]
     straight = tmp_path / "straight"
     run_train(straight, *sets)
     out = tmp_path / "signalled"
@@ -127,3 +127,35 @@ def test_signal_saves_and_resumes_exactly(sig, tmp_path):
     run_train(out, *sets)
     a, b = losses(straight), losses(out)
     assert [b[s] for s in range(1, n + 1)] == [a[s] for s in range(1, n + 1)]
+
+
+def test_async_checkpoints_equal_sync_and_survive_a_crash(tmp_path):
+    """checkpoint.async: the same published checkpoints and losses as synchronous saves; a crash
+    while the background write runs leaves the previous checkpoint as latest, and the next start
+    resumes from it."""
+    from longtrain.launcher.checkpoint import Checkpointer
+
+    sync, background = tmp_path / "sync", tmp_path / "async"
+    sets = ["training.steps=6", *COMMON]
+    run_train(sync, *sets)
+    run_train(background, *sets, "checkpoint.async=true")
+    assert losses(sync) == losses(background)
+    for step in (2, 4, 6):
+        name = f"step_{step:08d}"
+        a = json.loads((sync / "checkpoints" / name / "meta.json").read_text())["files"]
+        b = json.loads((background / "checkpoints" / name / "meta.json").read_text())["files"]
+        assert {k: v["crc32"] for k, v in a.items() if k.endswith(".distcp")} == \
+            {k: v["crc32"] for k, v in b.items() if k.endswith(".distcp")}, name
+    assert (background / "checkpoints" / "latest").read_text().strip() == "step_00000006"
+
+    crashed = tmp_path / "crashed"
+    proc = run_train(crashed, *sets, "checkpoint.async=true", check=False,
+                     LONGTRAIN_FAULT="crash_during_async_save:4")
+    assert proc.returncode != 0
+    ck = crashed / "checkpoints"
+    assert (ck / "latest").read_text().strip() == "step_00000002"
+    assert Checkpointer(ck).resume_point is not None
+    proc = run_train(crashed, *sets, "checkpoint.async=true")
+    assert "resumed from" in proc.stdout and "step_00000002" in proc.stdout
+    got = losses(crashed)
+    assert [got[s] for s in range(3, 7)] == [losses(sync)[s] for s in range(3, 7)]

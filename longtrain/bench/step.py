@@ -72,6 +72,36 @@ def _compare(recipe, steps: int, warmup: int) -> tuple[float, float]:
     return ours_n / ours_t[len(ours_t) // 2], plain_n / plain_t[len(plain_t) // 2]
 
 
+def _save_cost(rank: int, world: int, recipe_path: str, sets: list[str], steps: int) -> dict:
+    """Seconds the training loop is blocked by a checkpoint save, sync vs async (median over `steps`
+    saves, one after every step), next to the median step time without a save."""
+    from longtrain.launcher.config import load_recipe
+    from longtrain.launcher.trainer import Trainer
+
+    out = {}
+    for mode in ("sync", "async"):
+        recipe = load_recipe(recipe_path, [*sets, f"checkpoint.async={str(mode == 'async').lower()}",
+                                           f"run.output_dir=/tmp/longtrain-bench-save-{mode}"])
+        trainer = Trainer(recipe)
+        trainer.checkpointer.prepare()
+        step_t, save_t = [], []
+        for i in range(steps + 1):
+            t0 = time.perf_counter()
+            trainer.train_step()
+            trainer.checkpointer.poll()
+            t1 = time.perf_counter()
+            trainer.save()
+            t2 = time.perf_counter()
+            if i:  # the first step and save warm up
+                step_t.append(t1 - t0)
+                save_t.append(t2 - t1)
+        trainer.checkpointer.wait()
+        step_t.sort()
+        save_t.sort()
+        out[mode] = {"step_s": step_t[len(step_t) // 2], "save_blocking_s": save_t[len(save_t) // 2]}
+    return out
+
+
 def _worker(rank: int, world: int, recipe_path: str, sets: list[str], steps: int, warmup: int):
     from longtrain.launcher.config import load_recipe
 
@@ -87,10 +117,23 @@ def main(argv: list[str]) -> int:
     ap.add_argument("--engine", action="append", default=None, help="fsdp2 and/or ddp (default both)")
     ap.add_argument("--compile", action="store_true",
                     help="also run each engine with training.compile = true (compiled vs eager tokens/s)")
+    ap.add_argument("--save", action="store_true",
+                    help="instead: how long a checkpoint save blocks the loop, sync vs checkpoint.async")
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
 
     from longtrain.testing import run_distributed
+
+    if args.save:
+        sets = [*args.overrides, "checkpoint.resume=none", "checkpoint.keep_last=1"]
+        (res,) = run_distributed(_save_cost, 1, args.recipe, sets, args.steps, threads=torch.get_num_threads(),
+                                 timeout=1800)
+        rows = [{"save": m, **v, "blocking_vs_sync": v["save_blocking_s"] / res["sync"]["save_blocking_s"]}
+                for m, v in res.items()]
+        print_table(rows)
+        write_json("step-save", {"recipe": args.recipe, "steps": args.steps, "overrides": args.overrides,
+                                 "rows": rows}, args.out)
+        return 0
 
     rows = []
     for engine in args.engine or ["fsdp2", "ddp"]:

@@ -198,6 +198,7 @@ class Checkpointer:
     def __init__(self, root: str | os.PathLike, keep_last: int = 2) -> None:
         self.root = Path(root)
         self.keep_last = keep_last
+        self.pending = None
 
     def prepare(self) -> None:
         """Create the folder and remove partial saves left by a crash (rank 0)."""
@@ -247,24 +248,59 @@ class Checkpointer:
         return None
 
     def save(self, step: int, state: dict[str, Any] | None, meta: dict[str, Any],
-             write: Callable[[Path], None] | None = None) -> Path:
+             write: Callable[[Path], None] | None = None, *, background: bool = False,
+             group: "dist.ProcessGroup | None" = None) -> Path | None:
         """Collective: every rank calls it. Writes `state` with DCP (or calls `write(tmp_dir)`, e.g. an
-        engine with its own format), adds meta.json, then publishes. Returns the published folder."""
+        engine with its own format), adds meta.json, then publishes. Returns the published folder.
+
+        background=True: DCP's asynchronous save (state staged to CPU memory now, files written by a
+        thread over `group`, a gloo group); returns None at once, and `poll()` / `wait()` publish it
+        once every rank's write has finished. At most one save is in flight: a new one first waits
+        for the previous."""
+        self.wait()
         name = f"step_{step:08d}"
-        final, tmp = self.root / name, self.root / f"{name}.tmp"
+        tmp = self.root / f"{name}.tmp"
         if _rank() == 0:
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)
         _barrier()
         t0 = time.perf_counter()
+        if background and write is None:
+            future = dcp.async_save(state, checkpoint_id=str(tmp), process_group=group)
+            self.pending = (step, meta, future, t0)  # (step, meta, future, start time)
+            _fault("crash_during_async_save", step)
+            return None
         if write is not None:
             write(tmp)
         else:
             dcp.save(state, checkpoint_id=str(tmp))
+        return self._publish(step, meta, t0, dcp_layout=write is None)
+
+    def poll(self) -> Path | None:
+        """Collective, once per step: publish the background save if every rank's write is done."""
+        if self.pending is None:
+            return None
+        done = torch.tensor([1.0 if self.pending[2].done() else 0.0])
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            dist.all_reduce(done, op=dist.ReduceOp.MIN, group=_cpu_group())
+        return self.wait() if done.item() > 0 else None
+
+    def wait(self) -> Path | None:
+        """Collective: finish and publish the background save in flight, if any."""
+        if self.pending is None:
+            return None
+        step, meta, future, t0 = self.pending
+        self.pending = None
+        future.result()  # re-raises a failed write
+        return self._publish(step, meta, t0, dcp_layout=True)
+
+    def _publish(self, step: int, meta: dict[str, Any], t0: float, dcp_layout: bool) -> Path:
+        name = f"step_{step:08d}"
+        final, tmp = self.root / name, self.root / f"{name}.tmp"
         _barrier()  # every rank's files are written
         world = dist.get_world_size() if dist.is_initialized() else 1
         digests = {p.relative_to(tmp).as_posix(): file_digest(p)
-                   for p in _my_files(tmp, _rank(), world, dcp_layout=write is None)}
+                   for p in _my_files(tmp, _rank(), world, dcp_layout=dcp_layout)}
         files = {k: v for part in _gather(digests) for k, v in part.items()}
         if _rank() == 0:
             with open(tmp / "meta.json", "w") as f:
@@ -303,6 +339,16 @@ class Checkpointer:
         return meta
 
 
+_CPU_GROUP: list = []
+
+
+def _cpu_group():
+    """A gloo group over all ranks for the checkpoint's own small CPU collectives (cached)."""
+    if not _CPU_GROUP:
+        _CPU_GROUP.append(dist.new_group(backend="gloo") if dist.get_backend() != "gloo" else None)
+    return _CPU_GROUP[0]
+
+
 def _fsync_dir(path: Path) -> None:
     try:
         fd = os.open(path, os.O_RDONLY)
@@ -317,12 +363,13 @@ def _fsync_dir(path: Path) -> None:
 def _fault(kind: str, step: int) -> None:
     """Test hooks, set by LONGTRAIN_FAULT:
     'crash_during_save:STEP'  rank 0 kills itself (SIGKILL) after writing shards, before publishing;
-    'pause_after_save:STEP'   every rank sleeps after publishing STEP (the test then SIGKILLs the job).
+    'pause_after_save:STEP'   every rank sleeps after publishing STEP (the test then SIGKILLs the job);
+    'crash_during_async_save:STEP'  rank 0 kills itself while the background write of STEP runs.
     """
     spec = os.environ.get("LONGTRAIN_FAULT", "")
     if spec != f"{kind}:{step}":
         return
-    if kind == "crash_during_save" and _rank() == 0:
+    if kind in ("crash_during_save", "crash_during_async_save") and _rank() == 0:
         log.error("fault injection: %s at step %d", kind, step)
         os.kill(os.getpid(), signal.SIGKILL)
     if kind == "pause_after_save":

@@ -121,6 +121,7 @@ class CheckpointSection:
     resume: str = "auto"  # auto | none | path to a checkpoint folder
     dir: str = ""  # default: <output_dir>/checkpoints
     save_on_signal: list[str] = field(default_factory=lambda: ["SIGTERM", "SIGUSR1"])  # checkpoint, exit 75
+    async_save: bool = False  # `checkpoint.async` in recipes: write in the background (DCP async_save)
 
 
 @dataclass
@@ -257,6 +258,9 @@ def apply_override(data: dict[str, Any], assignment: str) -> None:
 
 
 def recipe_from_dict(data: dict[str, Any], source_path: str = "") -> Recipe:
+    ck = data.get("checkpoint")
+    if isinstance(ck, dict) and "async" in ck:  # `async` is a Python keyword: the field is async_save
+        ck["async_save"] = ck.pop("async")
     kwargs: dict[str, Any] = {}
     for section, value in data.items():
         if section not in _SECTIONS:

@@ -209,6 +209,9 @@ class Trainer:
         self.bad_streak = 0   # consecutive steps whose update was skipped (non-finite loss / grad norm)
         self.bad_total = 0
         self.checkpointer = Checkpointer(r.checkpoint_dir, r.checkpoint.keep_last)
+        # background saves run their collectives in a thread: on a group of their own, never the training's
+        self.async_group = (dist.new_group(backend="gloo") if r.checkpoint.async_save and self.ds_engine is None
+                            else None)
         self.metrics: Metrics | None = None
 
     def _tokenizer_spec(self) -> str:
@@ -242,7 +245,8 @@ class Trainer:
                                                   "dir": DS_SUBDIR}}
             self.checkpointer.save(self.step, None, meta, write=lambda tmp: write_deepspeed(self.ds_engine, tmp))
             return
-        self.checkpointer.save(self.step, self._state(), self._meta())
+        self.checkpointer.save(self.step, self._state(), self._meta(), background=self.async_group is not None,
+                               group=self.async_group)
 
     def resume(self) -> None:
         r = self.recipe
@@ -491,12 +495,14 @@ class Trainer:
                 if evaluator is not None and r.eval.every and self.step % r.eval.every == 0:
                     self.metrics.scalars(self.step, evaluator(self))
                 if self.bad_streak >= r.training.max_bad_steps:
+                    self.checkpointer.wait()
                     last = self.checkpointer.latest()
                     raise TrainingError(
                         f"stopping at step {self.step}: {self.bad_streak} consecutive steps with a non-finite loss or "
                         f"gradient norm (training.max_bad_steps = {r.training.max_bad_steps}); the newest checkpoint, "
                         f"{last.name if last else 'none'}, holds weights from before them (lower training.lr, or "
                         "check the data)")
+                self.checkpointer.poll()  # publishes a finished background save
                 saved = self.bad_streak == 0 and (self.step % r.checkpoint.interval == 0
                                                   or self.step == r.training.steps)
                 if saved:
@@ -504,11 +510,13 @@ class Trainer:
                 if r.checkpoint.save_on_signal and self._signal_received():
                     if not saved and self.bad_streak == 0:
                         self.save()
+                    self.checkpointer.wait()
                     last = self.checkpointer.latest()
                     raise signals.Preempted(
                         f"received {signals.requested or 'a stop signal (on another rank)'} during step {self.step}: "
                         f"checkpoint {last.name if last else 'none'} is saved; exiting with status "
                         f"{signals.PREEMPTED_EXIT} (requeue). Rerun the same command to resume.")
+            self.checkpointer.wait()  # the last background save is published before the run ends
         finally:
             self.metrics.close()
         return {"first_loss": history[0] if history else None, "last_loss": history[-1] if history else None,
