@@ -23,3 +23,8 @@ class DataError(LongtrainError):
 
 class TrainingError(LongtrainError):
     """The run cannot go on (e.g. too many consecutive non-finite steps)."""
+
+
+class PeerLost(LongtrainError):
+    """A collective failed because another process died or stopped answering (not a user error: the
+    launcher turns it into the rank-death report)."""

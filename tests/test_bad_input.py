@@ -94,3 +94,32 @@ def test_errors_inside_the_workers_are_one_line(tmp_path, nproc):
     proc = _cli("train", str(TINY), "--nproc", nproc, "--set", f"data.source={data}",
                 "--set", f"run.output_dir={tmp_path / 'out'}")
     _assert_clean_error(proc, "too few for one sample")
+
+
+def _worker_side_cases(tmp_path):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    jsonl = tmp_path / "docs.jsonl"
+    jsonl.write_text('{"body": "text under another name"}\n' * 50)
+    tok = tmp_path / "tokenizer.json"
+    tok.write_text("{this is not a tokenizer")
+    return {
+        "empty data folder": ([f"data.source={empty}"], ["matched no files"]),
+        "missing text field": ([f"data.source={jsonl}", "data.text_field=text"], ["text"]),
+        "unreadable tokenizer": ([f"data.tokenizer={tok}"], ["tokenizer"]),
+    }
+
+
+@pytest.mark.parametrize("case", ["empty data folder", "missing text field", "unreadable tokenizer",
+                                  "model shape mismatch on resume"])
+def test_worker_side_bad_inputs_under_nproc_2(tmp_path, case):
+    out = tmp_path / "out"
+    common = ["--nproc", "2", "--set", f"run.output_dir={out}", "data.max_documents=40", "data.seq_len=64"]
+    if case == "model shape mismatch on resume":
+        first = _cli("train", str(TINY), *common, "training.steps=2")
+        assert first.returncode == 0, first.stderr[-2000:]
+        _assert_clean_error(_cli("train", str(TINY), *common, "training.steps=4", "model.dim=64"),
+                            "different model")
+        return
+    sets, needles = _worker_side_cases(tmp_path)[case]
+    _assert_clean_error(_cli("train", str(TINY), *common, *sets), *needles)

@@ -9,6 +9,7 @@ a damaged checkpoint is one line and exit status 2.
 from __future__ import annotations
 
 import json
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -159,3 +160,83 @@ def test_async_checkpoints_equal_sync_and_survive_a_crash(tmp_path):
     assert "resumed from" in proc.stdout and "step_00000002" in proc.stdout
     got = losses(crashed)
     assert [got[s] for s in range(3, 7)] == [losses(sync)[s] for s in range(3, 7)]
+
+
+def _kill_rank_midway(tmp_path: Path, nproc: int) -> tuple[subprocess.CompletedProcess, float]:
+    import os
+    import signal
+    import time
+
+    from helpers import REPO, cli_env, train_cmd
+
+    out = tmp_path / "run"
+    proc = subprocess.Popen(train_cmd(out, "training.steps=40", "checkpoint.interval=5", nproc=nproc),
+                            env=cli_env(LONGTRAIN_FAULT="slow_steps:0.3"), cwd=REPO, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    deadline = time.time() + 240
+    while not (out / "metrics.jsonl").is_file() or len((out / "metrics.jsonl").read_text().splitlines()) < 7:
+        assert time.time() < deadline and proc.poll() is None, proc.communicate()
+        time.sleep(0.05)
+    victim = None
+    for pid in filter(str.isdigit, os.listdir("/proc")):  # the worker of rank 1 of this run
+        try:
+            environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+        except OSError:
+            continue
+        if b"RANK=1" in environ and str(out).encode() in cmdline and b"torch.distributed.run" not in cmdline:
+            victim = int(pid)
+    assert victim is not None
+    os.kill(victim, signal.SIGKILL)
+    t0 = time.time()
+    stdout, stderr = proc.communicate(timeout=120)
+    return subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr), time.time() - t0
+
+
+@pytest.mark.parametrize("nproc", [2, 4])
+def test_a_dead_rank_is_one_short_report(tmp_path, nproc):
+    proc, took = _kill_rank_midway(tmp_path, nproc)
+    assert proc.returncode == 1 and took < 60, (proc.returncode, took)
+    assert "Traceback" not in proc.stderr and "ChildFailedError" not in proc.stderr, proc.stderr[-3000:]
+    lines = [line for line in proc.stderr.strip().splitlines() if line.strip()]
+    assert len(lines) == 4 and all(line.startswith("longtrain: ") for line in lines), proc.stderr[-3000:]
+    assert "rank 1 on " in lines[0] and "died (SIGKILL) during step" in lines[0]
+    assert "lost contact with another process" in lines[1]
+    assert "newest usable checkpoint: " in lines[2] and "step_00000005" in lines[2]
+    assert lines[3].startswith("longtrain: resume with the same command: longtrain train ")
+    if nproc == 2:  # and the same command resumes
+        again = run_train(tmp_path / "run", "training.steps=8", "checkpoint.interval=5", nproc=nproc)
+        assert "resumed from" in again.stdout and "step_00000005" in again.stdout
+
+
+def test_twenty_crashes_always_leave_a_complete_checkpoint(tmp_path):
+    """SIGKILL at random moments of a run that saves every step (sync and async alternating):
+    every next start resumes from a complete, intact checkpoint (or starts fresh before the first)."""
+    import os
+    import random
+    import signal
+    import time
+
+    from helpers import REPO, cli_env, train_cmd
+    from longtrain.launcher.checkpoint import Checkpointer, check_checkpoint
+
+    out = tmp_path / "run"
+    rng = random.Random(0)
+    during_save = resumed = 0
+    for i in range(20):
+        mode = "true" if i % 2 else "false"
+        proc = subprocess.Popen(train_cmd(out, "training.steps=1000", "checkpoint.interval=1", "checkpoint.keep_last=2",
+                                          f"checkpoint.async={mode}", nproc=1),
+                                env=cli_env(), cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                start_new_session=True)
+        time.sleep(rng.uniform(3.0, 6.0))  # start-up takes ~2.5 s here; then a save every ~0.2 s
+        if any((out / "checkpoints").glob("*.tmp")):
+            during_save += 1
+        os.killpg(proc.pid, signal.SIGKILL)
+        stdout, _ = proc.communicate()
+        resumed += "resumed from" in stdout
+        ck = Checkpointer(out / "checkpoints")
+        newest = ck.latest()
+        assert newest is None or check_checkpoint(newest) == [], (i, newest)
+    print(f"20 SIGKILLs, {during_save} while a checkpoint was being written, {resumed} starts resumed")
+    assert resumed >= 15 and during_save >= 3

@@ -99,6 +99,11 @@ def first_jobs(cluster, tmp_path_factory):
     pre = runs / "preempt"
     jobs["preempt"] = (pre, cluster.submit(pre, "srun", "training.steps=6",
                                            extra=("--env", "LONGTRAIN_FAULT=pause_after_save:3")))
+    # the same through the torchrun template (the trap's SIGTERM goes srun -> torchrun -> workers);
+    # it may wait in the queue for a free slot
+    pre_t = runs / "preempt-torchrun"
+    jobs["preempt-torchrun"] = (pre_t, cluster.submit(pre_t, "torchrun", "training.steps=6",
+                                                      extra=("--env", "LONGTRAIN_FAULT=pause_after_save:3")))
     return jobs
 
 
@@ -142,10 +147,14 @@ def test_resubmission_resumes(cluster, first_jobs):
         assert (out / "checkpoints" / "latest").read_text().strip() == "step_00000009"
 
 
-def test_preemption_requeues_and_resumes(cluster, first_jobs):
-    out, job = first_jobs["preempt"]
+@pytest.mark.parametrize("which", ["preempt", "preempt-torchrun"])
+def test_preemption_requeues_and_resumes(cluster, first_jobs, which):
+    """USR1 to the batch script (what --signal=B:USR1@120 does at a time limit or preemption) while
+    the job is paused after publishing step 3: the workers get the signal, exit 75, the job is
+    requeued and resumes from step 3."""
+    out, job = first_jobs[which]
     log = _log(out, job)
-    deadline = time.time() + 240
+    deadline = time.time() + 420
     while not (out / "checkpoints" / "step_00000003" / "meta.json").is_file():
         assert time.time() < deadline, _tail(log)
         state = cluster.job(job).get("JobState")  # CONFIGURING/REQUEUED etc. show up on a loaded machine

@@ -7,7 +7,10 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import json
 import os
+import re
+import shlex
 import subprocess
 import sys
 import tempfile
@@ -33,7 +36,7 @@ def _train_parser(sub) -> None:
     p.add_argument("--dry-run", action="store_true", help="validate recipe, mesh, data and model; do not train")
 
 
-def _spawn_torchrun(args: argparse.Namespace) -> int:
+def _spawn_torchrun(args: argparse.Namespace, recipe=None) -> int:
     n = args.nproc
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={n}",
            "--module", "longtrain.launcher.cli", "train", args.recipe]
@@ -44,15 +47,83 @@ def _spawn_torchrun(args: argparse.Namespace) -> int:
     env = dict(os.environ)
     env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // n)))
     env.setdefault("TORCHELASTIC_ERROR_FILE", "")
+    run = None
+    if recipe is not None:
+        run = RunInfo(Path(recipe.output_dir), Path(recipe.checkpoint_dir),
+                      shlex.join(["longtrain", *sys.argv[1:]]) if sys.argv[1:] else "longtrain train ...")
     with tempfile.TemporaryDirectory(prefix="longtrain-errors-") as errdir:
         env[ERROR_DIR_ENV] = errdir
-        return _run_reporting(cmd, env, Path(errdir))
+        return _run_reporting(cmd, env, Path(errdir), run)
 
 
 ERROR_DIR_ENV = "LONGTRAIN_ERROR_DIR"
 
 
-def _run_reporting(cmd: list[str], env: dict[str, str], errdir: Path) -> int:
+_TORCHRUN_LOG = re.compile(r"^[EWI]\d{4} \S+ \d+ \S*torch/distributed/")  # torchrun's own log lines
+
+
+def death_report(torchrun_stderr: list[str], lost: list[str], run: "RunInfo | None") -> str | None:
+    """The short block printed when a training process died (or hung): which rank, on which host, how,
+    at which step, the newest usable checkpoint and the command that resumes. None when torchrun's
+    report names no process killed by a signal and no survivor reported a lost peer."""
+    failures, cur = [], None
+    for line in torchrun_stderr:
+        m = re.match(r"\s*(time|host|rank|exitcode)\s*:\s*(.*)", line)
+        if re.match(r"\s*\[\d+\]:\s*$", line):
+            cur = {}
+            failures.append(cur)
+        elif m and cur is not None:
+            cur[m.group(1)] = m.group(2).strip()
+    dead = None
+    for f in failures:
+        code = re.match(r"(-?\d+)", f.get("exitcode", ""))
+        sig = re.search(r"\((SIG\w+)\)", f.get("exitcode", ""))
+        if code and int(code.group(1)) < 0 and not (sig and sig.group(1) == "SIGTERM"):
+            dead = f
+            break
+    if dead is None and not lost:
+        return None
+    lines = []
+    if dead is not None:
+        rank = dead.get("rank", "?").split()[0]
+        how = re.search(r"\((SIG\w+)\)", dead.get("exitcode", ""))
+        lines.append(f"longtrain: rank {rank} on {dead.get('host', '?')} died "
+                     f"({how.group(1) if how else 'exit code ' + dead.get('exitcode', '?').split()[0]})"
+                     + (f" during step {run.step_in_flight()}" if run else "") + ".")
+    if lost:
+        lines.append(f"longtrain: the other processes stopped: {lost[0]}")
+    if run:
+        ck = run.newest_checkpoint()
+        lines.append(f"longtrain: newest usable checkpoint: {ck}" if ck else
+                     "longtrain: no checkpoint was written yet: the run restarts from step 0")
+        lines.append(f"longtrain: resume with the same command: {run.command}")
+    return "\n".join(lines)
+
+
+class RunInfo:
+    """What the launcher knows about the run it started (for the death report)."""
+
+    def __init__(self, output_dir: Path, checkpoint_dir: Path, command: str) -> None:
+        self.output_dir, self.checkpoint_dir, self.command = output_dir, checkpoint_dir, command
+
+    def step_in_flight(self) -> int:
+        last = 0
+        try:
+            for line in (self.output_dir / "metrics.jsonl").read_text().splitlines():
+                if '"step"' in line:
+                    last = max(last, int(json.loads(line)["step"]))
+        except (OSError, ValueError, KeyError):
+            pass
+        return last + 1
+
+    def newest_checkpoint(self) -> str | None:
+        from longtrain.launcher.checkpoint import Checkpointer
+
+        p = Checkpointer(self.checkpoint_dir).latest()
+        return f"{p} (step {int(p.name.split('_')[1])})" if p else None
+
+
+def _run_reporting(cmd: list[str], env: dict[str, str], errdir: Path, run: RunInfo | None = None) -> int:
     """Run torchrun; a user error raised in the workers is reported once, exit 2.
 
     Workers write their `longtrain: error` line to errdir instead of printing it. From the
@@ -82,7 +153,7 @@ def _run_reporting(cmd: list[str], env: dict[str, str], errdir: Path) -> int:
     def pump() -> None:
         assert proc.stderr is not None
         for line in proc.stderr:
-            if held or stopping or any(errdir.iterdir()):
+            if held or stopping or any(errdir.iterdir()) or _TORCHRUN_LOG.match(line):
                 held.append(line)
             else:
                 sys.stderr.write(line)
@@ -106,6 +177,11 @@ def _run_reporting(cmd: list[str], env: dict[str, str], errdir: Path) -> int:
     if rc != 0 and errors:
         print(errors[0].read_text().strip(), file=sys.stderr, flush=True)
         return 2
+    if rc != 0:
+        report = death_report(held, [p.read_text().strip() for p in sorted(errdir.glob("lost-rank*.txt"))], run)
+        if report:
+            print(report, file=sys.stderr, flush=True)
+            return 1
     sys.stderr.writelines(held)
     return 0 if rc == 0 else (2 if rc == 2 else rc)
 
@@ -119,7 +195,8 @@ def _report_worker_error(msg: str, name: str = "") -> bool:
         return False
     final = Path(errdir, f"{name}.txt" if name else f"rank{rank}.txt")
     tmp = final.with_name(f".{final.name}.tmp")
-    tmp.write_text(f"longtrain: {msg}\n" if name else f"longtrain: error: {msg}\n")
+    tmp.write_text(f"{msg}\n" if name.startswith("lost") else f"longtrain: {msg}\n" if name
+                   else f"longtrain: error: {msg}\n")
     os.replace(tmp, final)
     return True
 
@@ -141,7 +218,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         from longtrain.launcher.env import check_gpus
 
         check_gpus(args.nproc, recipe.training.device)
-        return _spawn_torchrun(args)
+        return _spawn_torchrun(args, recipe)
     from longtrain.launcher.trainer import train
 
     train(recipe, dry_run=args.dry_run)
@@ -242,6 +319,12 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_train(args)
         return 2
     except LongtrainError as e:
+        from longtrain.errors import PeerLost
+
+        if isinstance(e, PeerLost):  # the launcher reports which process died; this one just stops
+            if not _report_worker_error(str(e), name=f"lost-rank{os.environ.get('RANK', '0')}"):
+                print(f"longtrain: {e}", file=sys.stderr, flush=True)
+            return 1
         if _report_worker_error(str(e)):
             return 2
         return _error(str(e))

@@ -81,6 +81,7 @@ class TrainingSection:
     device: str = "auto"  # auto | cpu | cuda
     compile: bool = False  # torch.compile each transformer block (attention kernels stay outside)
     max_bad_steps: int = 10  # stop after this many consecutive steps with a non-finite loss or grad norm
+    collective_timeout_s: int = 600  # a collective waiting this long for a dead or stuck peer ends the run
 
 
 @dataclass
@@ -325,6 +326,7 @@ def validate(r: Recipe) -> None:
         _positive(f"training.{name}", getattr(t, name))
     _positive("training.lr", t.lr)
     _positive("training.max_bad_steps", t.max_bad_steps)
+    _positive("training.collective_timeout_s", t.collective_timeout_s)
     from longtrain.launcher.signals import check_names
 
     try:

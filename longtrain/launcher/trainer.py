@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import re
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -14,7 +15,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from longtrain.errors import CheckpointError, ConfigError, LaunchError, TrainingError
+from longtrain.errors import CheckpointError, ConfigError, LaunchError, PeerLost, TrainingError
 from longtrain.launcher.checkpoint import Checkpointer, check_checkpoint, read_meta
 from longtrain.launcher import signals
 from longtrain.launcher.config import Recipe, save_resolved
@@ -24,6 +25,15 @@ from longtrain.launcher.metrics import Metrics, memory_mb, peak_flops, train_flo
 from longtrain.models import LocalAttention, Transformer, lm_loss_sum
 
 log = logging.getLogger("longtrain")
+
+
+_LOST_PEER_SIGNS = ("Connection closed by peer", "Connection reset by peer", "Broken pipe", "NCCL error",
+                    "Timed out", "timed out", "Connection refused", "remote process exited")
+
+
+def _peer_lost(e: BaseException) -> bool:
+    """A collective failed because another process is gone or stuck (gloo / NCCL messages)."""
+    return isinstance(e, dist.DistError) or any(s in str(e) for s in _LOST_PEER_SIGNS)
 
 
 def _fault_slow() -> None:
@@ -156,7 +166,8 @@ def resolve_sp_impl(impl: str, cfg) -> str:
 class Trainer:
     def __init__(self, recipe: Recipe) -> None:
         self.recipe = recipe
-        self.env, self.device = init_distributed(recipe.training.device, sp=recipe.parallel.sp)
+        self.env, self.device = init_distributed(recipe.training.device, recipe.training.collective_timeout_s,
+                                                 sp=recipe.parallel.sp)
         setup_logging(self.env.is_main)
         r = recipe
         self.layout = make_layout(r.parallel.sp)
@@ -473,54 +484,65 @@ class Trainer:
         flops_per_token = train_flops_per_token(self.model.cfg, r.data.seq_len)
         evaluator = self._evaluator()
         try:
-            while self.step < r.training.steps:
-                t0 = time.perf_counter()
-                res = self.train_step()
-                dt = time.perf_counter() - t0
-                history.append(res["loss"])
-                tok_s = res["tokens"] / dt
-                scalars = {"loss": res["loss"], "lr": self.optimizer.param_groups[0]["lr"] if self.ds_engine is None
-                           else self.scheduler.get_last_lr()[0],
-                           "grad_norm": res["grad_norm"], "tokens_per_s": tok_s,
-                           "tokens_per_s_per_process": tok_s / self.layout.world, "step_time_s": dt,
-                           "memory_mb": memory_mb(self.device)}
-                if "aux_loss" in res:
-                    scalars["aux_loss"] = res["aux_loss"]
-                if self.bad_total:
-                    scalars["skipped_steps"] = float(self.bad_total)
-                if peak:
-                    scalars["mfu"] = flops_per_token * tok_s / self.layout.world / peak
-                self.metrics.step(self.step, scalars, dt, first_step)
-                self._log_moh_usage()
-                if evaluator is not None and r.eval.every and self.step % r.eval.every == 0:
-                    self.metrics.scalars(self.step, evaluator(self))
-                if self.bad_streak >= r.training.max_bad_steps:
-                    self.checkpointer.wait()
-                    last = self.checkpointer.latest()
-                    raise TrainingError(
-                        f"stopping at step {self.step}: {self.bad_streak} consecutive steps with a non-finite loss or "
-                        f"gradient norm (training.max_bad_steps = {r.training.max_bad_steps}); the newest checkpoint, "
-                        f"{last.name if last else 'none'}, holds weights from before them (lower training.lr, or "
-                        "check the data)")
-                self.checkpointer.poll()  # publishes a finished background save
-                saved = self.bad_streak == 0 and (self.step % r.checkpoint.interval == 0
-                                                  or self.step == r.training.steps)
-                if saved:
-                    self.save()
-                if r.checkpoint.save_on_signal and self._signal_received():
-                    if not saved and self.bad_streak == 0:
-                        self.save()
-                    self.checkpointer.wait()
-                    last = self.checkpointer.latest()
-                    raise signals.Preempted(
-                        f"received {signals.requested or 'a stop signal (on another rank)'} during step {self.step}: "
-                        f"checkpoint {last.name if last else 'none'} is saved; exiting with status "
-                        f"{signals.PREEMPTED_EXIT} (requeue). Rerun the same command to resume.")
-            self.checkpointer.wait()  # the last background save is published before the run ends
+            self._loop(evaluator, peak, flops_per_token, history, first_step)
+        except (RuntimeError, dist.DistError) as e:
+            if not _peer_lost(e):
+                raise
+            first = next((ln for ln in str(e).splitlines() if ln.strip()), type(e).__name__)
+            first = re.sub(r"^\[[^\]]*\]\s*", "", first).split(". This is typically")[0]  # gloo's source location
+            raise PeerLost(f"lost contact with another process during step {self.step + 1} ({first[:160]})") from None
         finally:
             self.metrics.close()
         return {"first_loss": history[0] if history else None, "last_loss": history[-1] if history else None,
                 "steps": self.step, "losses": history}
+
+    def _loop(self, evaluator, peak, flops_per_token, history: list[float], first_step: int) -> None:
+        """The step loop: train, log, evaluate, checkpoint; stop on a signal or too many bad steps."""
+        r = self.recipe
+        while self.step < r.training.steps:
+            t0 = time.perf_counter()
+            res = self.train_step()
+            dt = time.perf_counter() - t0
+            history.append(res["loss"])
+            tok_s = res["tokens"] / dt
+            scalars = {"loss": res["loss"], "lr": self.optimizer.param_groups[0]["lr"] if self.ds_engine is None
+                       else self.scheduler.get_last_lr()[0],
+                       "grad_norm": res["grad_norm"], "tokens_per_s": tok_s,
+                       "tokens_per_s_per_process": tok_s / self.layout.world, "step_time_s": dt,
+                       "memory_mb": memory_mb(self.device)}
+            if "aux_loss" in res:
+                scalars["aux_loss"] = res["aux_loss"]
+            if self.bad_total:
+                scalars["skipped_steps"] = float(self.bad_total)
+            if peak:
+                scalars["mfu"] = flops_per_token * tok_s / self.layout.world / peak
+            self.metrics.step(self.step, scalars, dt, first_step)
+            self._log_moh_usage()
+            if evaluator is not None and r.eval.every and self.step % r.eval.every == 0:
+                self.metrics.scalars(self.step, evaluator(self))
+            if self.bad_streak >= r.training.max_bad_steps:
+                self.checkpointer.wait()
+                last = self.checkpointer.latest()
+                raise TrainingError(
+                    f"stopping at step {self.step}: {self.bad_streak} consecutive steps with a non-finite loss or "
+                    f"gradient norm (training.max_bad_steps = {r.training.max_bad_steps}); the newest checkpoint, "
+                    f"{last.name if last else 'none'}, holds weights from before them (lower training.lr, or "
+                    "check the data)")
+            self.checkpointer.poll()  # publishes a finished background save
+            saved = self.bad_streak == 0 and (self.step % r.checkpoint.interval == 0
+                                              or self.step == r.training.steps)
+            if saved:
+                self.save()
+            if r.checkpoint.save_on_signal and self._signal_received():
+                if not saved and self.bad_streak == 0:
+                    self.save()
+                self.checkpointer.wait()
+                last = self.checkpointer.latest()
+                raise signals.Preempted(
+                    f"received {signals.requested or 'a stop signal (on another rank)'} during step {self.step}: "
+                    f"checkpoint {last.name if last else 'none'} is saved; exiting with status "
+                    f"{signals.PREEMPTED_EXIT} (requeue). Rerun the same command to resume.")
+        self.checkpointer.wait()  # the last background save is published before the run ends
 
     def _signal_received(self) -> bool:
         """Whether any rank got a save-on-signal signal: one tiny all-reduce per step, so all agree."""
