@@ -92,8 +92,20 @@ def test_too_many_bad_steps_stop_with_one_line(tmp_path):
     assert (out / "checkpoints" / "latest").read_text().strip() == "step_00000002"
 
 
+_STRAIGHT10: list = []
+
+
+def _straight10(factory, sets: list[str]) -> Path:
+    """One uninterrupted 10-step run shared by the signal tests (async saves give the same losses)."""
+    if not _STRAIGHT10:
+        out = factory.mktemp("straight10")
+        run_train(out, *sets)
+        _STRAIGHT10.append(out)
+    return _STRAIGHT10[0]
+
+
 @pytest.mark.parametrize("sig,background", [("SIGTERM", False), ("SIGUSR1", False), ("SIGTERM", True)])
-def test_signal_saves_and_resumes_exactly(sig, background, tmp_path):
+def test_signal_saves_and_resumes_exactly(sig, background, tmp_path, tmp_path_factory):
     """A signal to the process group of `longtrain train --nproc 2` (a terminal, a container stop,
     Slurm) 60% of the way between two checkpoints: a checkpoint of the step reached, exit 75, and
     the resumed run equals an uninterrupted one."""
@@ -105,10 +117,10 @@ def test_signal_saves_and_resumes_exactly(sig, background, tmp_path):
     from helpers import REPO, cli_env, train_cmd
 
     n, every = 10, 5
-    sets = [f"training.steps={n}", f"checkpoint.interval={every}", "checkpoint.keep_last=10",
-            "training.schedule=constant", f"checkpoint.async={str(background).lower()}"]
-    straight = tmp_path / "straight"
-    run_train(straight, *sets)
+    base = [f"training.steps={n}", f"checkpoint.interval={every}", "checkpoint.keep_last=10",
+            "training.schedule=constant"]
+    sets = [*base, f"checkpoint.async={str(background).lower()}"]
+    straight = _straight10(tmp_path_factory, base)
     out = tmp_path / "signalled"
     proc = subprocess.Popen(train_cmd(out, *sets), env=cli_env(LONGTRAIN_FAULT="slow_steps:0.4"), cwd=REPO,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
@@ -229,7 +241,7 @@ def test_twenty_crashes_always_leave_a_complete_checkpoint(tmp_path):
                                           f"checkpoint.async={mode}", nproc=1),
                                 env=cli_env(), cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                                 start_new_session=True)
-        time.sleep(rng.uniform(3.0, 6.0))  # start-up takes ~2.5 s here; then a save every ~0.2 s
+        time.sleep(rng.uniform(2.5, 4.5))  # start-up takes ~2.5 s here; then a save every ~0.2 s
         if any((out / "checkpoints").glob("*.tmp")):
             during_save += 1
         os.killpg(proc.pid, signal.SIGKILL)
