@@ -43,9 +43,10 @@ class Cluster:
         for v in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
             self.env.pop(v, None)
 
-    def submit(self, out: Path, mode: str, *sets: str, extra: tuple[str, ...] = ()) -> str:
-        cmd = [sys.executable, "-m", "longtrain.launcher.cli", "slurm", str(TINY), "--nodes", "1",
-               "--gpus-per-node", "0", "--procs-per-node", "2", "--cpus-per-node", "2", "--mode", mode,
+    def submit(self, out: Path, mode: str, *sets: str, extra: tuple[str, ...] = (), nodes: int = 1,
+               procs: int = 2) -> str:
+        cmd = [sys.executable, "-m", "longtrain.launcher.cli", "slurm", str(TINY), "--nodes", str(nodes),
+               "--gpus-per-node", "0", "--procs-per-node", str(procs), "--cpus-per-node", "2", "--mode", mode,
                "--time", "00:10:00", "--set", f"run.output_dir={out}", *extra, "--submit"]
         for s in (*JOB_SETS, *sets):
             cmd += ["--set", s]
@@ -153,6 +154,16 @@ def test_preemption_requeues_and_resumes(cluster, first_jobs, which):
     the job is paused after publishing step 3: the workers get the signal, exit 75, the job is
     requeued and resumes from step 3."""
     out, job = first_jobs[which]
+    text = preempt_and_finish(cluster, job, out)
+    assert re.search(r"resumed from \S+step_00000003 at step 3", text), text[-3000:]
+    assert "done: 6 steps" in text
+    ls = losses(out)
+    assert sorted(ls) == list(range(1, 7)) and ls[6] < ls[1] - 1.0
+
+
+def preempt_and_finish(cluster: Cluster, job: str, out: Path) -> str:
+    """Wait until `job` (started with LONGTRAIN_FAULT=pause_after_save:3) has published step 3, send the
+    batch script USR1, let the requeued job start at once, wait for it to complete; returns its log."""
     log = _log(out, job)
     deadline = time.time() + 420
     while not (out / "checkpoints" / "step_00000003" / "meta.json").is_file():
@@ -180,10 +191,7 @@ def test_preemption_requeues_and_resumes(cluster, first_jobs, which):
     assert info["Restarts"] == "1"
     text = log.read_text()
     assert "requeueing" in text and "(restart 1)" in text, text[-3000:]
-    assert re.search(r"resumed from \S+step_00000003 at step 3", text), text[-3000:]
-    assert "done: 6 steps" in text
-    ls = losses(out)
-    assert sorted(ls) == list(range(1, 7)) and ls[6] < ls[1] - 1.0
+    return text
 
 
 # ---- `longtrain slurm` without a cluster: the filled templates and its errors ---------------------

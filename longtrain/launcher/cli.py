@@ -359,6 +359,9 @@ def _worker_exit(rc: int) -> None:
 
 if __name__ == "__main__":
     code = main()
-    if os.environ.get("TORCHELASTIC_RUN_ID") is not None:
+    # torchrun workers, and srun tasks (the same teardown abort failed a 2-node srun job) unless they
+    # are an MPI world (MPI_Finalize must run)
+    if os.environ.get("TORCHELASTIC_RUN_ID") is not None or (
+            "SLURM_STEP_ID" in os.environ and "mpi4py.MPI" not in sys.modules):
         _worker_exit(code)
     sys.exit(code)

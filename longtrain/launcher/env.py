@@ -10,15 +10,22 @@ Discovery order (the first that applies wins):
 4. a single process.
 
 Half-set environments are LaunchErrors with a one-line message, raised before any process group
-is joined (a wrong world size would otherwise hang at the rendezvous).
+is joined (a wrong world size would otherwise hang at the rendezvous). So are the rendezvous
+mistakes met on real clusters (`check_rendezvous`): a job script made for N nodes running on an
+allocation of another size, a MASTER_ADDR that does not resolve, a rendezvous port already in use.
+The sbatch templates run the same checks once before launching (`python -m longtrain.launcher.env
+preflight`).
 """
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import re
 import socket
+import subprocess
+import sys
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -145,7 +152,7 @@ def _from_slurm() -> DistEnv | None:
     if not 0 <= rank < world:
         raise LaunchError(f"SLURM_PROCID={rank} is outside SLURM_NTASKS={world}")
     nodelist = os.environ.get("SLURM_STEP_NODELIST") or os.environ.get("SLURM_JOB_NODELIST") or ""
-    addr = os.environ.get("MASTER_ADDR", "").strip() or (expand_nodelist(nodelist)[0] if nodelist else "")
+    addr = os.environ.get("MASTER_ADDR", "").strip() or (node_addr(expand_nodelist(nodelist)[0]) if nodelist else "")
     if world > 1 and not addr:
         raise LaunchError("under srun without SLURM_STEP_NODELIST/SLURM_JOB_NODELIST or MASTER_ADDR: "
                           "cannot find rank 0's host")
@@ -155,6 +162,29 @@ def _from_slurm() -> DistEnv | None:
     local_world = per_node[node] if node < len(per_node) else per_node[0]
     port = _port_env() or (DEFAULT_PORT + (_int_env("SLURM_JOB_ID") or 0) % 20000)
     return DistEnv(rank, world, local, local_world, addr or "127.0.0.1", port, "slurm")
+
+
+def _resolves(host: str) -> bool:
+    try:
+        socket.getaddrinfo(host, None, proto=socket.IPPROTO_TCP)
+        return True
+    except (OSError, UnicodeError):
+        return False
+
+
+def node_addr(node: str) -> str:
+    """The address of Slurm node `node`: its name when that resolves, else its NodeAddr from
+    `scontrol show node` (clusters, and the local multi-node test cluster, whose node names are not
+    in DNS); the name itself when neither helps (check_rendezvous then says it does not resolve)."""
+    if _resolves(node):
+        return node
+    try:
+        out = subprocess.run(["scontrol", "show", "node", "-o", node], capture_output=True, text=True,
+                             timeout=30).stdout
+    except (OSError, subprocess.SubprocessError):
+        return node
+    m = re.search(r"\bNodeAddr=(\S+)", out)
+    return m.group(1) if m else node
 
 
 def _mpi_launched() -> bool:
@@ -170,14 +200,23 @@ def _from_mpi() -> DistEnv | None:
         raise LaunchError("started under MPI but mpi4py is not installed: pip install 'longtrain[mpi]'") from None
     comm = MPI.COMM_WORLD
     rank, world = comm.Get_rank(), comm.Get_size()
-    names = comm.allgather(MPI.Get_processor_name())
-    local = sum(1 for n in names[:rank] if n == names[rank])
-    local_world = sum(1 for n in names if n == names[rank])
+    # the ranks on this host: MPI's own node split (right even where host names repeat, e.g. network
+    # namespaces or containers), processor names as a fallback
+    try:
+        node = comm.Split_type(MPI.COMM_TYPE_SHARED)
+        local, local_world = node.Get_rank(), node.Get_size()
+        node.Free()
+    except Exception:  # noqa: BLE001 - an MPI without MPI-3 shared-memory splits
+        names = comm.allgather(MPI.Get_processor_name())
+        local = sum(1 for n in names[:rank] if n == names[rank])
+        local_world = sum(1 for n in names if n == names[rank])
+    one_host = comm.allreduce(local_world) == world * world if world > 1 else True
     if rank == 0:
-        one_host = len(set(names)) == 1
         addr = os.environ.get("MASTER_ADDR", "").strip() or ("127.0.0.1" if one_host else _own_address())
         try:
             port = _port_env() or _free_port()
+            if world > 1:
+                check_rendezvous(addr, port, host=True)
         except LaunchError as e:
             port = -1
             addr = str(e)
@@ -189,9 +228,28 @@ def _from_mpi() -> DistEnv | None:
     return DistEnv(rank, world, local, local_world, addr, port, "mpi")
 
 
+def _iface_address(name: str) -> str | None:
+    """IPv4 address of network interface `name` (Linux), None if it has none."""
+    import fcntl
+    import struct
+
+    try:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            res = fcntl.ioctl(s.fileno(), 0x8915, struct.pack("256s", name.encode()[:15]))  # SIOCGIFADDR
+        return socket.inet_ntoa(res[20:24])
+    except (OSError, ValueError):
+        return None
+
+
 def _own_address() -> str:
-    """An address other hosts can reach: the host name's address unless it is loopback, else the
-    address of the interface that routes outwards (no packet is sent)."""
+    """An address other hosts can reach: the interface named by GLOO_SOCKET_IFNAME / NCCL_SOCKET_IFNAME
+    (the one the process group will use), else the host name's address unless it is loopback, else
+    the interface that routes outwards (no packet is sent), else the first non-loopback interface."""
+    for var in ("GLOO_SOCKET_IFNAME", "NCCL_SOCKET_IFNAME"):
+        for name in os.environ.get(var, "").split(","):
+            name = name.strip()
+            if name and not name.startswith("^") and (a := _iface_address(name.lstrip("="))):
+                return a
     try:
         addr = socket.gethostbyname(socket.gethostname())
         if not addr.startswith("127."):
@@ -203,13 +261,52 @@ def _own_address() -> str:
             s.connect(("10.255.255.255", 1))
             return s.getsockname()[0]
     except OSError:
-        return "127.0.0.1"
+        pass
+    for _, name in socket.if_nameindex():
+        a = _iface_address(name)
+        if a and not a.startswith("127."):
+            return a
+    return "127.0.0.1"
 
 
 def _free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("", 0))
         return s.getsockname()[1]
+
+
+def check_nodes() -> None:
+    """LaunchError when the job script was made for another node count than the allocation has
+    (`longtrain slurm --nodes N` exports LONGTRAIN_NODES; `sbatch --nodes M` can override it)."""
+    planned = _int_env("LONGTRAIN_NODES")
+    got = _int_env("SLURM_JOB_NUM_NODES") or _int_env("SLURM_NNODES")
+    if planned is not None and got is not None and planned != got:
+        raise LaunchError(f"this job was made for {planned} node(s) (longtrain slurm --nodes {planned}) but its "
+                          f"allocation has {got} (SLURM_JOB_NUM_NODES={got}): submit it without overriding the node "
+                          f"count, or regenerate the script with --nodes {got}")
+
+
+def check_rendezvous(addr: str, port: int, *, host: bool) -> None:
+    """LaunchError when rank 0's address `addr` does not resolve, or (`host`: this process will listen
+    there, i.e. rank 0 or the rendezvous host) when `port` is already taken on this machine. Both
+    would otherwise surface as a rendezvous timeout, or as joining a stranger's rendezvous."""
+    if not _resolves(addr):
+        raise LaunchError(f"MASTER_ADDR {addr!r} does not resolve on {socket.gethostname()}: set MASTER_ADDR to an "
+                          "address of rank 0's node that every node can reach (under Slurm: its NodeAddr, "
+                          "`scontrol show node NAME`)")
+    if not host:
+        return
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as TCPStore does: TIME_WAIT is no conflict
+        try:
+            s.bind(("", port))
+        except OSError as e:
+            if e.errno != errno.EADDRINUSE:
+                raise LaunchError(f"cannot listen on rendezvous port {port} on {socket.gethostname()}: "
+                                  f"{e.strerror}") from None
+            raise LaunchError(f"rendezvous port {port} on {socket.gethostname()} ({addr}) is already in use "
+                              "(another job or a stale process?): choose another with MASTER_PORT "
+                              "(RDZV_PORT for slurm/torchrun.sbatch)") from None
 
 
 def _slurm_step() -> bool:
@@ -287,6 +384,12 @@ def init_distributed(device: str = "auto", timeout_s: int = 1800, *, sp: int = 1
     env = discover()
     check_world(env, sp)
     use_cuda = check_gpus(env.local_world_size, device)
+    if env.world_size > 1 and not dist.is_initialized():
+        check_nodes()
+        if env.source != "mpi":  # MPI discovery checked it on rank 0 and told everyone
+            # under torchrun the agent already listens on MASTER_PORT (its store is shared with the workers)
+            agent_store = os.environ.get("TORCHELASTIC_USE_AGENT_STORE", "").lower() == "true"
+            check_rendezvous(env.master_addr, env.master_port, host=env.rank == 0 and not agent_store)
     if use_cuda:
         torch.cuda.set_device(env.local_rank)
         dev = torch.device("cuda", env.local_rank)
@@ -303,4 +406,57 @@ def init_distributed(device: str = "auto", timeout_s: int = 1800, *, sp: int = 1
         except (RuntimeError, ValueError) as e:
             raise LaunchError(f"could not join the process group at {env.master_addr}:{env.master_port} "
                               f"as rank {env.rank}/{env.world_size} ({env.source}): {str(e).splitlines()[0]}") from None
+        if env.world_size > 1:
+            _report_placement(env)
     return env, dev
+
+
+def _node_name() -> str:
+    return os.environ.get("SLURMD_NODENAME") or socket.gethostname()
+
+
+def _report_placement(env: DistEnv) -> None:
+    """Rank 0 prints which node each rank runs on when the ranks span several nodes."""
+    names: list[str | None] = [None] * env.world_size
+    dist.all_gather_object(names, _node_name())
+    if env.rank != 0 or len(set(names)) < 2:
+        return
+    by_node: dict[str, list[int]] = {}
+    for r, n in enumerate(names):
+        by_node.setdefault(str(n), []).append(r)
+    parts = [f"{n} (rank{'s' if len(rs) > 1 else ''} {_ranges(rs)})" for n, rs in by_node.items()]
+    shown = ", ".join(parts[:16]) + (f", ... {len(parts) - 16} more" if len(parts) > 16 else "")
+    print(f"ranks on {len(by_node)} nodes: {shown}", flush=True)
+
+
+def _ranges(ranks: list[int]) -> str:
+    out, start = [], ranks[0]
+    for a, b in zip(ranks, ranks[1:] + [None]):
+        if b != a + 1:
+            out.append(str(start) if start == a else f"{start}-{a}")
+            start = b
+    return ",".join(out)
+
+
+def preflight(argv: list[str]) -> int:
+    """`python -m longtrain.launcher.env preflight --addr A --port P`: the sbatch templates' checks on
+    the first node before anything starts (node count vs allocation, A resolves, P free here)."""
+    import argparse
+
+    p = argparse.ArgumentParser(prog="python -m longtrain.launcher.env preflight")
+    p.add_argument("--addr", required=True)
+    p.add_argument("--port", type=int, required=True)
+    a = p.parse_args(argv)
+    try:
+        check_nodes()
+        check_rendezvous(a.addr, a.port, host=True)
+    except LaunchError as e:
+        print(f"longtrain: error: {e}", file=sys.stderr, flush=True)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    if sys.argv[1:2] != ["preflight"]:
+        sys.exit("usage: python -m longtrain.launcher.env preflight --addr ADDR --port PORT")
+    sys.exit(preflight(sys.argv[2:]))

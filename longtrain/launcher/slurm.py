@@ -137,6 +137,7 @@ def render(a: argparse.Namespace) -> tuple[str, Path, str]:
         "@PYTHON@": shlex.quote(a.python),
         "@WORKDIR@": shlex.quote(str(workdir)),
         "@PROCS_PER_NODE@": str(procs),
+        "@NODES@": str(a.nodes),
         "@MPI@": a.mpi,
         "@ENV@": "\n".join(_env_lines(a, procs)),
         "@SETUP@": "\n".join(a.setup) if a.setup else "# (no site setup lines: --setup 'module load ...')",
