@@ -26,7 +26,7 @@ demo: $(STAMP)
 	@echo "TensorBoard: $(VENV)/bin/tensorboard --logdir runs/tiny-cpu/tensorboard --host 127.0.0.1"
 
 test: $(STAMP)
-	$(PY) -m pytest -q -p no:cacheprovider --timeout=900 $(PYTEST_ARGS) tests
+	$(PY) -m pytest -q -p no:cacheprovider --timeout=900 --durations=25 $(PYTEST_ARGS) tests
 
 bench: $(STAMP)
 	$(VENV)/bin/longtrain bench step

@@ -12,11 +12,17 @@ import io
 import os
 import socket
 import traceback
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
+
+import numpy as np
 
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from torch import Tensor
+
+from longtrain.errors import DataError
+from longtrain.launcher.data import Sample
 
 
 def free_port() -> int:
@@ -165,3 +171,92 @@ def check_pairing(traces: list[list[dict[str, Any]]]) -> list[str]:
         if any(sq != seqs[0] for sq in seqs[1:]):
             problems.append(f"{comm}: members issue different collective sequences {per_rank}")
     return problems
+
+
+# ---- the in-memory reference corpus ---------------------------------------------------------
+
+class PackedCorpus:
+    """The in-memory reference for the prepared/memory-mapped data path (launcher/corpus.py): all
+    documents tokenized, each followed by EOS, concatenated in a seeded document order and cut into
+    samples of seq_len+1 read in a seeded order per epoch. Tests compare the real path with it."""
+
+    def __init__(self, documents: Sequence[str], tokenizer, seq_len: int, seed: int = 0,
+                 shuffle: bool = True, shuffle_documents: bool = True) -> None:
+        if not documents:
+            raise DataError("the data source holds no documents")
+        self.seq_len, self.seed, self.shuffle = seq_len, seed, shuffle
+        order = np.random.default_rng(seed).permutation(len(documents)) if shuffle_documents else range(len(documents))
+        pieces, starts, pos = [], [], 0
+        eos = getattr(tokenizer, "eos_id", None)
+        for i in order:
+            ids = tokenizer.encode(documents[i])
+            if eos is not None:
+                ids = np.append(ids, eos)
+            if len(ids) == 0:
+                continue
+            pieces.append(ids)
+            starts.append(pos)
+            pos += len(ids)
+        self.tokens = torch.from_numpy(np.concatenate(pieces).astype(np.int64))
+        self.doc_starts = torch.tensor(starts, dtype=torch.int64)
+        self.n_samples = (len(self.tokens) - 1) // seq_len
+        if self.n_samples < 1:
+            raise DataError(f"the corpus has {len(self.tokens)} tokens: too few for one sample of seq_len={seq_len}")
+        self._perm_cache: dict[int, Tensor] = {}
+
+    def with_seq_len(self, seq_len: int) -> "PackedCorpus":
+        """The same token stream cut into samples of another length (staged long-context training)."""
+        other = object.__new__(PackedCorpus)
+        other.__dict__.update(self.__dict__)
+        other.seq_len = seq_len
+        other.n_samples = (len(self.tokens) - 1) // seq_len
+        if other.n_samples < 1:
+            raise DataError(f"the corpus has {len(self.tokens)} tokens: too few for one sample of seq_len={seq_len}")
+        other._perm_cache = {}
+        return other
+
+    def _perm(self, epoch: int) -> Tensor:
+        if not self.shuffle:
+            return torch.arange(self.n_samples)
+        if epoch not in self._perm_cache:
+            g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+            self._perm_cache = {epoch: torch.randperm(self.n_samples, generator=g)}
+        return self._perm_cache[epoch]
+
+    def sample(self, global_index: int) -> Sample:
+        """The sample at position `global_index` of the global order (epochs wrap around)."""
+        epoch, i = divmod(global_index, self.n_samples)
+        j = int(self._perm(epoch)[i])
+        a = j * self.seq_len
+        window = self.tokens[a:a + self.seq_len + 1]
+        lo = int(torch.searchsorted(self.doc_starts, a, right=True))
+        hi = int(torch.searchsorted(self.doc_starts, a + self.seq_len, right=False))
+        inner = self.doc_starts[lo:hi] - a
+        starts = torch.cat([torch.zeros(1, dtype=torch.int64), inner[inner > 0]])
+        return Sample(window[:-1].clone(), window[1:].clone(), starts)
+
+    def batch(self, start: int, count: int) -> list[Sample]:
+        return [self.sample(start + i) for i in range(count)]
+
+
+def train_bpe_tokenizer(out: str | os.PathLike, vocab_size: int = 384, files: Sequence[str] | None = None) -> str:
+    """A byte-level BPE tokenizer.json (with <|end_of_text|>) trained on a few stdlib files; returns its path."""
+    import sysconfig
+    from pathlib import Path
+
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    root = Path(sysconfig.get_paths()["stdlib"])
+    files = list(files) if files else [str(root / f) for f in ("textwrap.py", "string.py", "bisect.py", "heapq.py",
+                                                                "shlex.py")]
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.train(files, trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<|begin_of_text|>", "<|end_of_text|>"],
+                                         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False))
+    path = Path(out)
+    if path.suffix != ".json":
+        path.mkdir(parents=True, exist_ok=True)
+        path = path / "tokenizer.json"
+    tok.save(str(path))
+    return str(path)

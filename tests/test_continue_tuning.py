@@ -63,9 +63,10 @@ def test_hf_llama_to_moh_sp2_staged_then_export(tmp_path):
     log = proc.stdout
 
     # the tokenizer came from init_from: the packed token count is the BPE one, not the byte one
-    from longtrain.launcher.data import HFTokenizer, PackedCorpus, load_documents
+    from longtrain.launcher.data import HFTokenizer, load_documents
+    from longtrain.testing import PackedCorpus
 
-    n_tokens = int(re.search(r"data: \d+ documents, (\d+) tokens", log).group(1))
+    n_tokens = int(re.search(r"data: .*?([\d,]+) tokens", log).group(1).replace(",", ""))
     docs = load_documents("stdlib", "auto", "text", 60)
     bpe = HFTokenizer(str(hf / "tokenizer.json"))
     assert n_tokens == len(PackedCorpus(docs, bpe, 64, seed=0).tokens)

@@ -263,7 +263,7 @@ def _dist_eval(rank: int, world: int, sp: int, impl: str) -> dict:
     if world == 1:
         layout = EvalLayout()
     else:
-        from longtrain.launcher.trainer import make_layout
+        from longtrain.launcher.layout import make_layout
 
         layout = EvalLayout.from_trainer_layout(make_layout(sp), impl, "zigzag")
     m = tiny_model()

@@ -50,7 +50,8 @@ def test_reshard_2_to_1_and_4(tmp_path):
                 assert torch.equal(r["optim"][k], base["optim"][k]), (w, k)
     # the same global order continues: the 4 ranks of the next step read consecutive global samples
     from longtrain.launcher.config import load_recipe
-    from longtrain.launcher.data import PackedCorpus, build_tokenizer, load_documents
+    from longtrain.launcher.data import build_tokenizer, load_documents
+    from longtrain.testing import PackedCorpus
 
     rec = load_recipe(str(TINY), sets)
     corpus = PackedCorpus(load_documents("stdlib", max_documents=rec.data.max_documents), build_tokenizer("bytes"),

@@ -19,14 +19,15 @@ class _PlainLoop:
     """The textbook eager loop: same model, data and AdamW; no engine, no distributed calls."""
 
     def __init__(self, recipe) -> None:
-        from longtrain.launcher.data import PackedCorpus, build_tokenizer, collate, load_documents
+        from longtrain.launcher.corpus import build_corpus, corpus_tokenizer
+        from longtrain.launcher.data import collate
         from longtrain.models import Transformer
 
         torch.manual_seed(recipe.run.seed)
-        docs = load_documents(recipe.data.source, recipe.data.format, recipe.data.text_field,
-                              recipe.data.max_documents)
-        self.corpus = PackedCorpus(docs, build_tokenizer(recipe.data.tokenizer), recipe.data.seq_len,
-                                   seed=recipe.run.seed)
+        d = recipe.data
+        spec = corpus_tokenizer(d, "bytes" if d.tokenizer == "auto" else d.tokenizer, explicit=d.tokenizer != "auto")
+        self.corpus, _ = build_corpus(recipe.data, seq_len=recipe.data.seq_len, seed=recipe.run.seed, tokenizer=spec,
+                                      local_main=True)
         self.collate = collate
         self.model = Transformer(recipe.model_config())
         t = self.t = recipe.training

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from longtrain.errors import LongtrainError
 
-BENCHES = ("step", "sp", "lightning", "mesa", "models", "moh", "gpu-check")
+BENCHES = ("step", "sp", "lightning", "mesa", "models", "moh", "data", "gpu-check", "extend")
 
 
 def _error(msg: str) -> int:
@@ -286,7 +286,7 @@ def _sub_main(module: str, argv: list[str]) -> int:
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     # sub-tools with their own argument parsers
-    passthrough = {"bench": None, "plan": "longtrain.launcher.plan", "slurm": "longtrain.launcher.slurm",
+    passthrough = {"bench": None, "prepare": "longtrain.launcher.prepare", "plan": "longtrain.launcher.plan", "slurm": "longtrain.launcher.slurm",
                    "eval": "longtrain.launcher.evaluate", "convert": "longtrain.launcher.convert"}
     try:
         if argv and argv[0] == "--version":
@@ -307,7 +307,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.add_argument("--version", action="version", version=f"longtrain {_version()}")
         sub = parser.add_subparsers(dest="command", required=True)
         _train_parser(sub)
-        for name, helptext in (("plan", "size a job: memory per GPU and step time"),
+        for name, helptext in (("prepare", "tokenize a corpus once into memory-mapped token files"),
+                               ("plan", "size a job: memory per GPU and step time"),
                                ("slurm", "print or submit an sbatch script for a recipe"),
                                ("eval", "passkey retrieval / perplexity by position"),
                                ("convert", "export a training checkpoint to a Hugging Face folder"),

@@ -51,16 +51,36 @@ class ModelSection:
 
 
 @dataclass
+class SourceSection:
+    """One [[data.sources]] entry of a mixture."""
+
+    path: str = ""  # a prepared folder, or a raw source (prepared into the cache on first use)
+    weight: float = 1.0  # share of samples (= of tokens: every sample is seq_len tokens)
+    name: str = ""  # label in logs and metrics (default: the folder or file name)
+    max_epochs: float = 0.0  # stop drawing from this source after that many passes (0 = unlimited)
+    min_doc_tokens: int = 0  # drop documents shorter than this (0 = keep all)
+    max_doc_tokens: int = 0  # drop documents longer than this (0 = keep all)
+    long_doc_tokens: int = 0  # documents at least this long count as long ...
+    long_doc_upsample: float = 1.0  # ... and are drawn this many times as often within the source
+    format: str = "auto"  # raw sources only
+    text_field: str = "text"  # raw sources only
+
+
+@dataclass
 class DataSection:
-    source: str = "stdlib"  # "stdlib" | a file, folder or glob of local text/json/parquet files
+    source: str = "stdlib"  # "stdlib" | a prepared folder | a file, folder or glob of local text/json/parquet files
     format: str = "auto"  # auto | text | json | parquet
     text_field: str = "text"
-    tokenizer: str = "bytes"  # "bytes" | path to tokenizer.json | HF folder containing one
+    tokenizer: str = "auto"  # auto (the prepared folder's, init_from's, else bytes) | bytes | tokenizer.json | HF folder
+    sources: list[SourceSection] = field(default_factory=list)  # [[data.sources]]: a weighted mixture
+    cache_dir: str = ""  # where raw sources are prepared (default $LONGTRAIN_CACHE or ~/.cache/longtrain)
+    prefetch: bool = True  # build the next step's batches in a background thread
     seq_len: int = 256
     document_mask: bool = False  # no attention across packed documents; positions restart per document
     max_documents: int = 0  # 0 = all
     shuffle: bool = True
     passkey_fraction: float = 0.0  # share of synthetic passkey documents mixed in (eval recipes)
+    passkey_options: dict | None = None  # keyword arguments of passkey.mix_passkey_documents (e.g. align)
 
 
 @dataclass
@@ -274,6 +294,14 @@ def recipe_from_dict(data: dict[str, Any], source_path: str = "") -> Recipe:
         if not isinstance(value, dict):
             raise ConfigError(f"'{section}' must be a table ([{section}]), got {value!r}")
         cls = typing.get_type_hints(Recipe)[section]
+        if section == "data" and "sources" in value:
+            value = dict(value)
+            srcs = value.pop("sources")
+            if not isinstance(srcs, list) or not all(isinstance(v, dict) for v in srcs):
+                raise ConfigError("'data.sources' must be an array of tables ([[data.sources]])")
+            kwargs[section] = _build(cls, value, section)
+            kwargs[section].sources = [_build(SourceSection, v, f"data.sources[{i}]") for i, v in enumerate(srcs)]
+            continue
         kwargs[section] = _build(cls, value, section)
     recipe = Recipe(**kwargs, source_path=source_path)
     validate(recipe)
@@ -366,7 +394,8 @@ def validate(r: Recipe) -> None:
         raise ConfigError(f"unknown 'model.preset' {r.model.preset!r}{_closest(r.model.preset, list(PRESETS))}")
     if r.model.init_from is not None and not Path(r.model.init_from).is_dir():
         raise ConfigError(f"'model.init_from' folder not found: {r.model.init_from} (point it at a local Hugging Face "
-                          "LLaMA folder: edit the recipe or pass --set model.init_from=DIR)")
+                          "LLaMA folder, a longtrain run folder or a step_N checkpoint: edit the recipe or pass "
+                          "--set model.init_from=DIR)")
     if r.model.init_from is not None and (Path(r.model.init_from) / "config.json").is_file():
         from longtrain.models.hf import hf_model_config  # reads config.json only: the plan and MoH split must fit
 
@@ -390,9 +419,43 @@ def validate(r: Recipe) -> None:
             _positive(f"stages[{i}].seq_len", s.seq_len)
         if s.rope_theta is not None:
             _positive(f"stages[{i}].rope_theta", s.rope_theta)
-    if d.source not in ("stdlib",) and not d.source.startswith("passkey") and not _source_exists(d.source):
+    if not d.sources and d.source not in ("stdlib",) and not d.source.startswith("passkey") \
+            and not _source_exists(d.source):
         raise ConfigError(f"'data.source' not found: {d.source}")
-    if d.tokenizer != "bytes" and not Path(d.tokenizer).exists():
+    names = set()
+    for i, s in enumerate(d.sources):
+        where = f"data.sources[{i}]"
+        if not s.path:
+            raise ConfigError(f"'{where}.path' is missing")
+        if s.path != "stdlib" and not _source_exists(s.path):
+            raise ConfigError(f"'{where}.path' not found: {s.path}")
+        if not s.weight > 0:
+            raise ConfigError(f"'{where}.weight' must be > 0, got {s.weight}")
+        for key in ("max_epochs", "min_doc_tokens", "max_doc_tokens", "long_doc_tokens"):
+            _positive(f"{where}.{key}", getattr(s, key), allow_zero=True)
+        if not s.long_doc_upsample > 0:
+            raise ConfigError(f"'{where}.long_doc_upsample' must be > 0, got {s.long_doc_upsample}")
+        if s.max_doc_tokens and s.max_doc_tokens < s.min_doc_tokens:
+            raise ConfigError(f"'{where}.max_doc_tokens' {s.max_doc_tokens} < min_doc_tokens {s.min_doc_tokens}")
+        _choice(f"{where}.format", s.format, ("auto", "text", "json", "parquet"))
+        s.name = s.name or Path(s.path.rstrip("/")).name or f"source{i}"
+        if s.name in names:
+            raise ConfigError(f"'{where}.name' {s.name!r} is used twice: give the sources distinct names")
+        names.add(s.name)
+    if d.passkey_options:
+        import inspect
+
+        from longtrain.launcher.passkey import mix_passkey_documents
+
+        known = [n for n, p in inspect.signature(mix_passkey_documents).parameters.items()
+                 if p.kind == p.KEYWORD_ONLY and n not in ("seed", "seq_len")]
+        for k in d.passkey_options:
+            if k not in known:
+                raise ConfigError(f"unknown key 'data.passkey_options.{k}'{_closest(k, known, 'data.passkey_options.')}")
+    if d.sources and d.passkey_fraction > 0:
+
+        raise ConfigError("'data.passkey_fraction' works with data.source, not with [[data.sources]]")
+    if d.tokenizer not in ("auto", "bytes") and not Path(d.tokenizer).exists():
         raise ConfigError(f"'data.tokenizer' not found: {d.tokenizer} (use \"bytes\" or a tokenizer.json / HF folder)")
     if r.eval.every < 0:
         raise ConfigError(f"'eval.every' must be >= 0, got {r.eval.every}")

@@ -25,98 +25,21 @@ import argparse
 import os
 import shutil
 import sys
-import tomllib
-import warnings
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from longtrain.errors import CheckpointError, ConfigError, LongtrainError
+from longtrain.errors import ConfigError, LongtrainError
+from longtrain.launcher.loading import find_checkpoint, load_checkpoint_model  # noqa: F401  (re-exported)
+from longtrain.launcher.loading import run_recipe as _run_recipe
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
-def find_checkpoint(path: str | os.PathLike) -> Path:
-    """The DCP checkpoint folder for a step folder, a checkpoints/ folder or a run folder."""
-    from longtrain.launcher.checkpoint import Checkpointer, is_complete
-
-    p = Path(path)
-    if not p.exists():
-        raise CheckpointError(f"checkpoint not found: {p}")
-    if not p.is_dir():
-        raise CheckpointError(f"checkpoint {p} is a file; give a checkpoint folder (step_N) or a run folder")
-    if (p / ".metadata").exists() or (p / "meta.json").exists():
-        if not is_complete(p):
-            raise CheckpointError(f"checkpoint {p} is incomplete (needs both .metadata and meta.json; "
-                                  "an interrupted save?)")
-        return p
-    for root in (p, p / "checkpoints"):
-        if root.is_dir():
-            latest = Checkpointer(root).latest()
-            if latest is not None:
-                return latest
-    raise CheckpointError(f"no complete checkpoint in {p}: expected a step_N folder (.metadata + meta.json), "
-                          "or a run / checkpoints folder holding one")
-
-
 def run_recipe(ckpt: Path) -> dict[str, Any]:
     """The resolved recipe of the run a checkpoint belongs to (run/checkpoints/step_N), or {}."""
-    for run in (ckpt.parent.parent, ckpt.parent, ckpt):
-        f = run / "recipe.resolved.toml"
-        if f.is_file():
-            try:
-                return tomllib.loads(f.read_text())
-            except (OSError, tomllib.TOMLDecodeError):
-                return {}
-    return {}
-
-
-def load_checkpoint_model(path: str | os.PathLike, dtype: torch.dtype = torch.float32) -> tuple[Any, dict[str, Any]]:
-    """(Transformer on CPU in `dtype`, meta) from a DCP training checkpoint; no process group needed.
-
-    The model is built on the meta device and only then given memory, so an 8B model needs
-    one copy of its weights (no random initialisation pass).
-    """
-    from longtrain.launcher.checkpoint import read_meta, safe_load
-    from longtrain.models import ModelConfig, Transformer
-
-    ckpt = find_checkpoint(path)
-    meta = read_meta(ckpt)
-    if not isinstance(meta.get("model"), dict):
-        raise CheckpointError(f"checkpoint {ckpt} has no model configuration in meta.json")
-    try:
-        cfg = ModelConfig(**meta["model"])
-        cfg.validate()
-    except (TypeError, ValueError) as e:
-        raise CheckpointError(f"checkpoint {ckpt} has a model configuration this version cannot read: {e}") from None
-    if any(s.strip().lower() == "lightning" for s in cfg.attention):
-        raise ConfigError(f"checkpoint {ckpt} has lightning attention layers ({cfg.attention}); a Hugging Face "
-                          "LLaMA has no equivalent, so it cannot be exported")
-    with torch.device("meta"):
-        model = Transformer(cfg)
-    model.to_empty(device="cpu")
-    if cfg.tie_embeddings:
-        model.output.weight = model.tok_embeddings.weight
-    model.set_rope()  # non-persistent inv_freq: recompute from the config
-    sd = model.state_dict()
-    if cfg.tie_embeddings:
-        sd.pop("output.weight", None)
-    state = {"model": sd}
-    try:
-        with warnings.catch_warnings():  # "assuming the intent is to load in a single process": it is
-            warnings.filterwarnings("ignore", message=".*torch.distributed is disabled.*")
-            safe_load(state, ckpt)
-    except (Exception, torch.distributed.checkpoint.api.CheckpointException) as e:  # noqa: BLE001
-        lines = str(e).strip().splitlines()
-        raise CheckpointError(f"cannot load model weights from {ckpt}: {lines[-1] if lines else type(e).__name__}") from None
-    missing, unexpected = model.load_state_dict(state["model"], strict=False)
-    if set(missing) - {"output.weight"} or unexpected:  # DCP would have failed first; belt and braces
-        raise CheckpointError(f"checkpoint {ckpt} does not fit its model config (missing {missing[:3]}, "
-                              f"unexpected {unexpected[:3]})")
-    model.to(dtype)
-    meta["path"] = str(ckpt)
-    return model, meta
+    return _run_recipe(ckpt)[1]
 
 
 def _tokenizer_for(ckpt: Path, recipe: dict[str, Any], override: str | None) -> Path | None:

@@ -5,14 +5,9 @@ standard-library .py files, present on every machine) or local text / json /
 parquet files read with Hugging Face `datasets` (offline). Tokenizers:
 byte-level (no download) or any `tokenizer.json` via `tokenizers`.
 
-Sampling rule (resume and reshard depend on it): the packed corpus is a list
-of N samples of seq_len+1 tokens; a seeded permutation per epoch fixes one
-GLOBAL order; the trainer's data position is the number of samples consumed
-globally. Step t with global batch G = dp * micro_batch * grad_accum takes
-samples [P, P+G) of that order, micro-batch m on dp rank d taking
-P + (m*dp + d)*micro_batch + [0, micro_batch). A resume at any world size
-continues the same global order from P (if G changes, step boundaries move
-but no sample is skipped or repeated).
+Training never holds documents: sources are tokenized once into prepared folders
+(launcher/prepare.py) and read through memory maps (launcher/corpus.py, which also
+states the sampling rule that exact resume depends on).
 """
 
 from __future__ import annotations
@@ -45,6 +40,9 @@ class ByteTokenizer:
     def encode(self, text: str) -> np.ndarray:
         return np.frombuffer(text.encode("utf-8", errors="replace"), dtype=np.uint8).astype(np.int32)
 
+    def encode_batch(self, texts: Sequence[str]) -> list[np.ndarray]:
+        return [np.frombuffer(t.encode("utf-8", errors="replace"), dtype=np.uint8) for t in texts]
+
     def decode(self, ids: Iterable[int]) -> str:
         return bytes(i for i in ids if 0 <= i < 256).decode("utf-8", errors="replace")
 
@@ -73,6 +71,9 @@ class HFTokenizer:
 
     def encode(self, text: str) -> np.ndarray:
         return np.asarray(self.tok.encode(text, add_special_tokens=False).ids, dtype=np.int32)
+
+    def encode_batch(self, texts: Sequence[str]) -> list[np.ndarray]:
+        return [np.asarray(e.ids, dtype=np.int32) for e in self.tok.encode_batch(list(texts), add_special_tokens=False)]
 
     def decode(self, ids: Iterable[int]) -> str:
         return self.tok.decode(list(ids))
@@ -120,7 +121,18 @@ def _format_of(files: Sequence[str], fmt: str) -> str:
 
 def load_documents(source: str, fmt: str = "auto", text_field: str = "text",
                    max_documents: int = 0) -> list[str]:
-    """Documents as strings. `stdlib` reads files directly; local files go through `datasets` offline."""
+    """Documents as strings. `stdlib` reads files directly; local files go through `datasets` offline;
+    a prepared folder is decoded with its own tokenizer (EOS dropped)."""
+    from longtrain.launcher.prepare import PreparedFolder, is_prepared
+
+    if source != "stdlib" and is_prepared(source):
+        folder = PreparedFolder(source)
+        tok = build_tokenizer(folder.tokenizer_spec)
+        eos = getattr(tok, "eos_id", None)
+        n = min(max_documents or folder.n_documents, folder.n_documents)
+        docs = [folder.document(d) for d in range(n)]
+        return [tok.decode([int(t) for t in (d[:-1] if eos is not None and len(d) and d[-1] == eos else d)])
+                for d in docs]
     if source == "stdlib":
         files = stdlib_files()
         if max_documents:
@@ -156,68 +168,6 @@ class Sample:
     tokens: Tensor  # [S] input ids
     labels: Tensor  # [S] next-token targets
     doc_starts: Tensor  # starts of documents inside the sample (always includes 0), ascending
-
-
-class PackedCorpus:
-    """All documents tokenized, each followed by EOS, concatenated; cut into samples of seq_len+1."""
-
-    def __init__(self, documents: Sequence[str], tokenizer, seq_len: int, seed: int = 0,
-                 shuffle: bool = True, shuffle_documents: bool = True) -> None:
-        if not documents:
-            raise DataError("the data source holds no documents")
-        self.seq_len, self.seed, self.shuffle = seq_len, seed, shuffle
-        order = np.random.default_rng(seed).permutation(len(documents)) if shuffle_documents else range(len(documents))
-        pieces, starts, pos = [], [], 0
-        eos = getattr(tokenizer, "eos_id", None)
-        for i in order:
-            ids = tokenizer.encode(documents[i])
-            if eos is not None:
-                ids = np.append(ids, eos)
-            if len(ids) == 0:
-                continue
-            pieces.append(ids)
-            starts.append(pos)
-            pos += len(ids)
-        self.tokens = torch.from_numpy(np.concatenate(pieces).astype(np.int64))
-        self.doc_starts = torch.tensor(starts, dtype=torch.int64)
-        self.n_samples = (len(self.tokens) - 1) // seq_len
-        if self.n_samples < 1:
-            raise DataError(f"the corpus has {len(self.tokens)} tokens: too few for one sample of seq_len={seq_len}")
-        self._perm_cache: dict[int, Tensor] = {}
-
-    def with_seq_len(self, seq_len: int) -> "PackedCorpus":
-        """The same token stream cut into samples of another length (staged long-context training)."""
-        other = object.__new__(PackedCorpus)
-        other.__dict__.update(self.__dict__)
-        other.seq_len = seq_len
-        other.n_samples = (len(self.tokens) - 1) // seq_len
-        if other.n_samples < 1:
-            raise DataError(f"the corpus has {len(self.tokens)} tokens: too few for one sample of seq_len={seq_len}")
-        other._perm_cache = {}
-        return other
-
-    def _perm(self, epoch: int) -> Tensor:
-        if not self.shuffle:
-            return torch.arange(self.n_samples)
-        if epoch not in self._perm_cache:
-            g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
-            self._perm_cache = {epoch: torch.randperm(self.n_samples, generator=g)}
-        return self._perm_cache[epoch]
-
-    def sample(self, global_index: int) -> Sample:
-        """The sample at position `global_index` of the global order (epochs wrap around)."""
-        epoch, i = divmod(global_index, self.n_samples)
-        j = int(self._perm(epoch)[i])
-        a = j * self.seq_len
-        window = self.tokens[a:a + self.seq_len + 1]
-        lo = int(torch.searchsorted(self.doc_starts, a, right=True))
-        hi = int(torch.searchsorted(self.doc_starts, a + self.seq_len, right=False))
-        inner = self.doc_starts[lo:hi] - a
-        starts = torch.cat([torch.zeros(1, dtype=torch.int64), inner[inner > 0]])
-        return Sample(window[:-1].clone(), window[1:].clone(), starts)
-
-    def batch(self, start: int, count: int) -> list[Sample]:
-        return [self.sample(start + i) for i in range(count)]
 
 
 def collate(samples: Sequence[Sample], document_mask: bool) -> dict[str, Tensor | None]:

@@ -101,7 +101,8 @@ def mix_passkey_documents(docs: Sequence[str], fraction: float, *, seed: int = 0
                           digits: int = DIGITS, min_chars: int | None = None,
                           max_chars: int | None = None,
                           filler_mix: dict[str, float] | None = None, copy_share: float = 0.8,
-                          align: bool = False) -> list[str]:
+                          align: bool = False, short_share: float = 0.0,
+                          short_max: int = 128, depth_power: float = 2.0) -> list[str]:
     """`docs` plus synthetic passkey documents making up about `fraction` of all characters.
 
     align=True: every returned document is exactly seq_len - 1 characters long
@@ -111,7 +112,8 @@ def mix_passkey_documents(docs: Sequence[str], fraction: float, *, seed: int = 0
     length is seen whole. (Other tokenizers: lengths in tokens differ; nothing breaks, some
     documents straddle samples.) align=False: corpus documents are kept and synthetic ones
     are between `min_chars` (default: the bare prompt + 8) and `max_chars` (default
-    seq_len - 1) characters long. The needle's depth is u^2 for u uniform in [0, 1]. fraction = 1
+    seq_len - 1) characters long. The needle's depth is u^depth_power for u uniform in [0, 1]
+    (default 2: more needles early, far from the question; 1: uniform depths). fraction = 1
     replaces `docs` by as many characters of synthetic documents.
 
     Filler kinds, drawn per document with weights `filler_mix` (default: half "snippet",
@@ -127,8 +129,17 @@ def mix_passkey_documents(docs: Sequence[str], fraction: float, *, seed: int = 0
     so copying it takes the preceding letters too: the prefix matching that the first answer
     digit after "The pass key is " needs. Without these drills a tiny model copies the later
     digits but not the first one, and does not retrieve at all within minutes.
+    A share `short_share` of the passkey documents are short (from the bare prompt + 8 up to
+    `short_max` characters, default 128 = the passkey-cpu base length; `min_chars` does not apply
+    to them), lengths drawn as for seq_len = short_max. They keep the short-context skill while a
+    model is continue-tuned to a long seq_len (context extension: recipes/passkey-extend-cpu.toml
+    sets data.passkey_options = {short_share = ..., min_chars = ..., copy_share = ...}).
     Deterministic in `seed`.
     """
+    if depth_power <= 0:
+        raise ValueError(f"depth_power must be > 0, got {depth_power}")
+    if not 0 <= short_share <= 1:
+        raise ValueError(f"short_share must be in [0, 1], got {short_share}")
     if not 0 < fraction <= 1:
         raise ValueError(f"fraction must be in (0, 1], got {fraction}")
     if not docs:
@@ -164,6 +175,13 @@ def mix_passkey_documents(docs: Sequence[str], fraction: float, *, seed: int = 0
     lengths = np.arange(lo, hi + 1)
     length_p = 1.0 / (np.maximum(seq_len - lengths, 0) + 8.0) if not align else np.ones(len(lengths))
     length_p /= length_p.sum()
+    short_lo = min(lo, fixed + 8)
+    short_hi = min(hi, short_max)
+    if short_share > 0 and short_hi < short_lo:
+        raise ValueError(f"short_max {short_max} is shorter than the shortest passkey document ({short_lo})")
+    short_lengths = np.arange(short_lo, short_hi + 1)
+    short_p = 1.0 / (np.maximum(short_hi + 1 - short_lengths, 0) + 8.0)
+    short_p /= short_p.sum()
     rng = np.random.default_rng([seed, 0x9A55])
     out: list[str] = []
     made = 0
@@ -172,11 +190,14 @@ def mix_passkey_documents(docs: Sequence[str], fraction: float, *, seed: int = 0
             out.append(_copy_drill(rng, n_align if align else None))
             made += len(out[-1])
             continue
-        length = int(rng.choice(lengths, p=length_p))
+        if short_share > 0 and rng.random() < short_share:
+            length = int(rng.choice(short_lengths, p=short_p))
+        else:
+            length = int(rng.choice(lengths, p=length_p))
         key = random_key(rng, digits)
         make = FILLER_KINDS[kinds[int(rng.choice(len(kinds), p=weights))]]
         filler = make(docs, rng, length - fixed)
-        out.append(passkey_document(filler, key, float(rng.random()) ** 2))
+        out.append(passkey_document(filler, key, float(rng.random()) ** depth_power))
         made += len(out[-1])
     return out if fraction >= 1 else list(docs) + out
 

@@ -8,19 +8,20 @@ import os
 import re
 import time
 from contextlib import nullcontext
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.distributed as dist
 
-from longtrain.errors import CheckpointError, ConfigError, LaunchError, PeerLost, TrainingError
+from longtrain.errors import CheckpointError, ConfigError, PeerLost, TrainingError
 from longtrain.launcher.checkpoint import Checkpointer, check_checkpoint, read_meta
 from longtrain.launcher import signals
 from longtrain.launcher.config import Recipe, save_resolved
-from longtrain.launcher.data import PackedCorpus, build_tokenizer, collate, load_documents
+from longtrain.launcher.corpus import Prefetcher, build_corpus, corpus_tokenizer
+from longtrain.launcher.data import build_tokenizer, collate
 from longtrain.launcher.env import init_distributed
+from longtrain.launcher.layout import make_layout, resolve_sp_impl, setup_logging
 from longtrain.launcher.metrics import Metrics, memory_mb, peak_flops, train_flops_per_token
 from longtrain.models import LocalAttention, Transformer, lm_loss_sum
 
@@ -29,6 +30,16 @@ log = logging.getLogger("longtrain")
 
 _LOST_PEER_SIGNS = ("Connection closed by peer", "Connection reset by peer", "Broken pipe", "NCCL error",
                     "Timed out", "timed out", "Connection refused", "remote process exited")
+
+
+DATA_TRACE_ENV = "LONGTRAIN_DATA_TRACE"  # test hook: where ranks log the samples they train on
+
+
+def _first_error(error: str | None) -> str | None:
+    """Every rank's data-preparation error (or None), gathered: the first one, the same on all ranks."""
+    errors: list[str | None] = [None] * dist.get_world_size()
+    dist.all_gather_object(errors, error)
+    return next((e for e in errors if e), None)
 
 
 def _peer_lost(e: BaseException) -> bool:
@@ -52,13 +63,6 @@ def _fault_nan(step: int) -> bool:
     return int(a) <= step <= int(b or a)
 
 
-def setup_logging(is_main: bool) -> None:
-    import sys
-
-    logging.basicConfig(level=logging.INFO if is_main else logging.WARNING, stream=sys.stdout,
-                        format="[%(asctime)s] %(message)s", datefmt="%H:%M:%S", force=True)
-
-
 def lr_lambda(recipe: Recipe):
     t = recipe.training
 
@@ -74,45 +78,11 @@ def lr_lambda(recipe: Recipe):
     return f
 
 
-@dataclass
-class Layout:
-    world: int
-    rank: int
-    dp: int
-    sp: int
-    dp_rank: int
-    sp_rank: int
-    sp_group: Any
-
-
-def make_layout(sp: int) -> Layout:
-    """dp x sp mesh: consecutive ranks form one sequence-parallel group."""
-    world, rank = dist.get_world_size(), dist.get_rank()
-    if world % sp:
-        raise LaunchError(f"world size {world} is not divisible by parallel.sp = {sp}")
-    dp = world // sp
-    sp_group = None
-    for d in range(dp):  # every rank must create every group, in the same order
-        ranks = list(range(d * sp, (d + 1) * sp))
-        g = dist.new_group(ranks) if sp > 1 else None
-        if rank in ranks:
-            sp_group = g
-    return Layout(world, rank, dp, sp, rank // sp, rank % sp, sp_group)
-
-
 def build_model(recipe: Recipe, tokenizer_vocab: int) -> Transformer:
-    if recipe.model.init_from:
-        from longtrain.models.hf import load_hf_checkpoint
+    if recipe.model.init_from:  # an HF folder or a longtrain checkpoint / run folder (+ RoPE, span overrides)
+        from longtrain.launcher.loading import load_init_from
 
-        try:
-            moh = recipe.model_config().moh if recipe.model.moh else None
-            model = load_hf_checkpoint(recipe.model.init_from, moh=moh, router_seed=recipe.run.seed,
-                                       attention=recipe.model.attention)
-        except (OSError, ValueError, TypeError) as e:
-            raise ConfigError(f"model.init_from {recipe.model.init_from}: {e}") from None
-        longest = max([recipe.data.seq_len] + [s.seq_len or 0 for s in recipe.stages])
-        if longest > model.cfg.max_seq_len:  # continue-tuned beyond the HF context: the config says so
-            model.cfg.max_seq_len = longest
+        model = load_init_from(recipe)
     else:
         torch.manual_seed(recipe.run.seed)
         model = Transformer(recipe.model_config())
@@ -153,16 +123,6 @@ def compile_blocks(model: Transformer, mesa: bool) -> None:
         block.compile()
 
 
-def resolve_sp_impl(impl: str, cfg) -> str:
-    """'auto': TokenRing for multi-head attention (Q and K,V weigh the same on the wire, and TokenRing
-    uses both link directions), ring for GQA/MQA (K,V are smaller than Q, so moving K,V is cheaper).
-    Measured: docs/sequence-parallel.md (TokenRing 0.41x ring for MHA, 1.6x for GQA 8/2 on a
-    rate-limited mesh)."""
-    if impl != "auto":
-        return impl
-    return "tokenring" if cfg.n_kv_heads == cfg.n_heads else "ring"
-
-
 class Trainer:
     def __init__(self, recipe: Recipe) -> None:
         self.recipe = recipe
@@ -175,16 +135,18 @@ class Trainer:
         if lay.sp > 1 and r.data.seq_len % (2 * lay.sp if r.parallel.sp_layout == "zigzag" else lay.sp):
             raise ConfigError(f"data.seq_len {r.data.seq_len} must be divisible by "
                               f"{'2*' if r.parallel.sp_layout == 'zigzag' else ''}sp for the {r.parallel.sp_layout} layout")
-        self.tokenizer = build_tokenizer(self._tokenizer_spec())
         t0 = time.perf_counter()
-        docs = load_documents(r.data.source, r.data.format, r.data.text_field, r.data.max_documents)
-        if r.data.passkey_fraction > 0:
-            from longtrain.launcher.passkey import mix_passkey_documents
-
-            docs = mix_passkey_documents(docs, r.data.passkey_fraction, seed=r.run.seed, seq_len=r.data.seq_len)
-        self.corpus = PackedCorpus(docs, self.tokenizer, r.data.seq_len, seed=r.run.seed, shuffle=r.data.shuffle)
-        log.info("data: %d documents, %d tokens, %d samples of %d tokens (%.1fs)", len(docs),
-                 len(self.corpus.tokens), self.corpus.n_samples, r.data.seq_len, time.perf_counter() - t0)
+        spec = corpus_tokenizer(r.data, self._tokenizer_spec(), explicit=r.data.tokenizer != "auto")
+        self.tokenizer = build_tokenizer(spec)
+        r.data.tokenizer = spec  # the resolved recipe (and eval) name the tokenizer actually used
+        self.corpus, self.data_sources = build_corpus(
+            r.data, seq_len=r.data.seq_len, seed=r.run.seed, tokenizer=spec, local_main=self.env.local_rank == 0,
+            sync=_first_error if dist.is_initialized() and dist.get_world_size() > 1 else None)
+        self.prefetch = Prefetcher(self._make_micro_batches, enabled=r.data.prefetch)
+        log.info("data: %s | %d samples of %d tokens (%.1fs)", "; ".join(
+            f"{s['name']}: {s['documents']:,} documents, {s['tokens']:,} tokens" + (
+                f", weight {s['weight']:g}" if len(self.data_sources) > 1 else "") for s in self.data_sources),
+            self.corpus.n_samples, r.data.seq_len, time.perf_counter() - t0)
         self.model = build_model(r, self.tokenizer.vocab_size)
         self.mesa = enable_mesa(self.model, r)
         self.model.activation_checkpointing = r.training.activation_checkpointing
@@ -226,12 +188,13 @@ class Trainer:
         self.metrics: Metrics | None = None
 
     def _tokenizer_spec(self) -> str:
+        """The recipe's tokenizer: auto/bytes with init_from = as init_from was trained (else bytes)."""
         r = self.recipe
-        if r.model.init_from and r.data.tokenizer == "bytes":
-            path = os.path.join(r.model.init_from, "tokenizer.json")
-            if os.path.isfile(path):
-                return path
-        return r.data.tokenizer
+        if r.model.init_from and r.data.tokenizer in ("auto", "bytes"):
+            from longtrain.launcher.loading import init_from_tokenizer
+
+            return init_from_tokenizer(r.model.init_from) or "bytes"
+        return "bytes" if r.data.tokenizer == "auto" else r.data.tokenizer
 
     # ---- state ----------------------------------------------------------------------------
     def _state(self) -> dict[str, Any]:
@@ -311,11 +274,45 @@ class Trainer:
         return self.layout.dp * t.micro_batch * t.grad_accum
 
     def _micro_batches(self) -> list[dict[str, Any]]:
+        """This step's micro-batches for this dp rank (built ahead, during the previous step)."""
+        key = (self.data_position, self.corpus.seq_len)
+        nxt = (self.data_position + self.global_batch, self.corpus.seq_len) \
+            if self.step + 1 < self.recipe.training.steps else None
+        batches = self.prefetch.get(key, nxt)
+        if os.environ.get(DATA_TRACE_ENV):
+            self._trace_samples(batches)
+        return batches
+
+    def _planned_sources(self) -> list[dict[str, Any]]:
+        """Each source's size, and the samples/tokens this run will draw from it (at the first seq_len)."""
+        total = self.global_batch * self.recipe.training.steps
+        drawn = self.corpus.source_counts(total) if self.corpus.blend is None or total <= self.corpus.blend.total \
+            else self.corpus.source_counts(int(self.corpus.blend.total))
+        return [{**info, "run_samples": int(n), "run_tokens": int(n) * self.corpus.seq_len}
+                for info, n in zip(self.data_sources, drawn.tolist())]
+
+    def _trace_samples(self, batches: list[dict[str, Any]]) -> None:
+        """Test hook: append (step, global sample index, crc32 of its tokens) for this rank's samples."""
+        import zlib
+
         r, lay = self.recipe, self.layout
+        mb, S = r.training.micro_batch, self.corpus.seq_len
+        with open(f"{os.environ[DATA_TRACE_ENV]}.rank{lay.rank}", "a") as f:
+            for m, b in enumerate(batches):
+                rows = b["tokens"].reshape(-1, S)
+                start = self.data_position + (m * lay.dp + lay.dp_rank) * mb
+                for i in range(mb):
+                    crc = zlib.crc32(rows[i].to(torch.int64).numpy().tobytes())
+                    f.write(f"{self.step + 1} {start + i} {crc}\n")
+
+    def _make_micro_batches(self, key: tuple[int, int]) -> list[dict[str, Any]]:
+        position, seq_len = key
+        r, lay = self.recipe, self.layout
+        corpus = self.corpus if self.corpus.seq_len == seq_len else self.corpus.with_seq_len(seq_len)
         mb, out = r.training.micro_batch, []
         for m in range(r.training.grad_accum):
-            start = self.data_position + (m * lay.dp + lay.dp_rank) * mb
-            out.append(collate(self.corpus.batch(start, mb), r.data.document_mask))
+            start = position + (m * lay.dp + lay.dp_rank) * mb
+            out.append(collate(corpus.batch(start, mb), r.data.document_mask))
         return out
 
     def _apply_stage(self) -> None:
@@ -469,7 +466,8 @@ class Trainer:
             save_resolved(r, out_dir / "recipe.resolved.toml", extra={
                 "world_size": self.layout.world, "dp": self.layout.dp, "sp": self.layout.sp,
                 "global_batch": self.global_batch, "tokens_per_step": self.global_batch * r.data.seq_len,
-                "n_params": self.model.cfg.n_params, "device": str(self.device), "launcher": self.env.source})
+                "n_params": self.model.cfg.n_params, "device": str(self.device), "launcher": self.env.source,
+                "data_sources": self._planned_sources()})
             log.info("run folder %s | model %.2fM params | world %d (dp %d x sp %d, %s) | %d tokens/step | device %s",
                      out_dir, self.model.cfg.n_params / 1e6, self.layout.world, self.layout.dp, self.layout.sp,
                      self.sp_impl if self.layout.sp > 1 else "no sp", self.global_batch * r.data.seq_len,
@@ -492,6 +490,7 @@ class Trainer:
             first = re.sub(r"^\[[^\]]*\]\s*", "", first).split(". This is typically")[0]  # gloo's source location
             raise PeerLost(f"lost contact with another process during step {self.step + 1} ({first[:160]})") from None
         finally:
+            self.prefetch.close()
             self.metrics.close()
         return {"first_loss": history[0] if history else None, "last_loss": history[-1] if history else None,
                 "steps": self.step, "losses": history}
@@ -516,6 +515,12 @@ class Trainer:
                 scalars["skipped_steps"] = float(self.bad_total)
             if peak:
                 scalars["mfu"] = flops_per_token * tok_s / self.layout.world / peak
+            scalars["data_wait_s"] = self.prefetch.last_wait_s
+            if len(self.data_sources) > 1:
+                drawn = self.corpus.source_counts(self.data_position) * self.corpus.seq_len
+                for name, n in zip(self.corpus.names, drawn.tolist()):
+                    scalars[f"data/{name}/tokens"] = float(n)
+                    scalars[f"data/{name}/share"] = n / max(1, drawn.sum())
             self.metrics.step(self.step, scalars, dt, first_step)
             self._log_moh_usage()
             if evaluator is not None and r.eval.every and self.step % r.eval.every == 0:
@@ -554,7 +559,7 @@ class Trainer:
         r = self.recipe
         if not r.eval.every:
             return None
-        from longtrain.launcher.evaluate import in_training_eval
+        from longtrain.launcher.eval_score import in_training_eval
 
         return in_training_eval
 

@@ -1,0 +1,394 @@
+"""Scoring for `longtrain eval` and the in-training evaluation: passkey accuracy and held-out
+perplexity by position, on one process or split over dp x sp ranks. No plotting, no CLI, no
+trainer import: `in_training_eval(trainer)` reads what it needs from the object it is given.
+See docs/evaluation.md for the definitions."""
+
+from __future__ import annotations
+
+import logging
+import math
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from longtrain.errors import ConfigError, DataError, LongtrainError
+from longtrain.launcher.layout import resolve_sp_impl
+
+log = logging.getLogger("longtrain")
+
+
+# ---- scoring (shared by the CLI and the training loop) ------------------------------------------
+
+@dataclass
+class EvalLayout:
+    """How ranks split the work: dp groups take different samples, sp ranks split one sequence."""
+
+    dp: int = 1
+    dp_rank: int = 0
+    sp: int = 1
+    sp_rank: int = 0
+    sp_group: Any = None
+    sp_impl: str = "tokenring"
+    sp_layout: str = "zigzag"
+
+    @classmethod
+    def from_trainer_layout(cls, lay: Any, impl: str, layout: str) -> "EvalLayout":
+        return cls(lay.dp, lay.dp_rank, lay.sp, lay.sp_rank, lay.sp_group, impl, layout)
+
+
+@contextmanager
+def _output_as_identity(model: nn.Module):
+    """Make `model(...)` return normalized hidden states (so logits can be formed in chunks)."""
+    head = model.output
+    model.output = nn.Identity()
+    try:
+        yield head
+    finally:
+        model.output = head
+
+
+class Scorer:
+    """Per-token NLL and argmax of a causal LM over sequences, optionally sequence-parallel.
+
+    `plain=True` (a plain Transformer): the LM head runs in chunks of `chunk` tokens, so
+    logits [S, vocab] are never held at once. `plain=False` (an FSDP/DDP-wrapped model in
+    the training loop): one ordinary forward call, which every rank makes identically.
+    """
+
+    def __init__(self, model: nn.Module, layout: EvalLayout, device: torch.device, *, plain: bool = True,
+                 chunk: int = 2048, autocast_dtype: torch.dtype | None = None) -> None:
+        self.model, self.layout, self.device = model, layout, device
+        self.plain, self.chunk, self.autocast_dtype = plain, chunk, autocast_dtype
+
+    def _ops(self):
+        from longtrain.models import LocalAttention
+
+        lay = self.layout
+        if lay.sp == 1:
+            return LocalAttention()
+        from longtrain.parallel.ops import SequenceParallelOps
+
+        return SequenceParallelOps(lay.sp_group, impl=lay.sp_impl, layout=lay.sp_layout)
+
+    def _shard(self, x: Tensor, dim: int) -> Tensor:
+        if self.layout.sp == 1:
+            return x
+        from longtrain.parallel import shard_sequence
+
+        return shard_sequence(x, self.layout.sp_group, dim=dim, layout=self.layout.sp_layout)
+
+    def _unshard(self, x: Tensor) -> Tensor:
+        if self.layout.sp == 1:
+            return x
+        from longtrain.parallel import unshard_sequence
+
+        return unshard_sequence(x, self.layout.sp_group, dim=1, layout=self.layout.sp_layout)
+
+    @torch.no_grad()
+    def __call__(self, tokens: Tensor, targets: Tensor) -> tuple[Tensor, Tensor]:
+        """tokens, targets int64 [B, S] (targets -100 = not scored) -> nll fp32 [B, S] (0 where not
+        scored), argmax int64 [B, S]; both on CPU, identical on every rank of the sp group."""
+        dev = self.device
+        S = tokens.shape[1]
+        tl = self._shard(tokens.to(dev), 1)
+        yl = self._shard(targets.to(dev), 1)
+        pl = self._shard(torch.arange(S, device=dev), 0)
+        ops = self._ops()
+        amp = (torch.autocast(dev.type, dtype=self.autocast_dtype) if self.autocast_dtype is not None
+               else nullcontext())
+        nlls, preds = [], []
+        with amp:
+            if self.plain:
+                with _output_as_identity(self.model) as head:
+                    h = self.model(tl, pl, ops)
+                for a in range(0, h.shape[1], self.chunk):
+                    logits = head(h[:, a:a + self.chunk].to(head.weight.dtype)).float()
+                    nlls.append(self._nll(logits, yl[:, a:a + self.chunk]))
+                    preds.append(logits.argmax(-1))
+            else:
+                logits = self.model(tl, pl, ops).float()
+                nlls.append(self._nll(logits, yl))
+                preds.append(logits.argmax(-1))
+        nll = self._unshard(torch.cat(nlls, dim=1))
+        pred = self._unshard(torch.cat(preds, dim=1))
+        return nll.float().cpu(), pred.cpu()
+
+    @staticmethod
+    def _nll(logits: Tensor, targets: Tensor) -> Tensor:
+        return F.cross_entropy(logits.transpose(1, 2), targets, ignore_index=-100, reduction="none")
+
+
+def _all_reduce_sum(t: Tensor, device: torch.device) -> Tensor:
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        x = t.to(device)
+        dist.all_reduce(x)
+        return x.cpu()
+    return t
+
+
+def _my_batches(n: int, layout: EvalLayout, batch: int) -> list[list[int | None]]:
+    """Task indices of this dp rank (strided), in batches; every rank gets the same number of
+    batches (None pads), so collective calls line up on all ranks."""
+    per_rank = -(-n // layout.dp)
+    mine: list[int | None] = [i for i in range(layout.dp_rank, n, layout.dp)]
+    mine += [None] * (per_rank - len(mine))
+    return [mine[i:i + batch] for i in range(0, len(mine), batch)]
+
+
+# ---- passkey ------------------------------------------------------------------------------------
+
+def passkey_eval(scorer: Scorer, tokenizer, filler: Tensor, lengths: Sequence[int], depths: Sequence[float],
+                 samples: int, *, seed: int = 0, batch: int = 4, examples: int = 2,
+                 filler_mode: str = "repeat") -> dict[str, Any]:
+    """Passkey accuracy (%) per (length, depth) over `samples` prompts each.
+
+    Prompts depend only on (seed, length, depth index, sample index), never on the world size.
+    Returns {"lengths", "depths", "samples", "accuracy" [len][depth] %, "digit_accuracy" (share of
+    answer tokens right under teacher forcing) [len][depth] %, "examples"}.
+    """
+    from longtrain.launcher.passkey import eval_prompt
+
+    n_dep = len(depths)
+    acc = np.zeros((len(lengths), n_dep))
+    dig = np.zeros((len(lengths), n_dep))
+    shown: list[dict[str, Any]] = []
+    for li, L in enumerate(lengths):
+        tasks = [(di, i) for di in range(n_dep) for i in range(samples)]
+        correct = torch.zeros(len(tasks), dtype=torch.float64)
+        digits = torch.zeros(len(tasks), dtype=torch.float64)
+        preds_text: dict[int, str] = {}
+        for b in _my_batches(len(tasks), scorer.layout, batch):
+            real = [t for t in b if t is not None]
+            rows, starts, keys = [], [], []
+            for t in b:
+                di, i = tasks[t if t is not None else real[0] if real else 0]
+                tok, a, key = eval_prompt(filler, tokenizer, L, depths[di], [seed, L, di, i], filler_mode)
+                rows.append(tok)
+                starts.append(a)
+                keys.append(key)
+            tokens = torch.stack(rows)
+            targets = torch.full_like(tokens, -100)
+            for r, a in enumerate(starts):
+                targets[r, a - 1:L - 1] = tokens[r, a:]
+            _, pred = scorer(tokens, targets)
+            for r, t in enumerate(b):
+                if t is None:
+                    continue
+                a = starts[r]
+                want, got = tokens[r, a:], pred[r, a - 1:L - 1]
+                ok = got == want
+                correct[t] = float(bool(ok.all()))
+                digits[t] = ok.double().mean().item()
+                first_bad = int((~ok).nonzero()[0]) if not ok.all() else len(want)
+                preds_text[t] = tokenizer.decode(got[:first_bad + 1].tolist())
+        if scorer.layout.sp_rank != 0:  # sp ranks hold the same results; count them once
+            correct.zero_()
+            digits.zero_()
+        correct = _all_reduce_sum(correct, scorer.device)
+        digits = _all_reduce_sum(digits, scorer.device)
+        acc[li] = 100 * correct.view(n_dep, samples).mean(1).numpy()
+        dig[li] = 100 * digits.view(n_dep, samples).mean(1).numpy()
+        for t in sorted(preds_text)[:examples]:
+            di, i = tasks[t]
+            key = eval_prompt(filler, tokenizer, L, depths[di], [seed, L, di, i], filler_mode)[2]
+            shown.append({"length": L, "depth": depths[di], "key": key, "greedy": preds_text[t].strip(),
+                          "correct": bool(correct[t] > 0)})
+    return {"lengths": list(lengths), "depths": list(depths), "samples": samples, "filler_mode": filler_mode,
+            "accuracy": acc.tolist(), "digit_accuracy": dig.tolist(), "examples": shown}
+
+
+# ---- perplexity ---------------------------------------------------------------------------------
+
+def heldout_windows(docs: Sequence[str], tokenizer, lengths: Sequence[int], samples: int) -> dict[int, Tensor]:
+    """Per length L: up to `samples` windows [n, L+1] = the first L+1 tokens of the first documents
+    (in order) that have at least L+1 tokens. Position p of a window is position p of its document."""
+    need = {L: [] for L in lengths}
+    for d in docs:
+        if all(len(v) >= samples for v in need.values()):
+            break
+        ids = torch.as_tensor(np.asarray(tokenizer.encode(d), dtype=np.int64))
+        for L, v in need.items():
+            if len(v) < samples and len(ids) >= L + 1:
+                v.append(ids[:L + 1])
+    out = {}
+    for L, v in need.items():
+        if not v:
+            raise DataError(f"no held-out document has {L + 1} tokens, needed for context length {L}: give longer "
+                            "documents with --data")
+        out[L] = torch.stack(v)
+    return out
+
+
+def ppl_eval(scorer: Scorer, windows: dict[int, Tensor], *, buckets: int = 8, batch: int = 1) -> dict[str, Any]:
+    """Perplexity per context length (over all positions) and per position bucket.
+
+    windows: L -> int64 [n, L+1]. Buckets split [0, L) into `buckets` equal ranges of token
+    positions; a bucket's perplexity is exp(mean NLL of the tokens predicted at those positions).
+    """
+    out: dict[str, Any] = {"lengths": [], "ppl": [], "windows": [], "buckets": []}
+    for L, win in sorted(windows.items()):
+        n = win.shape[0]
+        nll_sum = torch.zeros(n, L, dtype=torch.float64)
+        for b in _my_batches(n, scorer.layout, batch):
+            idx = [t if t is not None else 0 for t in b]
+            w = win[idx]
+            nll, _ = scorer(w[:, :-1], w[:, 1:])
+            for r, t in enumerate(b):
+                if t is not None:
+                    nll_sum[t] = nll[r].double()
+        if scorer.layout.sp_rank != 0:
+            nll_sum.zero_()
+        nll_sum = _all_reduce_sum(nll_sum, scorer.device)
+        per_pos = nll_sum.mean(0)  # [L]
+        edges = np.linspace(0, L, min(buckets, L) + 1).round().astype(int)
+        bks = [{"start": int(a), "end": int(e), "ppl": math.exp(per_pos[a:e].mean().item())}
+               for a, e in zip(edges[:-1], edges[1:]) if e > a]
+        out["lengths"].append(L)
+        out["ppl"].append(math.exp(per_pos.mean().item()))
+        out["windows"].append(n)
+        out["buckets"].append(bks)
+    return out
+
+
+# ---- documents for filler and held-out perplexity -----------------------------------------------
+
+def _load_docs(source: str, data: dict[str, Any]) -> list[str]:
+    from longtrain.launcher.data import load_documents
+
+    if source != "stdlib" and not any(Path(s.strip()).exists() for s in source.split(",")) \
+            and not __import__("glob").glob(source):
+        raise DataError(f"data source not found: {source}")
+    return load_documents(source, data.get("format", "auto"), data.get("text_field", "text"))
+
+
+def heldout_documents(run_data: dict[str, Any], data: str | None, skip: int | None) -> tuple[list[str], str]:
+    """Documents not used for training and a sentence saying why.
+
+    With --data: that source (documents from --skip-documents on). Without: the run's training
+    source from document data.max_documents on (the trainer reads only the first
+    data.max_documents); an error when the run read them all or the run is unknown.
+    """
+    if data is not None:
+        docs = _load_docs(data, run_data if data == run_data.get("source") else {})
+        k = skip or 0
+        rule = f"documents {k}.. of {data} (given with --data)"
+    else:
+        src = run_data.get("source")
+        if src is None:
+            raise ConfigError("cannot tell which documents the model trained on (no run recipe next to the "
+                              "checkpoint): pass --data PATH with held-out documents")
+        used = int(run_data.get("max_documents") or 0)
+        if used == 0 and skip is None:
+            raise ConfigError(f"the run trained on every document of {src!r} (data.max_documents = 0), so none is "
+                              "held out: pass --data PATH with held-out documents")
+        if src.startswith("passkey"):
+            raise ConfigError("the run trained on synthetic passkey data only: pass --data PATH for perplexity")
+        docs = _load_docs(src, run_data)
+        k = used if skip is None else skip
+        rule = f"documents {k}.. of the training source {src} (the run read the first {used})"
+    docs = docs[k:]
+    if not docs:
+        raise DataError(f"no held-out documents: {rule} is empty")
+    return docs, rule
+
+
+def filler_documents(run_data: dict[str, Any], data: str | None, skip: int | None = None) -> tuple[list[str], str]:
+    """Filler text for passkey haystacks and a label saying which: --data (from document `skip` on),
+    else the held-out part of the run's source when there is one, else its training documents
+    (filler content does not matter), else stdlib."""
+    if data is not None:
+        docs = _load_docs(data, {})
+        k = skip or 0
+        if not docs[k:]:
+            raise DataError(f"no filler text: --data {data} has {len(docs)} documents, --skip-documents is {k}")
+        return docs[k:], f"{data} documents {k}.." if k else data
+    src = run_data.get("source")
+    if src and not src.startswith("passkey"):
+        try:
+            docs = _load_docs(src, run_data)
+        except LongtrainError:
+            docs = []
+        used = int(run_data.get("max_documents") or 0)
+        if docs:
+            return (docs[used:], f"{src} documents {used}.. (held out)") if docs[used:] else (docs, src)
+    return _load_docs("stdlib", {}), "stdlib"
+
+
+# ---- in-training evaluation ---------------------------------------------------------------------
+
+_TRAIN_CACHE: dict[tuple, Any] = {}
+
+
+def in_training_eval(trainer: Any) -> dict[str, float]:
+    """Passkey accuracy (%) and held-out perplexity at each eval.lengths (default: data.seq_len).
+
+    `trainer` is read duck-typed (recipe, model, wrapped, layout, tokenizer, device, dtype, engine,
+    sp_impl, env, step): this module never imports the trainer.
+
+    Collective: every rank calls it at the same step. Keys: "eval/passkey_acc@L" (% exact),
+    "eval/passkey_digit_acc@L" (% answer tokens), "eval/ppl@L" (only when the run holds documents
+    out: data.max_documents > 0 with documents beyond it).
+    """
+    r = trainer.recipe
+    lengths = list(r.eval.lengths) or [r.data.seq_len]
+    limit = trainer.model.cfg.max_seq_len
+    lay = trainer.layout
+    from longtrain.launcher.passkey import min_length
+
+    shortest = min_length(trainer.tokenizer) if r.eval.passkey else 1
+    for L in lengths:
+        if L > limit:
+            raise ConfigError(f"eval.lengths: {L} exceeds the model's max_seq_len {limit}")
+        if L < shortest:
+            raise ConfigError(f"eval.lengths: {L} is shorter than the bare passkey prompt ({shortest} tokens)")
+        div = 2 * lay.sp if r.parallel.sp_layout == "zigzag" else lay.sp
+        if lay.sp > 1 and L % div:
+            raise ConfigError(f"eval.lengths: {L} must be divisible by {div} for sp={lay.sp} ({r.parallel.sp_layout})")
+    run_data = {"source": r.data.source, "format": r.data.format, "text_field": r.data.text_field,
+                "max_documents": r.data.max_documents}
+    key = tuple(sorted(run_data.items())) + (r.data.tokenizer, tuple(lengths), r.eval.samples)
+    if key not in _TRAIN_CACHE:
+        _TRAIN_CACHE.clear()
+        docs, _ = filler_documents(run_data, None)
+        from longtrain.launcher.passkey import filler_tokens
+
+        filler = filler_tokens(docs, trainer.tokenizer, 4 * max(lengths) * max(1, r.eval.samples) + 100_000)
+        windows = None
+        if r.data.max_documents and not r.data.source.startswith("passkey"):
+            try:
+                held, _ = heldout_documents(run_data, None, None)
+                windows = heldout_windows(held, trainer.tokenizer, lengths, max(1, r.eval.samples))
+            except LongtrainError as e:
+                log.warning("in-training perplexity is off: %s", e)
+        _TRAIN_CACHE[key] = (filler, windows)
+    filler, windows = _TRAIN_CACHE[key]
+    amp = torch.bfloat16 if (trainer.dtype == torch.bfloat16 and trainer.engine == "ddp") else None
+    impl = getattr(trainer, "sp_impl", None) or resolve_sp_impl(r.parallel.sp_impl, trainer.model.cfg)
+    layout = EvalLayout.from_trainer_layout(lay, impl, r.parallel.sp_layout)
+    scorer = Scorer(trainer.wrapped, layout, trainer.device, plain=False, autocast_dtype=amp)
+    was_training = trainer.wrapped.training
+    trainer.wrapped.eval()
+    out: dict[str, float] = {}
+    try:
+        if r.eval.passkey:
+            res = passkey_eval(scorer, trainer.tokenizer, filler, lengths, r.eval.depths, max(1, r.eval.samples),
+                               seed=r.run.seed, batch=max(1, r.training.micro_batch))
+            for li, L in enumerate(lengths):
+                out[f"eval/passkey_acc@{L}"] = float(np.mean(res["accuracy"][li]))
+                out[f"eval/passkey_digit_acc@{L}"] = float(np.mean(res["digit_accuracy"][li]))
+        if windows is not None:
+            res = ppl_eval(scorer, windows, buckets=1, batch=max(1, r.training.micro_batch))
+            for L, p in zip(res["lengths"], res["ppl"]):
+                out[f"eval/ppl@{L}"] = float(p)
+    finally:
+        trainer.wrapped.train(was_training)
+    if trainer.env.is_main and out:
+        log.info("eval at step %d: %s", trainer.step, "  ".join(f"{k} {v:.4g}" for k, v in out.items()))
+    return out
