@@ -60,25 +60,32 @@ def _same(a, b) -> bool:
 
 # ---- 1. equality with the in-memory reference ------------------------------------------------------------
 
-@pytest.mark.parametrize("passkey", [0.0, 0.9])
-def test_prepared_stdlib_reads_exactly_the_in_memory_reference(passkey):
-    r = load_recipe(TINY, ["data.max_documents=40", "data.seq_len=64", f"data.passkey_fraction={passkey}"])
-    corpus, info = build_corpus(r.data, seq_len=64, seed=3, tokenizer=corpus_tokenizer(r.data, "bytes"),
+@pytest.mark.parametrize("passkey,options,seq", [(0.0, None, 64), (0.5, None, 64),
+                                                 (0.5, {"align": True, "copy_share": 0.1}, 256)])
+def test_prepared_stdlib_reads_exactly_the_in_memory_reference(passkey, options, seq):
+    sets = ["data.max_documents=40", f"data.seq_len={seq}", f"data.passkey_fraction={passkey}"]
+    if options:
+        sets.append("data.passkey_options={align = true, copy_share = 0.1}")
+    r = load_recipe(TINY, sets)
+    corpus, info = build_corpus(r.data, seq_len=seq, seed=3, tokenizer=corpus_tokenizer(r.data, "bytes"),
                                 local_main=True)
     docs = load_documents("stdlib", max_documents=40)
     if passkey:
-        docs = mix_passkey_documents(docs, passkey, seed=3, seq_len=64)
+        docs = mix_passkey_documents(docs, passkey, seed=3, seq_len=seq, **(options or {}))
         assert len(info[0]["folders"]) == 1 and "passkey-" in info[0]["folders"][0]  # corpus + synthetic
-    ref = PackedCorpus(docs, build_tokenizer("bytes"), 64, seed=3)
+    ref = PackedCorpus(docs, build_tokenizer("bytes"), seq, seed=3)
     assert corpus.n_samples == ref.n_samples and corpus.n_tokens == len(ref.tokens)
     n = ref.n_samples
     idx = list(range(300)) + list(range(n - 50, n + 50)) + [2 * n + 17]  # also across the epoch boundary
     assert all(_same(corpus.sample(i), ref.sample(i)) for i in idx)
     long_c, long_r = corpus.with_seq_len(256), ref.with_seq_len(256)  # a staged seq_len change
     assert all(_same(long_c.sample(i), long_r.sample(i)) for i in range(0, long_r.n_samples, 97))
-    # the token stream itself: every document's tokens + EOS, in the seeded document order
-    stream = torch.cat([corpus.streams[0].sample(j).tokens for j in range(5)])
-    assert stream.numel() == 5 * 64
+    # the prepared token stream is every document's bytes + EOS, in the seeded document order
+    order = np.random.default_rng(3).permutation(len(docs))
+    want = np.concatenate([np.append(np.frombuffer(docs[i].encode("utf-8", errors="replace"), np.uint8), 257)
+                           for i in order[:20]])
+    got, _ = corpus.streams[0]._read(0, len(want))
+    assert np.array_equal(got, want)
 
 
 def test_prepare_jsonl_bpe_cli_matches_direct_encoding_and_scales_with_num_proc(tmp_path):
