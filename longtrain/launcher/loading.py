@@ -157,16 +157,20 @@ def checkpoint_tokenizer(p: Path, kind: str, recipe: dict[str, Any], _seen: int 
         return str(p / "tokenizer.json")
     tok = recipe.get("data", {}).get("tokenizer")
     init_from = recipe.get("model", {}).get("init_from")
-    if tok in (None, "bytes") and init_from and _seen < 8:
-        src = Path(init_from)
-        if (src / "tokenizer.json").is_file():
-            return str(src / "tokenizer.json")
-        try:
-            k, q = resolve_checkpoint(src)
-        except CheckpointError:
-            return tok
-        return checkpoint_tokenizer(q, k, run_recipe(q)[1], _seen + 1) or tok
+    if tok in (None, "auto", "bytes") and init_from and _seen < 8:
+        return _source_tokenizer(Path(init_from), _seen + 1) or tok
     return tok
+
+
+def _source_tokenizer(src: Path, seen: int) -> str | None:
+    """The tokenizer of an init_from source: its tokenizer.json, else its run's (None: unknown)."""
+    if (src / "tokenizer.json").is_file():
+        return str(src / "tokenizer.json")
+    try:
+        kind, q = resolve_checkpoint(src)
+    except CheckpointError:
+        return None
+    return checkpoint_tokenizer(q, kind, run_recipe(q)[1], seen)
 
 
 def describe_checkpoint(path: str | os.PathLike, overrides: dict[str, Any] | None = None) -> Loaded:
@@ -317,12 +321,5 @@ def load_init_from(recipe) -> nn.Module:
 def init_from_tokenizer(init_from: str | os.PathLike) -> str | None:
     """The tokenizer a `model.init_from` source was trained with: its tokenizer.json (HF folder), or
     the tokenizer of the run a longtrain checkpoint belongs to; None when unknown or bytes."""
-    p = Path(init_from)
-    if (p / "tokenizer.json").is_file():
-        return str(p / "tokenizer.json")
-    try:
-        kind, q = resolve_checkpoint(p)
-    except CheckpointError:
-        return None
-    tok = checkpoint_tokenizer(q, kind, run_recipe(q)[1])
-    return tok if tok and tok != "bytes" else None
+    tok = _source_tokenizer(Path(init_from), 0)
+    return tok if tok and tok not in ("auto", "bytes") else None
