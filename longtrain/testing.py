@@ -119,9 +119,9 @@ class TraceTransport:
         self.batches += 1
         if not self.deliver:
             return []
-        ops = [dist.P2POp(dist.irecv, t, p, group, tag) for t, p, tag in recvs]
-        ops += [dist.P2POp(dist.isend, t, p, group, tag) for t, p, tag in sends]
-        return dist.batch_isend_irecv(ops) if ops else []
+        from longtrain.parallel.comm import launch_p2p
+
+        return launch_p2p(group, recvs, sends)
 
     def record_collective(self, op: str, group, tensor) -> None:
         self.ops.append({"comm": _comm_name(group), "op": op, "me": dist.get_rank(), "numel": tensor.numel(),

@@ -134,11 +134,22 @@ def test_passkey_options_for_extension_data():
     assert {len(d) for d in al} == {1023}
     assert 0.8 < np.mean(["pass key" in d for d in al]) < 0.92  # 0.95 * 0.9 (corpus pieces are the rest)
     # depth_power 1: needle depths uniform (mean 1/2) instead of u^2 (mean 1/3)
-    def mean_depth(p):
-        ds = pk.mix_passkey_documents(docs, 0.95, seed=2, seq_len=1024, align=True, copy_share=0.0, depth_power=p)
-        return np.mean([d.index("\nThe pass key") / len(d) for d in ds if "pass key" in d])
-    assert abs(mean_depth(1.0) - 0.5) < 0.06 and abs(mean_depth(2.0) - 1 / 3) < 0.06
-    for bad in (dict(short_share=1.5), dict(depth_power=0)):
+    def depths(p, near=0.0):
+        ds = pk.mix_passkey_documents(docs * 4, 0.95, seed=2, seq_len=1024, align=True, copy_share=0.0,
+                                      depth_power=p, near_share=near)
+        out = []
+        for d in (d for d in ds if "pass key" in d):
+            i = d.index("\nThe pass key")  # filler before the needle / all filler = the drawn depth
+            out.append(i / (d.index(pk.QUESTION) - len(pk.NEEDLE.format(key="00000")) ))
+        return np.array(out)
+    assert abs(depths(1.0).mean() - 0.5) < 0.03 and abs(depths(2.0).mean() - 1 / 3) < 0.03
+    # near_share: that share mirrored to 1 - u^2 (needles close to the question). P(depth > 0.9):
+    # 1 - sqrt(0.9) = 5.1% for u^2 alone; 0.7 * 5.1% + 0.3 * sqrt(0.1) = 13.1% with a 30% mirror
+    assert abs(depths(2.0, 1.0).mean() - 2 / 3) < 0.03
+    assert abs(np.mean(depths(2.0) > 0.9) - 0.051) < 0.02 and abs(np.mean(depths(2.0, 0.3) > 0.9) - 0.131) < 0.03
+    assert pk.mix_passkey_documents(docs, 0.9, seed=0, seq_len=256, near_share=0.0) == pk.mix_passkey_documents(
+        docs, 0.9, seed=0, seq_len=256)
+    for bad in (dict(short_share=1.5), dict(depth_power=0), dict(near_share=-0.1)):
         with pytest.raises(ValueError):
             pk.mix_passkey_documents(docs, 0.9, **bad)
 

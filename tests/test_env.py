@@ -172,3 +172,25 @@ def test_cli_subprocess_missing_master_addr():
     assert proc.returncode == 2, proc.stderr
     lines = [x for x in proc.stderr.splitlines() if x.strip()]
     assert len(lines) == 1 and "MASTER_ADDR is missing" in lines[0] and "Traceback" not in proc.stdout, proc.stderr
+
+
+def test_the_launcher_reads_a_recipe_without_importing_torch():
+    """`longtrain train --nproc N` validates the recipe and starts torchrun without paying for torch
+    (about 2 s per launch): models/ loads lazily, the GPU check looks for a driver first."""
+    code = ("import sys; from longtrain.launcher.config import load_recipe; from longtrain.launcher import env; "
+            "r = load_recipe('recipes/tiny-cpu.toml'); env.under_launcher(); "
+            "print(env.check_gpus(2, r.training.device), sorted(m for m in sys.modules if m.split('.')[0] == 'torch'))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=cli_env(), cwd=REPO,
+                         timeout=120)
+    assert out.returncode == 0, out.stderr
+    import os
+
+    if torch.cuda.is_available() or any(os.path.exists(p) for p in E._GPU_NODES):
+        pytest.skip("a GPU driver is present: the check asks torch")
+    assert out.stdout.split() == ["False", "[]"], out.stdout
+    # and the names models/ exports still resolve
+    from longtrain.models import LocalAttention, Transformer, lm_loss_sum  # noqa: F401
+    import longtrain.models as M
+
+    with pytest.raises(AttributeError):
+        M.no_such_name  # noqa: B018

@@ -390,10 +390,13 @@ def _sdpa_backward(dout, q, k, v, out, lse, spec: _Spec, efficient: bool):
 _FLEX: dict = {}
 
 
-def _flex_fn():
-    """FlexAttention, compiled on CUDA (eager flex materialises the scores)."""
+def _flex_fn(compiled: bool = True):
+    """FlexAttention: compiled (CUDA; eager flex materialises the scores) or eager (CPU tests)."""
+    from torch.nn.attention.flex_attention import flex_attention
+
+    if not compiled:
+        return flex_attention
     if "fn" not in _FLEX:
-        from torch.nn.attention.flex_attention import flex_attention
         # automatic dynamic shapes: ring blocks come in a few sizes; after the first recompile one
         # dynamic kernel serves them all instead of one compile per size (and the recompile limit)
         _FLEX["fn"] = torch.compile(flex_attention)
@@ -448,8 +451,7 @@ def _flex_block_mask(spec: _Spec, device: torch.device):
 
 
 def _flex_call(q, k, v, spec: _Spec):
-    fn = _flex_fn() if q.is_cuda else __import__("torch.nn.attention.flex_attention",
-                                                 fromlist=["flex_attention"]).flex_attention
+    fn = _flex_fn(compiled=q.is_cuda)
     out, lse = fn(_t(q), _t(k), _t(v), block_mask=_flex_block_mask(spec, q.device), scale=spec.scale,
                   enable_gqa=q.shape[2] != k.shape[2], return_lse=True)
     return _t(out), lse

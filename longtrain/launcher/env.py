@@ -29,8 +29,10 @@ import sys
 from dataclasses import dataclass
 from datetime import timedelta
 
-import torch
-import torch.distributed as dist
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import torch
 
 from longtrain.errors import LaunchError
 
@@ -349,10 +351,17 @@ def _visible_gpus() -> str:
     return f" (CUDA_VISIBLE_DEVICES={v!r})" if v is not None else ""
 
 
+_GPU_NODES = ("/dev/nvidiactl", "/dev/nvidia0", "/proc/driver/nvidia", "/dev/kfd", "/dev/dxg")
+
+
 def check_gpus(procs_per_node: int, device: str = "auto") -> bool:
     """Whether the run uses CUDA; LaunchError if `procs_per_node` processes need more GPUs than visible."""
     if device == "cpu":
         return False
+    if device == "auto" and "torch" not in sys.modules and not any(os.path.exists(p) for p in _GPU_NODES):
+        return False  # no GPU driver here: decided without importing torch (the launcher stays light)
+    import torch
+
     available = torch.cuda.is_available()
     if device == "cuda" and not available:
         raise LaunchError(f"training.device = 'cuda' but no CUDA GPU is visible{_visible_gpus()}")
@@ -381,6 +390,9 @@ def init_distributed(device: str = "auto", timeout_s: int = 1800, *, sp: int = 1
     CPU -> gloo, CUDA -> NCCL. Every check (half-set variables, world not divisible by `sp`,
     more local processes than visible GPUs) raises LaunchError before the rendezvous, on every rank.
     """
+    import torch
+    import torch.distributed as dist
+
     env = discover()
     check_world(env, sp)
     use_cuda = check_gpus(env.local_world_size, device)
@@ -417,6 +429,8 @@ def _node_name() -> str:
 
 def _report_placement(env: DistEnv) -> None:
     """Rank 0 prints which node each rank runs on when the ranks span several nodes."""
+    import torch.distributed as dist
+
     names: list[str | None] = [None] * env.world_size
     dist.all_gather_object(names, _node_name())
     if env.rank != 0 or len(set(names)) < 2:

@@ -102,7 +102,8 @@ def mix_passkey_documents(docs: Sequence[str], fraction: float, *, seed: int = 0
                           max_chars: int | None = None,
                           filler_mix: dict[str, float] | None = None, copy_share: float = 0.8,
                           align: bool = False, short_share: float = 0.0,
-                          short_max: int = 128, depth_power: float = 2.0) -> list[str]:
+                          short_max: int = 128, depth_power: float = 2.0,
+                          near_share: float = 0.0) -> list[str]:
     """`docs` plus synthetic passkey documents making up about `fraction` of all characters.
 
     align=True: every returned document is exactly seq_len - 1 characters long
@@ -113,8 +114,11 @@ def mix_passkey_documents(docs: Sequence[str], fraction: float, *, seed: int = 0
     documents straddle samples.) align=False: corpus documents are kept and synthetic ones
     are between `min_chars` (default: the bare prompt + 8) and `max_chars` (default
     seq_len - 1) characters long. The needle's depth is u^depth_power for u uniform in [0, 1]
-    (default 2: more needles early, far from the question; 1: uniform depths). fraction = 1
-    replaces `docs` by as many characters of synthetic documents.
+    (default 2: more needles early, far from the question; 1: uniform depths); for a share
+    `near_share` of the passkey documents it is 1 - u^depth_power instead (needles close to the
+    question: at long lengths a short needle-to-answer distance is the case where copying a
+    repeated digit goes wrong). fraction = 1 replaces `docs` by as many characters of synthetic
+    documents.
 
     Filler kinds, drawn per document with weights `filler_mix` (default: half "snippet",
     half "random"): "corpus" running text from `docs`; "snippet" a 16-64 character piece
@@ -140,6 +144,8 @@ def mix_passkey_documents(docs: Sequence[str], fraction: float, *, seed: int = 0
         raise ValueError(f"depth_power must be > 0, got {depth_power}")
     if not 0 <= short_share <= 1:
         raise ValueError(f"short_share must be in [0, 1], got {short_share}")
+    if not 0 <= near_share <= 1:
+        raise ValueError(f"near_share must be in [0, 1], got {near_share}")
     if not 0 < fraction <= 1:
         raise ValueError(f"fraction must be in (0, 1], got {fraction}")
     if not docs:
@@ -197,7 +203,10 @@ def mix_passkey_documents(docs: Sequence[str], fraction: float, *, seed: int = 0
         key = random_key(rng, digits)
         make = FILLER_KINDS[kinds[int(rng.choice(len(kinds), p=weights))]]
         filler = make(docs, rng, length - fixed)
-        out.append(passkey_document(filler, key, float(rng.random()) ** depth_power))
+        depth = float(rng.random()) ** depth_power
+        if near_share > 0 and rng.random() < near_share:  # no draw at 0: the document stream stays as it was
+            depth = 1.0 - depth
+        out.append(passkey_document(filler, key, depth))
         made += len(out[-1])
     return out if fraction >= 1 else list(docs) + out
 

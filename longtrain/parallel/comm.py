@@ -90,13 +90,18 @@ class P2P:
             COUNTERS.sends_by_kind[kind] += 1
 
     def start(self) -> "Handles":
+        recvs, sends, self.recvs, self.sends = self.recvs, self.sends, [], []
         if TRANSPORT is not None:
-            recvs, sends, self.recvs, self.sends = self.recvs, self.sends, [], []
             return Handles(TRANSPORT.start(self.group, recvs, sends))
-        ops = [dist.P2POp(dist.irecv, t, p, self.group, tag) for t, p, tag in self.recvs]
-        ops += [dist.P2POp(dist.isend, t, p, self.group, tag) for t, p, tag in self.sends]
-        self.recvs, self.sends = [], []
-        return Handles(dist.batch_isend_irecv(ops) if ops else [])
+        return Handles(launch_p2p(self.group, recvs, sends))
+
+
+def launch_p2p(group: dist.ProcessGroup | None, recvs: list[tuple[torch.Tensor, int, int]],
+               sends: list[tuple[torch.Tensor, int, int]]) -> list:
+    """Post (tensor, global peer, tag) receives, then sends, as one batch; returns the work handles."""
+    ops = [dist.P2POp(dist.irecv, t, p, group, tag) for t, p, tag in recvs]
+    ops += [dist.P2POp(dist.isend, t, p, group, tag) for t, p, tag in sends]
+    return dist.batch_isend_irecv(ops) if ops else []
 
 
 class Handles:
