@@ -140,7 +140,7 @@ def test_passkey_options_for_extension_data():
         out = []
         for d in (d for d in ds if "pass key" in d):
             i = d.index("\nThe pass key")  # filler before the needle / all filler = the drawn depth
-            out.append(i / (d.index(pk.QUESTION) - len(pk.NEEDLE.format(key="00000")) ))
+            out.append(i / (d.index(pk.QUESTION) - len(pk.NEEDLE.format(key="00000"))))
         return np.array(out)
     assert abs(depths(1.0).mean() - 0.5) < 0.03 and abs(depths(2.0).mean() - 1 / 3) < 0.03
     # near_share: that share mirrored to 1 - u^2 (needles close to the question). P(depth > 0.9):

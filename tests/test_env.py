@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 
@@ -19,8 +20,6 @@ _VARS = ["RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", 
 
 @pytest.fixture
 def clean_env(monkeypatch):
-    import os
-
     for v in list(os.environ):
         if v in _VARS or v.startswith("SLURM_") or v.startswith("TORCHELASTIC"):
             monkeypatch.delenv(v, raising=False)
@@ -183,8 +182,6 @@ def test_the_launcher_reads_a_recipe_without_importing_torch():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=cli_env(), cwd=REPO,
                          timeout=120)
     assert out.returncode == 0, out.stderr
-    import os
-
     if torch.cuda.is_available() or any(os.path.exists(p) for p in E._GPU_NODES):
         pytest.skip("a GPU driver is present: the check asks torch")
     assert out.stdout.split() == ["False", "[]"], out.stdout

@@ -28,7 +28,6 @@ import subprocess
 import sys
 from dataclasses import dataclass
 from datetime import timedelta
-
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
