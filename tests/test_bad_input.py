@@ -47,6 +47,27 @@ def test_bad_recipe_values(sets, needles):
     _assert_clean_error(_cli(*args), *needles)
 
 
+MEMORY_BAD = [
+    (["training.loss_chunk=-5"], ["training.loss_chunk", ">= 0"]),
+    (["training.loss_chunk=1.5"], ["training.loss_chunk", "int"]),
+    (["training.mlp_chunk=-1"], ["training.mlp_chunk", ">= 0"]),
+    (["training.mlp_chunk='big'"], ["training.mlp_chunk", "auto"]),
+    (["training.activation_checkpointing='sometimes'"], ["activation_checkpointing", "offload", "every:N"]),
+    (["training.activation_checkpointing='every:0'"], ["activation_checkpointing", "every:N"]),
+    (["training.activation_checkpointing='offload'", "training.compile=true"], ["offload", "compile"]),
+]
+
+
+@pytest.mark.parametrize("nproc", ["1", "2"])
+@pytest.mark.parametrize("sets,needles", MEMORY_BAD)
+def test_bad_memory_settings(sets, needles, nproc):
+    """Chunk sizes and checkpointing policies: one line, exit 2, in one process and under --nproc 2."""
+    args = ["train", str(TINY), "--nproc", nproc]
+    for s in sets:
+        args += ["--set", s]
+    _assert_clean_error(_cli(*args), *needles)
+
+
 def test_missing_recipe_file():
     _assert_clean_error(_cli("train", "/nonexistent/recipe.toml"), "recipe", "not found")
 

@@ -150,7 +150,8 @@ def test_cli_table_and_json(capsys):
 
     assert main([str(TINY), "--gpus", "64", *LONG]) == 0
     text = capsys.readouterr().out
-    for needle in ("memory per GPU", "activations, Mesa + checkpointing", "tokenring", "ulysses", "suggestion: sp="):
+    for needle in ("memory per GPU", "activations, Mesa + checkpointed", "output projection + loss", "tokenring",
+                   "ulysses", "suggestion: sp=", "longest seq that fits"):
         assert needle in text, text
     proc = _cli(str(TINY), "--gpus", "64", "--gpu", "a100", "--interconnect", "ib-hdr", "--json", *LONG)
     assert proc.returncode == 0, proc.stderr

@@ -22,7 +22,7 @@ from longtrain.models.spans import attention_flops_fraction, layer_plan
 
 RECIPES = REPO / "recipes"
 TWINS = {"moh-llama3-8b-continue-128k": "moh-llama-continue-cpu", "masformer-1.3b-8k": "masformer-cpu",
-         "tnl-lightning-1b": "tnl-lightning-cpu"}
+         "tnl-lightning-1b": "tnl-lightning-cpu", "llama3-8b-continue-4m": "llama3-long-cpu"}
 
 
 def hf_config_folder(path: Path, heads: int, kv: int, dim: int, layers: int) -> Path:
@@ -38,9 +38,9 @@ def hf_config_folder(path: Path, heads: int, kv: int, dim: int, layers: int) -> 
 def load(name: str, tmp_path: Path) -> Recipe:
     """A recipe with its placeholder paths replaced by things that exist here."""
     sets = ["data.source=stdlib", "data.tokenizer=bytes"]
-    if name.startswith("moh-llama3-8b"):  # the shape of LLaMA-3-8B
+    if name.startswith(("moh-llama3-8b", "llama3-8b")):  # the shape of LLaMA-3-8B
         sets.append(f"model.init_from={hf_config_folder(tmp_path / 'llama3-8b', 32, 8, 4096, 32)}")
-    elif name.startswith("moh-llama"):  # the twin: the tiny shape tests/test_continue_tuning.py builds
+    elif name.startswith(("moh-llama", "llama3-long")):  # the twin: the tiny shape tests/test_continue_tuning.py builds
         sets.append(f"model.init_from={hf_config_folder(tmp_path / 'tiny', 4, 2, 64, 2)}")
     return load_recipe(RECIPES / f"{name}.toml", sets)
 
@@ -101,6 +101,42 @@ def test_moh_llama3_8b_recipe(tmp_path):
     assert all(s % (2 * r.parallel.sp) == 0 for s in seqs)  # zigzag needs 2*sp chunks
     assert [s.start_step for s in r.stages] == sorted(s.start_step for s in r.stages)
     assert r.stages[-1].start_step < r.training.steps
+
+
+def test_llama3_long_recipe_fits_one_node(tmp_path):
+    """The long recipe's last stage fits 8 x H100 80 GB by the plan, at >= 512k tokens, and is the
+    longest length the plan allows at its layout (the next multiple of 2 x sp x 1024 does not fit)."""
+    from longtrain.launcher.plan import make_plan
+
+    r = load("llama3-8b-continue-4m", tmp_path)
+    assert r.training.activation_checkpointing == "offload" and r.training.dtype == "bf16"
+    assert (r.training.loss_chunk, r.training.mlp_chunk) == ("auto", "auto")
+    pl = make_plan(r, gpus=8, gpu="h100")
+    seq = pl.layout["seq_len"]
+    assert seq >= 524288 and seq == r.stages[-1].seq_len
+    assert pl.memory_gib["total"] <= 0.9 * 80
+    assert pl.layout["longest_seq_fitting"] == seq
+    assert all(s.seq_len % (2 * r.parallel.sp) == 0 for s in r.stages)
+
+
+def test_llama3_long_cpu_trains(tmp_path):
+    """The twin from a tiny HF folder: 2 processes, sp = 2 ring, FSDP2 from the meta device, offload,
+    loss chunks and MLP tiles, through all three stages (64 -> 256 -> 1004 tokens)."""
+    import torch
+
+    from longtrain.models import Transformer, model_config
+    from longtrain.models.hf import save_hf_checkpoint
+
+    torch.manual_seed(0)
+    m = Transformer(model_config(None, vocab_size=260, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=128,
+                                 max_seq_len=256))
+    hf = save_hf_checkpoint(m, tmp_path / "hf")
+    out = tmp_path / "run"
+    proc = run_train(out, f"model.init_from={hf}", recipe=RECIPES / "llama3-long-cpu.toml", timeout=600)
+    ls = losses(out)
+    assert sorted(ls) == list(range(1, 13)) and all(math.isfinite(v) for v in ls.values())
+    assert sum(ls[s] for s in (4, 5, 6)) / 3 < sum(ls[s] for s in (1, 2, 3)) / 3, ls
+    assert "seq_len 256 -> 1004" in proc.stdout
 
 
 def test_masformer_and_tnl_recipes(tmp_path):

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from longtrain.errors import LongtrainError
 
-BENCHES = ("step", "sp", "lightning", "mesa", "models", "moh", "data", "gpu-check", "extend")
+BENCHES = ("step", "sp", "lightning", "mesa", "memory", "models", "moh", "data", "gpu-check", "extend", "attention", "kernels")
 
 
 def _error(msg: str) -> int:

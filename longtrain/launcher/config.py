@@ -97,7 +97,10 @@ class TrainingSection:
     beta2: float = 0.95
     grad_clip: float = 1.0
     dtype: str = "fp32"  # fp32 | bf16
-    activation_checkpointing: bool = False
+    tf32: bool = True  # CUDA fp32 matmuls/convolutions on TF32 tensor cores (no effect on CPU)
+    activation_checkpointing: bool | str = "none"  # none | full | offload | every:N (true/false = full/none)
+    loss_chunk: int | str = "auto"  # tokens per output-projection + loss chunk; auto = a byte budget; 0 = whole
+    mlp_chunk: int | str = "auto"  # tokens per SwiGLU tile (recomputed in backward); auto = when large; 0 = off
     device: str = "auto"  # auto | cpu | cuda
     compile: bool = False  # torch.compile each transformer block (attention kernels stay outside)
     max_bad_steps: int = 10  # stop after this many consecutive steps with a non-finite loss or grad norm
@@ -369,6 +372,17 @@ def validate(r: Recipe) -> None:
     _choice("training.schedule", t.schedule, ("cosine", "linear", "constant"))
     _choice("training.dtype", t.dtype, ("fp32", "bf16"))
     _choice("training.device", t.device, ("auto", "cpu", "cuda"))
+    from longtrain.models.memory import check_chunk, checkpoint_policy
+
+    try:
+        t.activation_checkpointing = checkpoint_policy(t.activation_checkpointing)
+        check_chunk("'training.loss_chunk'", t.loss_chunk)
+        check_chunk("'training.mlp_chunk'", t.mlp_chunk)
+    except ValueError as e:
+        raise ConfigError(str(e) if str(e).startswith("'training.") else f"'training.activation_checkpointing': {e}") from None
+    if t.activation_checkpointing == "offload" and t.compile:
+        raise ConfigError("training.activation_checkpointing = 'offload' with training.compile = true is not "
+                          "supported (the host copies run outside compiled graphs); use 'full' or turn compile off")
     _positive("data.seq_len", d.seq_len)
     _positive("data.max_documents", d.max_documents, allow_zero=True)
     _choice("data.format", d.format, ("auto", "text", "json", "parquet"))

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import logging
 import math
-from contextlib import contextmanager, nullcontext
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
@@ -43,29 +43,19 @@ class EvalLayout:
         return cls(lay.dp, lay.dp_rank, lay.sp, lay.sp_rank, lay.sp_group, impl, layout)
 
 
-@contextmanager
-def _output_as_identity(model: nn.Module):
-    """Make `model(...)` return normalized hidden states (so logits can be formed in chunks)."""
-    head = model.output
-    model.output = nn.Identity()
-    try:
-        yield head
-    finally:
-        model.output = head
-
-
 class Scorer:
     """Per-token NLL and argmax of a causal LM over sequences, optionally sequence-parallel.
 
-    `plain=True` (a plain Transformer): the LM head runs in chunks of `chunk` tokens, so
-    logits [S, vocab] are never held at once. `plain=False` (an FSDP/DDP-wrapped model in
-    the training loop): one ordinary forward call, which every rank makes identically.
+    A longtrain Transformer (plain, or FSDP/DDP-wrapped in the training loop: one forward call
+    that every rank makes identically) forms its logits in chunks of tokens (its `loss_chunk`, or
+    `chunk` when given), so [S, vocab] logits never exist; any other module returning logits
+    [B, S, V] (test oracles) is scored from its logits.
     """
 
-    def __init__(self, model: nn.Module, layout: EvalLayout, device: torch.device, *, plain: bool = True,
-                 chunk: int = 2048, autocast_dtype: torch.dtype | None = None) -> None:
+    def __init__(self, model: nn.Module, layout: EvalLayout, device: torch.device, *, chunk: int | None = None,
+                 autocast_dtype: torch.dtype | None = None) -> None:
         self.model, self.layout, self.device = model, layout, device
-        self.plain, self.chunk, self.autocast_dtype = plain, chunk, autocast_dtype
+        self.chunk, self.autocast_dtype = chunk, autocast_dtype
 
     def _ops(self):
         from longtrain.models import LocalAttention
@@ -103,19 +93,19 @@ class Scorer:
         ops = self._ops()
         amp = (torch.autocast(dev.type, dtype=self.autocast_dtype) if self.autocast_dtype is not None
                else nullcontext())
-        nlls, preds = [], []
+        inner = getattr(self.model, "module", self.model)
         with amp:
-            if self.plain:
-                with _output_as_identity(self.model) as head:
-                    h = self.model(tl, pl, ops)
-                for a in range(0, h.shape[1], self.chunk):
-                    logits = head(h[:, a:a + self.chunk].to(head.weight.dtype)).float()
-                    nlls.append(self._nll(logits, yl[:, a:a + self.chunk]))
-                    preds.append(logits.argmax(-1))
+            if hasattr(inner, "loss_chunk"):  # the model's chunked head: per-token NLL and argmax
+                saved = inner.loss_chunk
+                inner.loss_chunk = self.chunk if self.chunk is not None else saved
+                try:
+                    nll, pred = self.model(tl, pl, ops, yl, "none")
+                finally:
+                    inner.loss_chunk = saved
             else:
                 logits = self.model(tl, pl, ops).float()
-                nlls.append(self._nll(logits, yl))
-                preds.append(logits.argmax(-1))
+                nll, pred = self._nll(logits, yl), logits.argmax(-1)
+        nlls, preds = [nll], [pred]
         nll = self._unshard(torch.cat(nlls, dim=1))
         pred = self._unshard(torch.cat(preds, dim=1))
         return nll.float().cpu(), pred.cpu()
@@ -330,7 +320,8 @@ def in_training_eval(trainer: Any) -> dict[str, float]:
     """Passkey accuracy (%) and held-out perplexity at each eval.lengths (default: data.seq_len).
 
     `trainer` is read duck-typed (recipe, model, wrapped, layout, tokenizer, device, dtype, engine,
-    sp_impl, env, step): this module never imports the trainer.
+    sp_impl, env, step, and metrics when present: the passkey heat map goes to its passkey_heatmap):
+    this module never imports the trainer.
 
     Collective: every rank calls it at the same step. Keys: "eval/passkey_acc@L" (% exact),
     "eval/passkey_digit_acc@L" (% answer tokens), "eval/ppl@L" (only when the run holds documents
@@ -372,7 +363,7 @@ def in_training_eval(trainer: Any) -> dict[str, float]:
     amp = torch.bfloat16 if (trainer.dtype == torch.bfloat16 and trainer.engine == "ddp") else None
     impl = getattr(trainer, "sp_impl", None) or resolve_sp_impl(r.parallel.sp_impl, trainer.model.cfg)
     layout = EvalLayout.from_trainer_layout(lay, impl, r.parallel.sp_layout)
-    scorer = Scorer(trainer.wrapped, layout, trainer.device, plain=False, autocast_dtype=amp)
+    scorer = Scorer(trainer.wrapped, layout, trainer.device, autocast_dtype=amp)
     was_training = trainer.wrapped.training
     trainer.wrapped.eval()
     out: dict[str, float] = {}
@@ -383,6 +374,8 @@ def in_training_eval(trainer: Any) -> dict[str, float]:
             for li, L in enumerate(lengths):
                 out[f"eval/passkey_acc@{L}"] = float(np.mean(res["accuracy"][li]))
                 out[f"eval/passkey_digit_acc@{L}"] = float(np.mean(res["digit_accuracy"][li]))
+            if getattr(trainer, "metrics", None) is not None:  # rank 0: the heat map as a TensorBoard image
+                trainer.metrics.passkey_heatmap(trainer.step, res)
         if windows is not None:
             res = ppl_eval(scorer, windows, buckets=1, batch=max(1, r.training.micro_batch))
             for L, p in zip(res["lengths"], res["ppl"]):

@@ -247,7 +247,7 @@ def _run(args, lengths: list[int], info: Loaded, tokenizer) -> int:
         dtype = torch.bfloat16 if (args.dtype == "bf16" or (args.dtype == "auto" and device.type == "cuda")) \
             else torch.float32
         model = loaded.model.to(device=device, dtype=dtype).eval()
-        scorer = Scorer(model, layout, device, plain=True)
+        scorer = Scorer(model, layout, device)
         name = loaded.name
         meta = {"checkpoint": str(loaded.path), "kind": loaded.kind, "step": loaded.step,
                 "world_size": env.world_size, "sp": args.sp, "sp_impl": impl if args.sp > 1 else None,

@@ -283,16 +283,16 @@ def pick_tokenizer(info: Loaded, override: str | None):
     return tok
 
 
-def load_init_from(recipe) -> nn.Module:
-    """The model a recipe's `model.init_from` names, ready to continue training.
+def init_from_source(recipe) -> tuple[str, Path, Any]:
+    """('hf' | 'dcp', folder, ModelConfig) of a recipe's `model.init_from`; reads no weights.
 
     A longtrain checkpoint (a `step_N` folder, or a run / checkpoints folder: its newest complete
     checkpoint) brings its own model configuration from meta.json; an HF folder its config.json.
     The recipe may change what needs no new parameters: `model.rope_theta`, `model.rope_scaling`
     (e.g. {type = "linear", factor = 8}: position interpolation) and `model.attention` (a
     MASFormer-style plan over the same weights); `max_seq_len` is the source's, raised to the
-    longest seq_len the recipe trains at. `model.moh` converts an HF folder to Mixture-of-Head (a longtrain
-    checkpoint must already have the same MoH split)."""
+    longest seq_len the recipe trains at. `model.moh` converts an HF folder to Mixture-of-Head (a
+    longtrain checkpoint must already have the same MoH split)."""
     m = recipe.model
     # max_seq_len is not taken from the recipe (its preset default would shrink a long model): it is the
     # source's, raised below to the longest seq_len trained at
@@ -301,20 +301,81 @@ def load_init_from(recipe) -> nn.Module:
         kind, p = resolve_checkpoint(m.init_from)
         moh = recipe.model_config().moh if m.moh else None
         if kind == "hf":
-            info = load_model(describe_checkpoint(p, overrides),
-                              hf_kwargs=dict(moh=moh, router_seed=recipe.run.seed, attention=m.attention))
+            cfg = _apply_overrides(_hf_module().hf_model_config(p, moh=moh, attention=m.attention), overrides, p)
         else:
-            info = describe_checkpoint(p, overrides)
-            if moh is not None and (info.cfg.moh is None or dataclasses.asdict(info.cfg.moh) != dataclasses.asdict(moh)):
-                raise ConfigError(f"checkpoint {p} has moh={info.cfg.moh}, the recipe asks for {moh}: converting a "
+            cfg = describe_checkpoint(p, overrides).cfg
+            if moh is not None and (cfg.moh is None or dataclasses.asdict(cfg.moh) != dataclasses.asdict(moh)):
+                raise ConfigError(f"checkpoint {p} has moh={cfg.moh}, the recipe asks for {moh}: converting a "
                                   "longtrain checkpoint to MoH goes through an HF export (longtrain convert)")
-            info = load_model(info)
     except (OSError, ValueError, TypeError, KeyError, CheckpointError) as e:
         raise ConfigError(f"model.init_from {m.init_from}: {e}") from None
-    model = info.model
     longest = max([recipe.data.seq_len] + [s.seq_len or 0 for s in recipe.stages])
-    if longest > model.cfg.max_seq_len:  # continue-tuned beyond the source's context: the config says so
-        model.cfg.max_seq_len = longest
+    if longest > cfg.max_seq_len:  # continue-tuned beyond the source's context: the config says so
+        cfg = dataclasses.replace(cfg, max_seq_len=longest)
+    return kind, p, cfg
+
+
+def _place_all(p: torch.Tensor, read) -> None:
+    p.copy_(read(None))
+
+
+@torch.no_grad()
+def fill_weights(model: nn.Module, recipe, source: tuple[str, Path, Any] | None, place=None) -> None:
+    """Give a materialised model its weights: `source` (from `init_from_source`) or, with None, a
+    fresh initialisation from `run.seed`. `place(param, read)` stores the part of a value this
+    process owns (read(index) -> value[index]); the default stores all of it. With an FSDP2-sharded
+    model and `parallel.engines.place_local`, each process reads and holds only its shards."""
+    place = place or _place_all
+    if source is None:
+        model.init_weights(seed=recipe.run.seed,
+                           write=lambda p, v: place(p, lambda idx: v[idx] if idx is not None else v))
+    else:
+        kind, p, cfg = source
+        try:
+            if kind == "hf":
+                hf = _hf_module()
+                hf.load_hf_weights(model, p, router_seed=recipe.run.seed, place=place)
+                model.hf_config = hf.read_hf_config(p)
+            else:
+                _load_dcp_into(model, p)
+        except (OSError, ValueError, TypeError, KeyError) as e:
+            raise ConfigError(f"model.init_from {recipe.model.init_from}: {e}") from None
+    model.reset_buffers()
+
+
+def _load_dcp_into(model: nn.Module, p: Path) -> None:
+    """Load a DCP checkpoint's model weights into `model` as it is laid out (plain or sharded):
+    DCP reads only the pieces each process's tensors cover."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, set_model_state_dict
+
+    from longtrain.launcher.checkpoint import safe_load
+
+    sd = get_model_state_dict(model)
+    if model.cfg.tie_embeddings:
+        sd.pop("output.weight", None)
+    state = {"model": sd}
+    try:
+        safe_load(state, p)
+    except (Exception, torch.distributed.checkpoint.api.CheckpointException) as e:  # noqa: BLE001
+        lines = str(e).strip().splitlines()
+        raise CheckpointError(f"cannot load model weights from {p}: {lines[-1] if lines else type(e).__name__}") from None
+    set_model_state_dict(model, state["model"], options=StateDictOptions(strict=False))
+
+
+def load_init_from(recipe) -> nn.Module:
+    """The model a recipe's `model.init_from` names, whole, on CPU (see `init_from_source`); the
+    FSDP2 trainer builds it sharded instead (launcher/trainer.py: build_model)."""
+    kind, p, cfg = init_from_source(recipe)
+    if kind == "dcp":  # no process group needed: the single-process reader
+        return _load_dcp_weights(cfg, p, torch.float32)
+    from longtrain.models import Transformer
+
+    with torch.device("meta"):
+        model = Transformer(cfg)
+    model.to_empty(device="cpu")
+    if cfg.tie_embeddings:
+        model.output.weight = model.tok_embeddings.weight
+    fill_weights(model, recipe, (kind, p, cfg))
     return model
 
 

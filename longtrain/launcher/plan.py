@@ -61,39 +61,67 @@ SP_IMPLS = ("ring", "tokenring", "ulysses", "hybrid", "hybrid-tokenring")
 
 # ---- memory ----------------------------------------------------------------------------------
 
-def activation_bytes_per_token(cfg: Any, act_bytes: int, *, mesa: bool = False, checkpointing: bool = False,
-                               attention_fraction: float = 1.0) -> dict[str, float]:
+def activation_bytes_per_token(cfg: Any, act_bytes: int, *, mesa: bool = False, checkpointing: bool | str = False,
+                               attention_fraction: float = 1.0, mlp_tiled: bool = False) -> dict[str, float]:
     """Bytes saved for backward per token, summed over layers, as this repository's model saves them.
 
     Per layer (d = dim, f = ffn_dim, q = n_heads*head_dim, kv = n_kv_heads*head_dim, a = act_bytes):
       2 RMSNorms: fp32 input, fp32 normalised, output (input of the next linears)  2 * (4d + 4d + a*d)
       attention: q and k after RoPE, v, out, o-proj input, lse (fp32)               a*(3q + 2kv) + 4*H
       SwiGLU: w1 out, silu out, w3 out, product (w2 input)                          4 a f
+              (tiled, training.mlp_chunk: nothing beyond its input, the norm's output)
     With `attention_fraction` < 1 (MoH: only shared + routed heads are computed) the per-head
     attention tensors shrink accordingly. Mesa keeps these tensors in 8 bits (about half of bf16,
-    a quarter of fp32; norm statistics stay fp32). Activation checkpointing keeps only each
-    layer's input and recomputes one layer at a time during backward.
+    a quarter of fp32; norm statistics stay fp32). A checkpointed layer ('full', 'offload',
+    'every:N') keeps only its input (a*d; in host memory with 'offload': `host`) and is recomputed
+    one layer at a time during backward (Mesa steps aside inside it).
     """
+    from longtrain.models.memory import checkpoint_policy, checkpointed_layers
+
     d, f, L = cfg.dim, cfg.ffn_dim, cfg.n_layers
     q = cfg.n_heads * cfg.head_dim * attention_fraction
     kv = cfg.n_kv_heads * cfg.head_dim
     norms = 2 * (4 * d + 4 * d + act_bytes * d)
     attn = act_bytes * (3 * q + 2 * kv) + 4 * cfg.n_heads
-    mlp = 4 * act_bytes * f
-    layer = norms + attn + mlp
-    if mesa and not checkpointing:  # 8-bit copies of the saved activations (the fp32 norm inputs too)
-        # (inside a checkpointed block Mesa steps aside: the recomputed layer is saved exactly)
-        layer = layer * (1.0 / act_bytes)
-    if checkpointing:
-        total = L * act_bytes * d + layer  # layer inputs + one recomputed layer
-    else:
-        total = L * layer
-    return {"per_layer": layer, "total": total}
+    mlp = 0 if mlp_tiled else 4 * act_bytes * f
+    plain_layer = norms + attn + mlp
+    policy = checkpoint_policy(checkpointing)
+    n_ck = checkpointed_layers(policy, L)
+    layer = plain_layer * (1.0 / act_bytes) if mesa else plain_layer  # 8-bit copies (fp32 norm inputs too)
+    inputs = n_ck * act_bytes * d
+    host = inputs if policy == "offload" else 0.0
+    device_inputs = inputs - host
+    recompute = plain_layer if n_ck else 0.0  # one checkpointed layer recomputed at a time, exactly
+    total = device_inputs + (L - n_ck) * layer + recompute
+    return {"per_layer": layer, "plain_layer": plain_layer, "total": total, "inputs": inputs, "host": host,
+            "kept_layers": (L - n_ck) * layer, "recompute": recompute}
 
 
 def logits_bytes_per_token(cfg: Any) -> float:
-    """fp32 logits, the log-softmax saved by the loss, and the logits' gradient (alive together)."""
+    """Unchunked loss (loss_chunk = 0): fp32 logits, the log-softmax saved by the loss, and the
+    logits' gradient, alive together."""
     return 3 * 4 * cfg.vocab_size
+
+
+def loss_bytes(cfg: Any, tokens: float, loss_chunk: int | str, act_bytes: int) -> dict[str, float]:
+    """The output projection + loss: per token and fixed bytes at the peak of its backward.
+
+    Unchunked: `logits_bytes_per_token` per token. Chunked: per token the final norm's output
+    (a*d, saved) and the log-sum-exp (fp32); fixed: the larger of the forward's working set (one
+    chunk's fp32 logits and logsumexp's exponentials, 2 x 4 x chunk x V) and the backward's (one
+    fp32 [chunk, V] gradient built in place, a bf16 copy of it in bf16, and the fp32 accumulator of
+    the projection's gradient, 4 x V x d)."""
+    from longtrain.models.memory import loss_chunk_tokens
+
+    V, d = cfg.vocab_size, cfg.dim
+    chunk = loss_chunk_tokens(loss_chunk, V)
+    if chunk <= 0 or chunk >= tokens:
+        return {"per_token": logits_bytes_per_token(cfg), "fixed": 0.0, "chunk": int(tokens)}
+    fwd = 2 * 4 * chunk * V
+    bwd = 4 * chunk * V + (2 * chunk * V if act_bytes == 2 else 0)
+    # + one [V, d] fp32 buffer (the gradient accumulator in backward): measured on CPU, the peak
+    # sits within 4% of this at V = 128,256 (tests/test_memory.py)
+    return {"per_token": act_bytes * d + 4, "fixed": max(fwd, bwd) + 4 * V * d, "chunk": chunk}
 
 
 @dataclass
@@ -109,11 +137,22 @@ class Memory:
     logits: float
     transient: float  # gathered layers (FSDP2 / ZeRO-3) and foreach optimizer temporaries
     total: float
+    host_offload: float = 0.0  # checkpointed layer inputs in host memory ('offload'), per GPU
+    mlp_tile: float = 0.0  # one MLP tile's intermediates and their gradients during recompute
+    loading_peak: float = 0.0  # host memory per rank while the model is built and loaded
+    per_token: dict = field(default_factory=dict)  # bytes per (local) token that grow with the sequence
+    fixed: float = 0.0  # bytes that do not (weights, grads, AdamW, temporaries, chunks)
 
 
 def memory_per_gpu(cfg: Any, *, world: int, sp: int, micro_batch: int, seq_len: int, dtype: str, engine: str,
-                   zero_stage: int, checkpointing: bool, mesa: bool) -> Memory:
-    """Bytes per GPU for one training step of the recipe's shape (peak = persistent + live activations)."""
+                   zero_stage: int, checkpointing: bool | str, mesa: bool, loss_chunk: int | str = 0,
+                   mlp_chunk: int | str = 0) -> Memory:
+    """Bytes per GPU for one training step of the recipe's shape (peak = persistent + live activations).
+
+    `loss_chunk` / `mlp_chunk` as in [training] ('auto', 0 or tokens); the defaults here (0) are
+    the unchunked paths. `host_offload` is host memory, not part of `total`."""
+    from longtrain.models.memory import checkpoint_policy, mlp_chunk_tokens
+
     P = cfg.n_params
     per_layer_params = (P - cfg.vocab_size * cfg.dim * (1 if cfg.tie_embeddings else 2)) / cfg.n_layers
     bf16 = dtype == "bf16"
@@ -142,31 +181,56 @@ def memory_per_gpu(cfg: Any, *, world: int, sp: int, micro_batch: int, seq_len: 
     att_frac = 1.0
     if getattr(cfg, "moh", None) is not None:
         att_frac = (cfg.moh.shared_heads + cfg.moh.routed_heads) / cfg.n_heads
-    acts = {(m, c): tokens * activation_bytes_per_token(cfg, a, mesa=m, checkpointing=c,
-                                                        attention_fraction=att_frac)["total"]
-            for m in (False, True) for c in (False, True)}
-    logits = tokens * logits_bytes_per_token(cfg)
-    act = acts[(mesa, checkpointing)]
-    layer_act = tokens * activation_bytes_per_token(cfg, a, mesa=mesa, attention_fraction=att_frac)["per_layer"]
+    tile = mlp_chunk_tokens(mlp_chunk, cfg.ffn_dim, int(tokens), a)
+    tiled = 0 < tile < tokens
+    policy = checkpoint_policy(checkpointing)
+    ckpt = policy != "none"
+
+    def acts(m: bool, c: bool | str) -> dict[str, float]:
+        return activation_bytes_per_token(cfg, a, mesa=m, checkpointing=c, attention_fraction=att_frac,
+                                          mlp_tiled=tiled)
+
+    ck_kind = policy if ckpt else "full"
+    table = {(m, c): tokens * acts(m, ck_kind if c else "none")["total"] for m in (False, True) for c in (False, True)}
+    mine = acts(mesa, policy)
+    act = tokens * mine["total"]
+    host = tokens * mine["host"]
+    loss = loss_bytes(cfg, tokens, loss_chunk, a)
+    logits = tokens * loss["per_token"] + loss["fixed"]
+    layer_act = tokens * mine["per_layer"]
+    mlp_tile = 8 * a * cfg.ffn_dim * tile if tiled else 0.0  # tile intermediates + their gradients
     # Peak = what lives all step + the largest of three moments: the start of backward (all saved
-    # activations and the logits; with Mesa also one layer dequantized), its end (all gradients, plus the recomputed last layer and the
-    # layer inputs with checkpointing) and the optimizer step (gradients + foreach temporaries).
-    backward_start = act + logits + gathered
-    if mesa and not checkpointing:  # backward dequantizes one layer's saved tensors at a time
-        plain_layer = tokens * activation_bytes_per_token(cfg, a, attention_fraction=att_frac)["per_layer"]
-        backward_start = max(backward_start, act + plain_layer + gathered)
-    backward_end = grads + (act if checkpointing else layer_act) + gathered
+    # activations and the loss's working set; with Mesa also one layer dequantized), its end (all
+    # gradients, plus the recomputed last layer and the layer inputs with checkpointing, a tile) and
+    # the optimizer step (gradients + foreach temporaries).
+    # the MLP's backward holds gradients of two [tokens, ffn] intermediates (one tile's when tiled)
+    mlp_bwd = 0.0 if tiled else 2 * a * cfg.ffn_dim * tokens
+    backward_start = act + max(logits, mlp_bwd) + gathered
+    if mesa and policy == "none":  # backward dequantizes one layer's saved tensors at a time
+        backward_start = max(backward_start, act + tokens * mine["plain_layer"] + gathered)
+    backward_end = grads + (act if ckpt else layer_act) + gathered + mlp_tile
     optimizer_step = grads + opt_temp
     total = params + optimizer + max(backward_start, backward_end, optimizer_step)
-    return Memory(params, grads, optimizer, act, acts[(False, False)], acts[(False, True)], acts[(True, False)],
-                  acts[(True, True)], logits, transient, total)
+    per_token = {"saved activations": mine["kept_layers"], "checkpointed inputs (device)": mine["inputs"] - mine["host"],
+                 "recomputed layer": mine["recompute"], "loss": loss["per_token"],
+                 "checkpointed inputs (host)": mine["host"]}
+    fixed = params + optimizer + grads + transient + loss["fixed"] + mlp_tile
+    # loading: FSDP2 builds on the meta device and reads only its shards (plus one whole tensor at a
+    # time, the largest being the embedding); DDP / DeepSpeed hold the whole model on every rank
+    largest = 4 * cfg.vocab_size * cfg.dim
+    loading = (P * 4 / world + largest) if engine == "fsdp2" else P * 4 + largest
+    return Memory(params, grads, optimizer, act, table[(False, False)], table[(False, True)], table[(True, False)],
+                  table[(True, True)], logits, transient, total, host, mlp_tile, loading, per_token, fixed)
 
 
 # ---- time ------------------------------------------------------------------------------------
 
-def flops_per_token(cfg: Any, seq_len: int, *, checkpointing: bool) -> dict[str, float]:
+def flops_per_token(cfg: Any, seq_len: int, *, checkpointing: bool | str, mlp_tiled: bool = False,
+                    loss_chunked: bool = False) -> dict[str, float]:
     """Training FLOPs per token: 6 x matmul params, plus causal attention 6 * S_ctx * H * D per layer
-    (QK^T and PV, half of the square, x3 for backward); x4/3 with recomputation."""
+    (QK^T and PV, half of the square, x3 for backward); a recomputed layer adds its forward (x4/3
+    for checkpointed layers); MLP tiles recompute the MLP forward, a chunked loss the projection."""
+    from longtrain.models.memory import checkpointed_layers
     from longtrain.models.spans import layer_plan
 
     emb = cfg.vocab_size * cfg.dim  # the input embedding is a lookup
@@ -182,9 +246,14 @@ def flops_per_token(cfg: Any, seq_len: int, *, checkpointing: bool) -> dict[str,
             ctx = min(seq_len, span.window) if getattr(span, "window", None) else seq_len / 2
             attn += 6 * 2 * ctx * cfg.n_heads * cfg.head_dim * att_frac
     total = dense + attn
-    if checkpointing:
-        total *= 4 / 3
-        attn *= 4 / 3
+    frac = checkpointed_layers(checkpointing, cfg.n_layers) / cfg.n_layers
+    out_proj = 2 * cfg.vocab_size * cfg.dim
+    total = (total - out_proj * 3) * (1 + frac / 3) + out_proj * 3  # the LM head is not in a layer
+    attn *= 1 + frac / 3
+    if mlp_tiled:  # layers not checkpointed recompute their MLP tile by tile
+        total += (1 - frac) * cfg.n_layers * 2 * 3 * cfg.dim * cfg.ffn_dim
+    if loss_chunked:
+        total += out_proj
     return {"total": total, "attention": attn}
 
 
@@ -251,11 +320,17 @@ class StepTime:
 
 
 def step_time(cfg: Any, gpu: GPU, inter_gbs: float, *, world: int, sp: int, impl: str, micro_batch: int,
-              grad_accum: int, seq_len: int, dtype: str, engine: str, checkpointing: bool, mfu: float,
-              gpus_per_node: int, ulysses_degree: int = 0, zero_stage: int = 0) -> StepTime:
+              grad_accum: int, seq_len: int, dtype: str, engine: str, checkpointing: bool | str, mfu: float,
+              gpus_per_node: int, ulysses_degree: int = 0, zero_stage: int = 0, loss_chunk: int | str = 0,
+              mlp_chunk: int | str = 0) -> StepTime:
     """Seconds per optimizer step on each GPU and global tokens per second."""
     tokens_local = micro_batch * seq_len / sp
-    f = flops_per_token(cfg, seq_len, checkpointing=checkpointing)
+    from longtrain.models.memory import loss_chunk_tokens, mlp_chunk_tokens
+
+    tile = mlp_chunk_tokens(mlp_chunk, cfg.ffn_dim, int(tokens_local), 2 if dtype == "bf16" else 4)
+    chunk = loss_chunk_tokens(loss_chunk, cfg.vocab_size)
+    f = flops_per_token(cfg, seq_len, checkpointing=checkpointing, mlp_tiled=0 < tile < tokens_local,
+                        loss_chunked=0 < chunk < tokens_local)
     peak = (gpu.bf16_tflops if dtype == "bf16" else gpu.tf32_tflops) * 1e12 * mfu
     compute = grad_accum * tokens_local * f["total"] / peak
     attention = grad_accum * tokens_local * f["attention"] / peak
@@ -337,11 +412,13 @@ def make_plan(recipe: Any, gpus: int, gpu: str = "h100", interconnect: str = "ib
 
     def mem(s: int) -> Memory:
         return memory_per_gpu(cfg, world=gpus, sp=s, engine=p.dp_engine, zero_stage=p.zero_stage,
-                              checkpointing=t.activation_checkpointing, mesa=recipe.mesa.enabled, **common)
+                              checkpointing=t.activation_checkpointing, mesa=recipe.mesa.enabled,
+                              loss_chunk=t.loss_chunk, mlp_chunk=t.mlp_chunk, **common)
 
     def times(s: int) -> list[StepTime]:
         return [step_time(cfg, g, inter_gbs, world=gpus, sp=s, impl=i, grad_accum=t.grad_accum,
                           engine=p.dp_engine, checkpointing=t.activation_checkpointing, mfu=mfu,
+                          loss_chunk=t.loss_chunk, mlp_chunk=t.mlp_chunk,
                           gpus_per_node=gpn, ulysses_degree=p.ulysses_degree, zero_stage=p.zero_stage, **common) for i in SP_IMPLS]
 
     m = mem(sp0)
@@ -367,7 +444,12 @@ def make_plan(recipe: Any, gpus: int, gpu: str = "h100", interconnect: str = "ib
     else:
         pick = min(cands, key=lambda c: c["memory_gib"])
         why = "nothing fits: turn on activation_checkpointing / mesa, lower micro_batch, or add GPUs"
-    to_gib = {k: v / GiB for k, v in asdict(m).items()}
+    to_gib = {k: ({kk: vv for kk, vv in v.items()} if isinstance(v, dict) else v / GiB) for k, v in asdict(m).items()}
+    to_gib["per_token_bytes"] = to_gib.pop("per_token")
+    longest = longest_fitting_seq(lambda n: memory_per_gpu(
+        cfg, world=gpus, sp=sp0, engine=p.dp_engine, zero_stage=p.zero_stage, checkpointing=t.activation_checkpointing,
+        mesa=recipe.mesa.enabled, loss_chunk=t.loss_chunk, mlp_chunk=t.mlp_chunk, micro_batch=t.micro_batch,
+        seq_len=n, dtype=t.dtype).total, budget, 2 * sp0)
     return Plan(
         recipe=recipe.source_path or recipe.run.name, gpus=gpus,
         gpu={"key": gpu, **asdict(g), "mfu_assumed": mfu, "gpus_per_node": gpn},
@@ -379,10 +461,30 @@ def make_plan(recipe: Any, gpus: int, gpu: str = "h100", interconnect: str = "ib
                 "micro_batch": t.micro_batch, "grad_accum": t.grad_accum, "dtype": t.dtype, "engine": p.dp_engine,
                 "zero_stage": p.zero_stage if p.dp_engine == "deepspeed" else None,
                 "activation_checkpointing": t.activation_checkpointing, "mesa": recipe.mesa.enabled,
+                "loss_chunk": t.loss_chunk, "mlp_chunk": t.mlp_chunk, "longest_seq_fitting": longest,
                 "tokens_per_step": (gpus // sp0) * t.micro_batch * t.grad_accum * seq},
         memory_gib=to_gib, step_time=[asdict(x) for x in st], candidates=cands,
         suggestion={"sp": pick["sp"], "sp_impl": pick["best_impl"], "why": why,
                     "memory_gib": pick["memory_gib"], "tokens_per_s": pick["tokens_per_s"]})
+
+
+def longest_fitting_seq(total_bytes, budget: float, multiple: int, cap: int = 2**26) -> int:
+    """The longest sequence (a multiple of `multiple` x 1024) whose `total_bytes(seq)` fits in `budget`;
+    0 if none does."""
+    step = 1024 * multiple
+    if total_bytes(step) > budget:
+        return 0
+    lo = step
+    while lo * 2 <= cap and total_bytes(lo * 2) <= budget:
+        lo *= 2
+    hi = lo * 2
+    while hi - lo > step:
+        mid = (lo + hi) // 2 // step * step
+        if total_bytes(mid) <= budget:
+            lo = mid
+        else:
+            hi = mid
+    return lo
 
 
 def _resolve(impl: str, cfg: Any) -> str:
@@ -441,21 +543,32 @@ def format_plan(pl: Plan) -> str:
                f"({L['seq_len'] // L['sp']:,} tokens per GPU), micro_batch {L['micro_batch']} x grad_accum "
                f"{L['grad_accum']}, {L['dtype']}, {L['engine']}"
                f"{' ZeRO-' + str(L['zero_stage']) if L['zero_stage'] is not None else ''}, "
-               f"activation checkpointing {'on' if L['activation_checkpointing'] else 'off'}, "
+               f"activation checkpointing {L['activation_checkpointing']}, loss_chunk {L['loss_chunk']}, "
+               f"mlp_chunk {L['mlp_chunk']}, "
                f"Mesa {'on' if L['mesa'] else 'off'}; {L['tokens_per_step']:,} tokens per step")
     out.append("")
     out.append("memory per GPU                          GiB")
     rows = [("parameters", M["params"]), ("gradients", M["grads"]), ("optimizer (AdamW m, v)", M["optimizer"]),
             ("gathered layers + optimizer temporaries", M["transient"]),
-            ("activations, plain", M["activations_plain"]),
-            ("activations, checkpointing", M["activations_ckpt"]),
+            ("activations, no checkpointing", M["activations_plain"]),
+            ("activations, checkpointed", M["activations_ckpt"]),
             ("activations, Mesa 8-bit", M["activations_mesa"]),
-            ("activations, Mesa + checkpointing", M["activations_mesa_ckpt"]),
-            ("logits + loss (fp32)", M["logits"])]
+            ("activations, Mesa + checkpointed", M["activations_mesa_ckpt"]),
+            ("activations, as configured", M["activations"]),
+            ("output projection + loss", M["logits"]),
+            ("MLP tile (recompute)", M["mlp_tile"])]
     for name, v in rows:
         out.append(f"  {name:<38}{v:9.2f}")
     out.append(f"  {'total, as configured':<38}{M['total']:9.2f}   ({100 * M['total'] / g['memory_gib']:.0f}% of "
                f"{g['memory_gib']:.0f} GiB)")
+    pt = M["per_token_bytes"]
+    out.append("  bytes per local token: " + ", ".join(f"{k} {v / 1024:.1f} KiB" for k, v in pt.items() if v))
+    if M["host_offload"]:
+        out.append(f"  host memory for offloaded inputs: {M['host_offload']:.2f} GiB per GPU, "
+                   f"{M['host_offload'] * g['gpus_per_node']:.0f} GiB per node of {g['gpus_per_node']}")
+    out.append(f"  host memory per rank while loading the model: {M['loading_peak']:.2f} GiB")
+    out.append(f"  longest seq that fits in 90% of {g['memory_gib']:.0f} GiB at this layout: "
+               f"{L['longest_seq_fitting']:,} tokens")
     out.append("")
     out.append(f"step time at sp={L['sp']} (assumed {100 * g['mfu_assumed']:.0f}% of peak)")
     out.append("  impl              compute   attention   sp comm   exposed   dp comm    step     tokens/s")

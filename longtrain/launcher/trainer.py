@@ -20,10 +20,10 @@ from longtrain.launcher import signals
 from longtrain.launcher.config import Recipe, save_resolved
 from longtrain.launcher.corpus import Prefetcher, build_corpus, corpus_tokenizer
 from longtrain.launcher.data import build_tokenizer, collate
-from longtrain.launcher.env import init_distributed
+from longtrain.launcher.env import init_distributed, set_tf32
 from longtrain.launcher.layout import make_layout, resolve_sp_impl, setup_logging
-from longtrain.launcher.metrics import Metrics, memory_mb, peak_flops, train_flops_per_token
-from longtrain.models import LocalAttention, Transformer, lm_loss_sum
+from longtrain.launcher.metrics import Metrics, memory_mb, peak_flops, tensorboard_hint, train_flops_per_token
+from longtrain.models import LocalAttention, Transformer
 
 log = logging.getLogger("longtrain")
 
@@ -78,7 +78,21 @@ def lr_lambda(recipe: Recipe):
     return f
 
 
+def _check_vocab(cfg: Any, tokenizer_vocab: int) -> None:
+    if cfg.vocab_size < tokenizer_vocab:
+        raise ConfigError(f"model vocab_size {cfg.vocab_size} is smaller than the tokenizer's {tokenizer_vocab}")
+
+
+def configure_memory(model: Transformer, recipe: Recipe) -> None:
+    """The recipe's memory settings on the model: checkpointing policy, loss chunk, MLP tiles."""
+    t = recipe.training
+    model.activation_checkpointing = t.activation_checkpointing
+    model.loss_chunk = t.loss_chunk  # output + loss in token chunks: no [S, vocab] tensor
+    model.set_mlp_chunk(t.mlp_chunk)
+
+
 def build_model(recipe: Recipe, tokenizer_vocab: int) -> Transformer:
+    """The whole model on CPU (DDP and DeepSpeed engines: every rank holds all of it)."""
     if recipe.model.init_from:  # an HF folder or a longtrain checkpoint / run folder (+ RoPE, span overrides)
         from longtrain.launcher.loading import load_init_from
 
@@ -87,8 +101,29 @@ def build_model(recipe: Recipe, tokenizer_vocab: int) -> Transformer:
         torch.manual_seed(recipe.run.seed)
         model = Transformer(recipe.model_config())
         model.init_weights(seed=recipe.run.seed)
-    if model.cfg.vocab_size < tokenizer_vocab:
-        raise ConfigError(f"model vocab_size {model.cfg.vocab_size} is smaller than the tokenizer's {tokenizer_vocab}")
+    _check_vocab(model.cfg, tokenizer_vocab)
+    return model
+
+
+def build_sharded_model(recipe: Recipe, tokenizer_vocab: int, device: torch.device,
+                        dtype: torch.dtype) -> Transformer:
+    """FSDP2: the model built on the meta device, sharded, then only this rank's shards given memory
+    and values (fresh from run.seed, or read slice by slice from init_from): no rank ever holds
+    a whole copy. Returns the (wrapped-in-place) model."""
+    from longtrain.launcher.loading import fill_weights, init_from_source
+    from longtrain.parallel.engines import place_local, wrap_model
+
+    source = init_from_source(recipe) if recipe.model.init_from else None
+    cfg = source[2] if source is not None else recipe.model_config()
+    _check_vocab(cfg, tokenizer_vocab)
+    with torch.device("meta"):
+        model = Transformer(cfg)
+    configure_memory(model, recipe)
+    if recipe.training.compile:
+        compile_blocks(model, recipe.mesa.enabled)
+    wrap_model(model, "fsdp2", device, dtype=dtype)
+    model.to_empty(device=device)
+    fill_weights(model, recipe, source, place=place_local)
     return model
 
 
@@ -147,15 +182,20 @@ class Trainer:
             f"{s['name']}: {s['documents']:,} documents, {s['tokens']:,} tokens" + (
                 f", weight {s['weight']:g}" if len(self.data_sources) > 1 else "") for s in self.data_sources),
             self.corpus.n_samples, r.data.seq_len, time.perf_counter() - t0)
-        self.model = build_model(r, self.tokenizer.vocab_size)
-        self.mesa = enable_mesa(self.model, r)
-        self.model.activation_checkpointing = r.training.activation_checkpointing
-        self.model.to(self.device)
-        if r.training.compile:
-            compile_blocks(self.model, self.mesa is not None)
         self.dtype = torch.bfloat16 if r.training.dtype == "bf16" else torch.float32
+        self.tf32 = set_tf32(self.device, r.training.tf32)  # fp32 on tensor cores (CUDA only)
         self.engine = r.parallel.dp_engine
         self.ds_engine = None
+        if self.engine == "fsdp2":  # sharded from the start (meta device): no whole-model copy on a rank
+            self.model = build_sharded_model(r, self.tokenizer.vocab_size, self.device, self.dtype)
+            self.mesa = enable_mesa(self.model, r)
+        else:
+            self.model = build_model(r, self.tokenizer.vocab_size)
+            self.mesa = enable_mesa(self.model, r)
+            configure_memory(self.model, r)
+            self.model.to(self.device)
+            if r.training.compile:
+                compile_blocks(self.model, self.mesa is not None)
         if self.engine == "deepspeed":
             from longtrain.parallel.deepspeed_engine import wrap_deepspeed
 
@@ -164,7 +204,8 @@ class Trainer:
         else:
             from longtrain.parallel.engines import wrap_model
 
-            self.wrapped = wrap_model(self.model, self.engine, self.device, dtype=self.dtype)
+            self.wrapped = self.model if self.engine == "fsdp2" else wrap_model(self.model, self.engine, self.device,
+                                                                                dtype=self.dtype)
             decay = [p for n, p in self.model.named_parameters() if p.dim() >= 2]
             no_decay = [p for n, p in self.model.named_parameters() if p.dim() < 2]
             t = r.training
@@ -345,15 +386,14 @@ class Trainer:
         lay, p = self.layout, self.recipe.parallel
         dev = self.device
         if lay.sp == 1:
-            ops = LocalAttention(batch["cu_seqlens"].to(dev) if batch["cu_seqlens"] is not None else None)
+            ops = LocalAttention(batch["cu_seqlens"])  # host bounds: no device sync inside the model
             return {"tokens": batch["tokens"].to(dev), "labels": batch["labels"].to(dev),
                     "positions": batch["positions"].to(dev), "ops": ops}
         from longtrain.parallel import shard_sequence
         from longtrain.parallel.ops import SequenceParallelOps
 
         g = lay.sp_group
-        cu = batch["cu_seqlens"].to(dev) if batch["cu_seqlens"] is not None else None
-        ops = SequenceParallelOps(g, impl=self.sp_impl, layout=p.sp_layout, cu_seqlens=cu,
+        ops = SequenceParallelOps(g, impl=self.sp_impl, layout=p.sp_layout, cu_seqlens=batch["cu_seqlens"],
                                   ulysses_degree=p.ulysses_degree or None, one_communicator=p.sp_one_communicator)
         return {"tokens": shard_sequence(batch["tokens"].to(dev), g, dim=1, layout=p.sp_layout),
                 "labels": shard_sequence(batch["labels"].to(dev), g, dim=1, layout=p.sp_layout),
@@ -386,8 +426,7 @@ class Trainer:
             if self.engine == "fsdp2" and hasattr(self.wrapped, "set_requires_gradient_sync"):
                 self.wrapped.set_requires_gradient_sync(sync)
             with no_sync, amp:
-                logits = self.wrapped(b["tokens"], b["positions"], b["ops"])
-                loss, _ = lm_loss_sum(logits, b["labels"])
+                loss = self.wrapped(b["tokens"], b["positions"], b["ops"], b["labels"])  # summed CE, chunked
                 if _fault_nan(self.step + 1):
                     loss = loss * float("nan")
                 total = loss * scale
@@ -474,6 +513,7 @@ class Trainer:
                      self.device)
         self.metrics = Metrics(out_dir, is_main=self.env.is_main, total_steps=r.training.steps,
                                log_every=r.metrics.log_every, tensorboard=r.metrics.tensorboard)
+        self.metrics.describe_run(self)  # HParams values and the resolved recipe for TensorBoard
         first_step = self.step
         history: list[float] = []
         if r.checkpoint.save_on_signal:
@@ -598,6 +638,8 @@ def train(recipe: Recipe, dry_run: bool = False) -> dict[str, Any]:
                 print(f"done: {result['steps']} steps | first loss {ls[0]:.4f} | last loss {ls[-1]:.4f} "
                       f"(mean of last {len(tail)}: {sum(tail) / len(tail):.4f}) | run folder {recipe.output_dir}",
                       flush=True)
+                if recipe.metrics.tensorboard:
+                    print(tensorboard_hint(recipe), flush=True)
             else:
                 print(f"nothing to do: the checkpoint in {trainer.checkpointer.root} is already at step "
                       f"{trainer.step} >= training.steps = {recipe.training.steps} (raise training.steps, "

@@ -29,14 +29,14 @@ import json
 import re
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch import nn
 
 from longtrain.models.config import ModelConfig, MoHConfig
 from longtrain.models.spans import layer_plan
-from longtrain.models.llama import Transformer, rope_inv_freq
+from longtrain.models.llama import Transformer
 
 _ROPE_TYPES = ("default", "linear", "llama3")
 
@@ -153,20 +153,71 @@ def hf_tokenizer_path(path: str | Path) -> Path | None:
     return f if f.is_file() else None
 
 
-def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
-
+def _weight_files(path: Path) -> list[str]:
     index = path / "model.safetensors.index.json"
     if index.is_file():
-        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-    elif (path / "model.safetensors").is_file():
-        files = ["model.safetensors"]
-    else:
-        raise FileNotFoundError(f"{path}: no model.safetensors or model.safetensors.index.json")
-    out: dict[str, torch.Tensor] = {}
-    for f in files:
-        out.update(load_file(str(path / f)))
-    return out
+        return sorted(set(json.loads(index.read_text())["weight_map"].values()))
+    if (path / "model.safetensors").is_file():
+        return ["model.safetensors"]
+    raise FileNotFoundError(f"{path}: no model.safetensors or model.safetensors.index.json")
+
+
+# how a parameter is given its value: place(param, read) with read(index) -> the source tensor[index]
+# (index None = all of it); the default copies all; a sharded trainer copies only its own slice
+Place = Callable[[nn.Parameter, Callable[[Any], torch.Tensor]], None]
+
+
+def _place_all(p: nn.Parameter, read: Callable[[Any], torch.Tensor]) -> None:
+    p.copy_(read(None))
+
+
+@torch.no_grad()
+def load_hf_weights(model: Transformer, path: str | Path, *, router_seed: int = 0, place: Place | None = None) -> None:
+    """Give `model`'s parameters (materialised, any device) their values from an HF folder.
+
+    Tensors are read lazily, one slice at a time (`safe_open(...).get_slice`): with a `place` that
+    reads only the rows a process owns, no process ever holds a whole copy of the model. Router
+    weights absent from a dense checkpoint (MoH conversion) are drawn from `router_seed` in
+    module order (gates: zeros), so every process draws the same values.
+    """
+    from safetensors import safe_open
+
+    path, place = Path(path), place or _place_all
+    cfg = model.cfg
+    handles = {f: safe_open(str(path / f), framework="pt") for f in _weight_files(path)}
+    where: dict[str, tuple[str, str]] = {}  # our name -> (file, HF name)
+    for f, h in handles.items():
+        for name in h.keys():
+            ours = _from_hf_name(name)
+            if ours is None or (ours == "output.weight" and cfg.tie_embeddings):
+                continue
+            where[ours] = (f, name)
+    expected = {n for n, _ in model.named_parameters()}  # tied output shares the embedding's name
+    ours_found = set(where)
+    unexpected = sorted(ours_found - expected)
+    if unexpected:
+        raise ValueError(f"{path}: tensors {unexpected[:4]} do not fit a model with config {cfg}")
+    missing = sorted(n for n in expected - ours_found if not n.endswith(_ROUTER_KEYS))
+    if missing:
+        raise ValueError(f"{path}: checkpoint lacks {missing[:4]}{' …' if len(missing) > 4 else ''}")
+    gen = torch.Generator().manual_seed(router_seed)
+    for name, p in model.named_parameters():
+        if name in where:
+            f, hf_name = where[name]
+            sl = handles[f].get_slice(hf_name)
+            shape = tuple(sl.get_shape())
+            if shape != tuple(p.shape):
+                raise ValueError(f"{path}: {hf_name} has shape {list(shape)}, the model expects {list(p.shape)}")
+
+            def read(index: Any, sl: Any = sl) -> torch.Tensor:
+                return sl[index] if index is not None else sl[:]
+        else:  # router weights absent from a dense checkpoint: seeded, the same on every process
+            full = (torch.randn(p.shape, generator=gen) * cfg.init_std if name.endswith("router.weight")
+                    else torch.zeros(p.shape))  # shared/stage gates: zero logits -> gates exactly 1
+
+            def read(index: Any, full: torch.Tensor = full) -> torch.Tensor:
+                return full[index] if index is not None else full
+        place(p, read)
 
 
 def load_hf_checkpoint(path: str | Path, *, moh: MoHConfig | None = None, dtype: torch.dtype = torch.float32,
@@ -176,44 +227,20 @@ def load_hf_checkpoint(path: str | Path, *, moh: MoHConfig | None = None, dtype:
     `moh` converts to Mixture-of-Head (shared heads = first `shared_heads` heads, see module doc);
     new router weights are seeded by `router_seed`. `attention` sets the per-layer span plan (see
     `hf_model_config`). The source config.json is kept as
-    `model.hf_config` (token ids pass through to an export).
+    `model.hf_config` (token ids pass through to an export). The model is built on the meta
+    device and given memory once; tensors are read one at a time (one copy of the weights).
     """
     path = Path(path)
     hf = read_hf_config(path)
     cfg = hf_model_config(hf, moh=moh, attention=attention)
-    raw = _read_tensors(path)
-    sd: dict[str, torch.Tensor] = {}
-    for name, t in raw.items():
-        ours = _from_hf_name(name)
-        if ours is None or (ours == "output.weight" and cfg.tie_embeddings):
-            continue
-        sd[ours] = t.to(dtype)
     with torch.device("meta"):
         model = Transformer(cfg)
-    expected = {n for n, _ in model.named_parameters()}  # tied output shares the embedding's name
-    unexpected = sorted(set(sd) - expected)
-    if unexpected:
-        raise ValueError(f"{path}: tensors {unexpected[:4]} do not fit a model with config {cfg}")
-    missing = sorted(n for n in expected - set(sd) if not n.endswith(_ROUTER_KEYS))
-    if missing:
-        raise ValueError(f"{path}: checkpoint lacks {missing[:4]}{' …' if len(missing) > 4 else ''}")
-    model.load_state_dict(sd, strict=False, assign=True)
+    model.to_empty(device="cpu")
+    model.to(dtype)
     if cfg.tie_embeddings:
         model.output.weight = model.tok_embeddings.weight
-    gen = torch.Generator().manual_seed(router_seed)
-    for mod_name, mod in model.named_modules():
-        for pname, p in list(mod.named_parameters(recurse=False)):
-            if p.is_meta:  # router weights absent from a dense checkpoint
-                full = f"{mod_name}.{pname}"
-                if full.endswith("router.weight"):
-                    val = torch.randn(p.shape, generator=gen) * cfg.init_std
-                else:  # shared/stage gates: zero logits -> gates exactly 1
-                    val = torch.zeros(p.shape)
-                setattr(mod, pname, nn.Parameter(val.to(dtype)))
-    model.inv_freq = rope_inv_freq(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling)
-    leftover = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
-    if leftover:
-        raise RuntimeError(f"not initialised after loading: {leftover}")
+    load_hf_weights(model, path, router_seed=router_seed)
+    model.reset_buffers()
     model.hf_config = hf
     return model
 
@@ -278,5 +305,5 @@ def save_hf_checkpoint(model: Transformer, path: str | Path, *, tokenizer_path: 
     return path
 
 
-__all__ = ["load_hf_checkpoint", "save_hf_checkpoint", "hf_model_config", "hf_tokenizer_path", "read_hf_config"]
+__all__ = ["load_hf_checkpoint", "load_hf_weights", "save_hf_checkpoint", "hf_model_config", "hf_tokenizer_path", "read_hf_config"]
 

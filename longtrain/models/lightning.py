@@ -59,11 +59,19 @@ class LightningAttention(nn.Module):
         self.decay = self._fresh_decay(self.decay.device)
         return self
 
-    def reset_extra_parameters(self) -> None:
-        """Called by Transformer.init_weights: norm weight to 1, decay rebuilt."""
-        with torch.no_grad():
-            self.norm_weight.fill_(1.0)
+    def reset_buffers(self) -> None:
+        """Recompute the non-persistent decay (after `to_empty`)."""
         self.decay = self._fresh_decay(self.decay.device)
+
+    def init_extra_parameters(self, write) -> None:
+        """Called by Transformer.init_weights: norm weight to 1 (through `write`), decay rebuilt."""
+        write(self.norm_weight, torch.ones(self.norm_weight.shape))
+        self.decay = self._fresh_decay(self.decay.device)
+
+    def reset_extra_parameters(self) -> None:
+        """Norm weight to 1, decay rebuilt."""
+        with torch.no_grad():
+            self.init_extra_parameters(lambda p, v: p.copy_(v))
 
     def forward(self, x: Tensor, attn_fn: AttnFn | None = None) -> Tensor:
         B, S, _ = x.shape

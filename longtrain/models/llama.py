@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 from contextlib import nullcontext
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
@@ -18,8 +18,11 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from longtrain.models.config import ModelConfig
+from longtrain.models.loss import chunked_lm_loss, chunked_token_nll
+from longtrain.models.memory import checkpoint_policy, loss_chunk_tokens, mlp_chunk_tokens
 from longtrain.models.ops import AttentionOps, LocalAttention
 from longtrain.models.spans import Span, layer_plan
+from longtrain.models.tiling import token_tiled
 
 
 class RMSNorm(nn.Module):
@@ -98,14 +101,27 @@ class Attention(nn.Module):
 
 
 class SwiGLU(nn.Module):
+    """x [B,S,dim] -> [B,S,dim]. With a `chunk` (training.mlp_chunk: tokens, or 'auto', see
+    models/memory.py) the MLP runs over tiles of that many tokens and is recomputed per tile in
+    backward: no [S, hidden] tensor exists. 0 = the whole sequence at once."""
+
     def __init__(self, dim: int, hidden: int) -> None:
         super().__init__()
         self.w1 = nn.Linear(dim, hidden, bias=False)
         self.w3 = nn.Linear(dim, hidden, bias=False)
         self.w2 = nn.Linear(hidden, dim, bias=False)
+        self.chunk: int | str = 0
+
+    def _mlp(self, x: Tensor) -> Tensor:
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+        B, S = x.shape[0], x.shape[1]
+        n = mlp_chunk_tokens(self.chunk, self.w1.out_features, B * S, x.element_size()) if self.chunk else 0
+        tile = max(1, n // B) if n else 0
+        if tile and S > tile:
+            return token_tiled(self._mlp, x, tile, list(self.parameters()))
+        return self._mlp(x)
 
 
 def _make_mixer(cfg: ModelConfig, layer_idx: int, span: Span) -> nn.Module:
@@ -144,7 +160,14 @@ class Block(nn.Module):
 
 
 class Transformer(nn.Module):
-    """Decoder-only LM. forward(tokens [B,S], positions [S] or [B,S], ops) -> logits [B,S,V] (fp32)."""
+    """Decoder-only LM.
+
+    forward(tokens [B,S], positions [S] or [B,S], ops) -> logits [B,S,V] (fp32), or with `labels`
+    [B,S] (-100 = not counted) the summed cross-entropy (0-d fp32; `reduction="none"`: per-token
+    NLL fp32 [B,S] and argmax [B,S], no grad) computed in token chunks (`loss_chunk`), so no
+    [S, V] tensor exists. Memory settings (attributes): `activation_checkpointing` (a policy,
+    see `checkpoint_policy`), `loss_chunk` ('auto' | 0 | tokens), `set_mlp_chunk(tokens)`.
+    """
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
@@ -159,24 +182,39 @@ class Transformer(nn.Module):
             self.output.weight = self.tok_embeddings.weight
         self.register_buffer("inv_freq", rope_inv_freq(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling),
                              persistent=False)
-        self.activation_checkpointing = False
+        self.activation_checkpointing: bool | str = False
+        self.loss_chunk: int | str = "auto"
+        self.offload_store: Any = None  # kernels.offload.OffloadStore, made on first 'offload' forward
         self.init_weights()
 
-    def init_weights(self, seed: int | None = None) -> None:
-        """Normal(0, init_std) for matrices, output projections scaled by 1/sqrt(2 L); norms at 1."""
+    def init_weights(self, seed: int | None = None,
+                     write: Callable[[Tensor, Tensor], None] | None = None) -> None:
+        """Normal(0, init_std) for matrices, output projections scaled by 1/sqrt(2 L); norms at 1.
+
+        `write(param, full_value)` stores a value (default: copy); a sharded caller copies only
+        its own slice, so the same seed gives the same weights at any world size."""
         gen = torch.Generator().manual_seed(seed) if seed is not None else None
         std = self.cfg.init_std
+        write = write or (lambda p, v: p.copy_(v))
         with torch.no_grad():
             for name, m in self.named_modules():
                 if isinstance(m, RMSNorm):
-                    m.weight.fill_(1.0)
+                    write(m.weight, torch.ones(m.weight.shape))
                 elif isinstance(m, (nn.Linear, nn.Embedding)):
                     s = std / math.sqrt(2 * self.cfg.n_layers) if name.endswith(("wo", "w2", "out_proj")) else std
-                    m.weight.copy_(torch.randn(m.weight.shape, generator=gen) * s)
+                    write(m.weight, torch.randn(m.weight.shape, generator=gen) * s)
                     if getattr(m, "bias", None) is not None:
-                        m.bias.zero_()
-                elif hasattr(m, "reset_extra_parameters"):
-                    m.reset_extra_parameters()
+                        write(m.bias, torch.zeros(m.bias.shape))
+                elif hasattr(m, "init_extra_parameters"):
+                    m.init_extra_parameters(write)
+
+    def reset_buffers(self) -> None:
+        """Recompute the non-persistent buffers (RoPE frequencies, lightning decays), e.g. after
+        the model was built on the meta device and materialised with `to_empty`."""
+        self.set_rope()
+        for m in self.modules():
+            if m is not self and hasattr(m, "reset_buffers"):
+                m.reset_buffers()
 
     def set_rope(self, theta: float | None = None, scaling: dict[str, Any] | None = None) -> None:
         """Change RoPE base/scaling (staged long-context continue-tuning)."""
@@ -187,20 +225,60 @@ class Transformer(nn.Module):
         self.inv_freq = rope_inv_freq(self.cfg.head_dim, self.cfg.rope_theta, self.cfg.rope_scaling).to(
             self.inv_freq.device)
 
-    def forward(self, tokens: Tensor, positions: Tensor | None = None,
-                ops: AttentionOps | None = None) -> Tensor:
+    def set_mlp_chunk(self, tokens: int | str) -> None:
+        """Run every SwiGLU MLP over tiles of `tokens` tokens ('auto': models/memory.py; 0 = off)."""
+        for m in self.modules():
+            if isinstance(m, SwiGLU):
+                m.chunk = tokens
+
+    def _layer_checkpointing(self, i: int) -> str:
+        policy = checkpoint_policy(self.activation_checkpointing)
+        if policy.startswith("every:"):
+            return "full" if i % int(policy[6:]) == 0 else "none"
+        return policy
+
+    def _offloaded(self, i: int, layer: nn.Module, h: Tensor, rope: tuple[Tensor, Tensor],
+                   ops: AttentionOps) -> Tensor:
+        """Checkpointed layer whose input waits in host memory (kernels/offload.py) until backward."""
+        if self.offload_store is None:
+            from longtrain.kernels.offload import OffloadStore
+
+            self.offload_store = OffloadStore()
+        store, device = self.offload_store, h.device
+        h_host = store.put(i, h)
+
+        def run(hh: Tensor, rope_: tuple[Tensor, Tensor], ops_: AttentionOps) -> Tensor:
+            # forward: the device tensor itself; recompute: its copy back (prefetching layer i-1's)
+            return layer(store.take(i, hh, device, prefetch=i - 1 if i > 0 else None), rope_, ops_)
+
+        return checkpoint(run, h_host, rope, ops, use_reentrant=False)
+
+    def forward(self, tokens: Tensor, positions: Tensor | None = None, ops: AttentionOps | None = None,
+                labels: Tensor | None = None, reduction: str = "sum") -> Tensor | tuple[Tensor, Tensor]:
         B, S = tokens.shape
         if positions is None:
             positions = torch.arange(S, device=tokens.device)
         ops = ops if ops is not None else LocalAttention()
         rope = rope_cos_sin(positions, self.inv_freq)
         h = self.tok_embeddings(tokens)
-        for layer in self.layers:
-            if self.activation_checkpointing and self.training:
+        grad = self.training and torch.is_grad_enabled()
+        for i, layer in enumerate(self.layers):
+            kind = self._layer_checkpointing(i) if grad else "none"
+            if kind == "full":
                 h = checkpoint(layer, h, rope, ops, use_reentrant=False)
+            elif kind == "offload":
+                h = self._offloaded(i, layer, h, rope, ops)
             else:
                 h = layer(h, rope, ops)
-        return self.output(self.norm(h)).float()
+        h = self.norm(h)
+        if labels is None:
+            return self.output(h).float()
+        chunk = loss_chunk_tokens(self.loss_chunk, self.cfg.vocab_size)
+        if reduction == "none":
+            return chunked_token_nll(h, self.output.weight, labels, chunk)
+        if reduction != "sum":
+            raise ValueError(f"reduction must be 'sum' or 'none', got {reduction!r}")
+        return chunked_lm_loss(h, self.output.weight, labels, chunk)
 
     def aux_loss(self) -> Tensor | None:
         """Sum of auxiliary losses (MoH load balance) from the last forward, or None."""

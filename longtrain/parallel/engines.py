@@ -14,7 +14,8 @@ from torch import nn
 
 
 def wrap_model(model: nn.Module, engine: str, device: torch.device, *, dtype: torch.dtype = torch.float32) -> nn.Module:
-    """Wrap `model` (already on `device`) for data parallelism over the default group."""
+    """Wrap `model` for data parallelism over the default group. DDP needs it on `device`; FSDP2
+    also takes a model on the meta device (then `to_empty` + fill each rank's shards)."""
     world = dist.get_world_size() if dist.is_initialized() else 1
     if engine == "fsdp2":
         from torch.distributed.device_mesh import init_device_mesh
@@ -34,6 +35,23 @@ def wrap_model(model: nn.Module, engine: str, device: torch.device, *, dtype: to
         return DDP(model, device_ids=[device.index] if device.type == "cuda" else None,
                    broadcast_buffers=False)
     raise ValueError(f"unknown dp engine {engine!r}")
+
+
+def place_local(p: torch.Tensor, read) -> None:
+    """Store into parameter `p` the part of a value this process owns: for an FSDP2 (DTensor)
+    parameter only its local rows, read as `read(index)`; a plain tensor takes `read(None)`."""
+    from torch.distributed.tensor import DTensor
+
+    if not isinstance(p, DTensor):
+        p.copy_(read(None))
+        return
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+    shape, offset = compute_local_shape_and_global_offset(p.shape, p.device_mesh, p.placements)
+    local = p.to_local()
+    if local.numel() == 0:
+        return
+    local.copy_(read(tuple(slice(o, o + n) for o, n in zip(offset, shape))))
 
 
 def unwrap(model: nn.Module) -> nn.Module:

@@ -1,0 +1,232 @@
+"""`longtrain bench memory`: where a training step's memory goes per token, and how long a sequence
+one process trains within a memory cap; the planner's memory model against measured peaks.
+
+Three parts (each a table, all in one JSON):
+  components  the planner's bytes per token by component (logits, MLP intermediates, saved
+              activations, checkpointed inputs on device / host) for a LLaMA-3-shaped small model
+              (vocabulary 128,256), today's path (loss_chunk=0, mlp_chunk=0, checkpointing none)
+              beside the defaults and the long-sequence settings;
+  longest     the longest sequence (a multiple of 1,024) that one process trains within --cap-gib,
+              from the planner, and the planner checked by a measured step at that length (or at
+              --verify-max tokens when longer: attention on CPU is quadratic);
+  grid        planner vs measured peak on S x V x ffn x checkpointing x Mesa (--grid full: the
+              48 points of issue 21; default: a quick subset).
+
+Measuring a peak (`measure_peak`): a fresh single-threaded process with
+MALLOC_MMAP_THRESHOLD_=65536 (every tensor buffer is its own mmap, so freed memory leaves the
+resident set at once); a warm-up step pages in the kernels; VmRSS before the model is built is the
+baseline; a short first step creates the AdamW state; /proc/self/clear_refs resets VmHWM, and
+VmHWM - baseline after one full step is the peak of a steady-state step (weights, AdamW state,
+gradients, activations, logits, host copies of offloaded inputs: on CPU host and device are one).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+MiB, GiB = 2**20, 2**30
+
+# LLaMA-3 shaped, small: GQA 4:1, ffn 3.5 x dim, the 128,256-token vocabulary
+LLAMA3_SMALL = dict(vocab_size=128256, dim=256, n_layers=4, n_heads=8, n_kv_heads=2, ffn_dim=896)
+
+MEASURE = r"""
+import gc, json, sys
+import torch
+torch.set_num_threads(1)
+from longtrain.models import Transformer, model_config
+
+def status(key):
+    for line in open("/proc/self/status"):
+        if line.startswith(key + ":"):
+            return int(line.split()[1]) * 1024
+
+a = json.loads(sys.argv[1])
+
+def run(seq, measure):
+    base = status("VmRSS")  # before the weights exist
+    cfg = model_config(a.get("preset"), max_seq_len=max(seq, 64), **a["model"])
+    model = Transformer(cfg)
+    model.activation_checkpointing = a["checkpointing"]
+    model.loss_chunk = a["loss_chunk"]
+    model.set_mlp_chunk(a["mlp_chunk"])
+    if a["mesa"]:
+        from longtrain.kernels.mesa import MesaConfig, attach_mesa
+        attach_mesa(model, MesaConfig(enabled=True))
+    model.train()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, foreach=True)
+    g = torch.Generator().manual_seed(0)
+    for i, ss in enumerate((64, seq)):  # a short step creates the AdamW state
+        if i == 1 and measure:
+            gc.collect()
+            open("/proc/self/clear_refs", "w").write("5")
+        tok = torch.randint(0, cfg.vocab_size, (a["batch"], ss), generator=g)
+        lab = torch.randint(0, cfg.vocab_size, (a["batch"], ss), generator=g)
+        model(tok, labels=lab).backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    return status("VmHWM") - base
+
+run(64, False)  # warm-up: page in the kernels this variant uses
+gc.collect()
+print(json.dumps({"peak": run(a["seq"], True)}))
+"""
+
+
+def point(model: dict[str, Any], seq: int, *, checkpointing: str = "none", mesa: bool = False,
+          loss_chunk: int | str = "auto", mlp_chunk: int | str = "auto", batch: int = 1,
+          preset: str | None = "tiny") -> dict[str, Any]:
+    """One measurement's settings (JSON-able)."""
+    return {"preset": preset, "model": dict(model), "seq": seq, "batch": batch, "checkpointing": checkpointing,
+            "mesa": mesa, "loss_chunk": loss_chunk, "mlp_chunk": mlp_chunk}
+
+
+def measure_peak(p: dict[str, Any], timeout: int = 900) -> int:
+    """Measured peak bytes of one steady-state training step for point `p` (see module doc)."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", MALLOC_MMAP_THRESHOLD_="65536")
+    proc = subprocess.run([sys.executable, "-c", MEASURE, json.dumps(p)], capture_output=True, text=True,
+                          timeout=timeout, env=env)
+    if proc.returncode != 0:
+        raise RuntimeError(f"measurement failed for {p}: {proc.stderr[-2000:]}")
+    return int(json.loads(proc.stdout.strip().splitlines()[-1])["peak"])
+
+
+def predict(p: dict[str, Any]):
+    """The planner's Memory for point `p` on one CPU process (host copies count: one memory)."""
+    from longtrain.launcher.plan import memory_per_gpu
+    from longtrain.models import model_config
+
+    cfg = model_config(p.get("preset"), max_seq_len=max(p["seq"], 64), **p["model"])
+    return memory_per_gpu(cfg, world=1, sp=1, micro_batch=p["batch"], seq_len=p["seq"], dtype="fp32",
+                          engine="ddp", zero_stage=0, checkpointing=p["checkpointing"], mesa=p["mesa"],
+                          loss_chunk=p["loss_chunk"], mlp_chunk=p["mlp_chunk"])
+
+
+def predicted_total(p: dict[str, Any]) -> float:
+    m = predict(p)
+    return m.total + m.host_offload
+
+
+def grid_points(full: bool) -> list[dict[str, Any]]:
+    """Issue 21's grid: S in {2k, 8k}, V in {320, 128256}, ffn in {384, 1536}, checkpointing
+    none/full/offload, Mesa off/on (48 points); the quick subset keeps 8 of them."""
+    pts = []
+    for seq in (2048, 8192):
+        for vocab in (320, 128256):
+            for ffn in (384, 1536):
+                for ck in ("none", "full", "offload"):
+                    for mesa in (False, True):
+                        pts.append(point({"vocab_size": vocab, "ffn_dim": ffn}, seq, checkpointing=ck, mesa=mesa))
+    if full:
+        return pts
+    keep = {(2048, 128256, 384, "none", False), (2048, 320, 1536, "full", False), (2048, 128256, 1536, "offload", False),
+            (2048, 320, 384, "none", True), (8192, 320, 384, "none", False), (8192, 128256, 1536, "full", True),
+            (8192, 320, 1536, "offload", True), (8192, 128256, 384, "none", True)}
+    return [p for p in pts if (p["seq"], p["model"]["vocab_size"], p["model"]["ffn_dim"], p["checkpointing"],
+                               p["mesa"]) in keep]
+
+
+SETTINGS = {
+    "today (loss_chunk=0, mlp_chunk=0, none)": dict(loss_chunk=0, mlp_chunk=0, checkpointing="none"),
+    "defaults": dict(loss_chunk="auto", mlp_chunk="auto", checkpointing="none"),
+    "defaults + offload": dict(loss_chunk="auto", mlp_chunk="auto", checkpointing="offload"),
+    "defaults + offload + mlp_chunk=1024": dict(loss_chunk="auto", mlp_chunk=1024, checkpointing="offload"),
+}
+
+
+def components(model: dict[str, Any], seq: int) -> list[dict[str, Any]]:
+    rows = []
+    for name, kw in SETTINGS.items():
+        m = predict(point(model, seq, preset=None, **kw))
+        per = {k: v / 1024 for k, v in m.per_token.items()}
+        rows.append({"setting": name, **{f"{k} KiB/tok": round(v, 2) for k, v in per.items()},
+                     "fixed MiB": round(m.fixed / MiB, 1)})
+    return rows
+
+
+def longest(model: dict[str, Any], cap: float, verify_max: int) -> list[dict[str, Any]]:
+    rows = []
+    for name, kw in SETTINGS.items():
+        s = 1024
+        while predicted_total(point(model, s * 2, preset=None, **kw)) <= cap and s < 2**22:
+            s *= 2
+        lo, hi = s, s * 2  # refine to a multiple of 1024
+        while hi - lo > 1024:
+            mid = (lo + hi) // 2 // 1024 * 1024
+            if predicted_total(point(model, mid, preset=None, **kw)) <= cap:
+                lo = mid
+            else:
+                hi = mid
+        if predicted_total(point(model, lo, preset=None, **kw)) > cap:
+            lo = 0
+        row = {"setting": name, "longest seq (planner)": lo,
+               "predicted GiB": round(predicted_total(point(model, max(lo, 1024), preset=None, **kw)) / GiB, 3)}
+        at = min(lo, verify_max // 1024 * 1024)
+        if at:  # the planner's figure checked by one measured step (at the longest, or at verify_max)
+            p = point(model, at, preset=None, **kw)
+            got = measure_peak(p, timeout=3600)
+            row.update({"measured at": at, "planner GiB there": round(predicted_total(p) / GiB, 3),
+                        "measured GiB there": round(got / GiB, 3), "ratio": round(predicted_total(p) / got, 3)})
+        rows.append(row)
+    return rows
+
+
+def run_grid(points: list[dict[str, Any]], jobs: int = 2) -> list[dict[str, Any]]:
+    def one(p):
+        got = measure_peak(p)
+        pred = predicted_total(p)
+        return {"seq": p["seq"], "vocab": p["model"]["vocab_size"], "ffn": p["model"]["ffn_dim"],
+                "ckpt": p["checkpointing"], "mesa": p["mesa"], "predicted MiB": round(pred / MiB, 1),
+                "measured MiB": round(got / MiB, 1), "ratio": round(pred / got, 3)}
+
+    with ThreadPoolExecutor(jobs) as pool:  # single-threaded processes; resident sets are per process
+        return list(pool.map(one, points))
+
+
+def main(argv: list[str]) -> int:
+    from longtrain.bench.common import print_table, write_json
+
+    ap = argparse.ArgumentParser(prog="longtrain bench memory", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--seq", type=int, default=16384, help="sequence length of the component table")
+    ap.add_argument("--cap-gib", type=float, default=4.0, help="memory cap for the longest-sequence search")
+    ap.add_argument("--grid", choices=("quick", "full", "none"), default="quick")
+    ap.add_argument("--verify-max", type=int, default=16384,
+                    help="measure at the longest length, or at this many tokens if that is longer (CPU "
+                         "attention is quadratic)")
+    ap.add_argument("--jobs", type=int, default=2, help="measurements at once (each one thread)")
+    ap.add_argument("--out", default=None)
+    a = ap.parse_args(argv)
+    if a.seq <= 0 or a.cap_gib <= 0 or a.jobs <= 0:
+        print("longtrain: error: --seq, --cap-gib and --jobs must be > 0", file=sys.stderr)
+        return 2
+    model = dict(LLAMA3_SMALL)
+    print(f"model: LLaMA-3-shaped small {LLAMA3_SMALL}, fp32, micro_batch 1, one process\n")
+    comp = components(model, a.seq)
+    print(f"bytes per token by component at S = {a.seq:,} (planner; fixed = weights, grads, AdamW, temporaries)")
+    print_table(comp)
+    print()
+    lng = longest(model, a.cap_gib * GiB, a.verify_max)
+    print(f"longest sequence within {a.cap_gib:g} GiB (planner), and one measured step at that length "
+          f"(or at --verify-max {a.verify_max:,} when longer)")
+    print_table(lng)
+    grid = []
+    if a.grid != "none":
+        print()
+        grid = run_grid(grid_points(a.grid == "full"), a.jobs)
+        print(f"planner vs measured peak, tiny model (dim 128, 4 layers) with V and ffn varied ({a.grid} grid)")
+        print_table(grid)
+        worst = max(abs(r["ratio"] - 1) for r in grid)
+        print(f"worst |predicted/measured - 1| = {worst:.3f}")
+    write_json("memory", {"model": LLAMA3_SMALL, "components": comp, "longest": lng, "cap_gib": a.cap_gib,
+                          "grid": grid}, a.out)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main(sys.argv[1:]))
