@@ -32,7 +32,7 @@ def test_loss_falls_and_run_folder(tmp_path):
     assert sorted(ls) == list(range(1, 25))
     assert ls[24] < ls[1] - 1.0, ls  # bytes start near ln(320)=5.8
     assert (out / "recipe.resolved.toml").is_file()
-    assert any((out / "tensorboard").iterdir())
+    assert any(out.glob("events.out.tfevents.*"))  # in the run folder: `tensorboard --logdir runs` names it
     assert is_complete(out / "checkpoints" / "step_00000024")
     assert (out / "checkpoints" / "latest").read_text().strip() == "step_00000024"
     assert "first loss" in proc.stdout and "tok/s" in proc.stdout and "ETA" in proc.stdout
@@ -95,15 +95,15 @@ def test_tensorboard_scalars(tmp_path):
 
     out = tmp_path / "run"
     run_train(out, "training.steps=6", "checkpoint.interval=6", "metrics.log_every=2")
-    acc = EventAccumulator(str(out / "tensorboard"))
+    acc = EventAccumulator(str(out))
     acc.Reload()
     tags = set(acc.Tags()["scalars"])
-    for tag in ("loss", "lr", "grad_norm", "tokens_per_s", "tokens_per_s_per_process", "step_time_s",
-                "memory_mb"):
+    for tag in ("train/loss", "train/lr", "train/grad_norm", "perf/tokens_per_s", "perf/tokens_per_s_per_process",
+                "perf/step_time_s", "memory/used_mb"):
         assert tag in tags, (tag, tags)
     logged = {1, 2, 4, 6}
-    for tag in ("loss", "lr", "grad_norm", "tokens_per_s"):
+    for tag in ("train/loss", "train/lr", "train/grad_norm", "perf/tokens_per_s"):
         assert {e.step for e in acc.Scalars(tag)} == logged, tag
     ls = losses(out)
-    for e in acc.Scalars("loss"):
+    for e in acc.Scalars("train/loss"):
         assert e.value == pytest.approx(ls[e.step], rel=1e-6)
