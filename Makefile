@@ -8,7 +8,7 @@ STAMP := $(VENV)/.longtrain-installed
 NPROC ?= 2
 PYTEST_ARGS ?=
 
-.PHONY: demo test bench gpu-check setup clean-runs
+.PHONY: demo test bench gpu-check gpu-check-multi setup clean-runs
 
 setup: $(STAMP)
 
@@ -23,7 +23,7 @@ $(STAMP): pyproject.toml
 
 demo: $(STAMP)
 	$(VENV)/bin/longtrain train recipes/tiny-cpu.toml --nproc $(NPROC)
-	@echo "TensorBoard: $(VENV)/bin/tensorboard --logdir runs/tiny-cpu/tensorboard --host 127.0.0.1"
+	@echo "TensorBoard (every run under runs/, by name): $(VENV)/bin/tensorboard --logdir runs"
 
 test: $(STAMP)
 	$(PY) -m pytest -q -p no:cacheprovider --timeout=900 --durations=25 $(PYTEST_ARGS) tests
@@ -37,6 +37,11 @@ bench: $(STAMP)
 GPU_CHECK_PY := $(if $(filter command line environment,$(origin PYTHON)),$(PYTHON),$(if $(wildcard $(PY)),$(PY),$(PYTHON)))
 gpu-check:
 	PYTHONPATH=$(CURDIR)$${PYTHONPATH:+:$$PYTHONPATH} $(GPU_CHECK_PY) -m longtrain.bench.gpu_check $(GPU_CHECK_ARGS)
+
+# The same for a box with >= 2 GPUs (one process per GPU, NCCL): SP loss parity for every impl, FSDP2 vs DDP,
+# DCP save at N ranks / resume at N/2, a hang drill with the NCCL flight recorder. `--cpu`: gloo dry run.
+gpu-check-multi:
+	PYTHONPATH=$(CURDIR)$${PYTHONPATH:+:$$PYTHONPATH} $(GPU_CHECK_PY) -m longtrain.bench.gpu_check --multi $(GPU_CHECK_ARGS)
 
 clean-runs:
 	rm -rf runs bench-results

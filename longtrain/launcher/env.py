@@ -9,6 +9,12 @@ Discovery order (the first that applies wins):
    processor names, MASTER_ADDR and a free port chosen by rank 0 and broadcast;
 4. a single process.
 
+Whatever found them, srun and mpirun ranks then EXPORT the result (RANK, WORLD_SIZE, LOCAL_RANK,
+LOCAL_WORLD_SIZE, MASTER_ADDR, MASTER_PORT) before any engine starts: DeepSpeed reads LOCAL_RANK
+itself. Per-task GPU binding (srun --gpus-per-task=1, --gpu-bind=single:1, an mpirun wrapper that
+sets CUDA_VISIBLE_DEVICES per rank) leaves each task fewer visible GPUs than tasks on its node: the
+task then uses its own first device instead of `cuda:LOCAL_RANK` (`cuda_device_index`).
+
 Half-set environments are LaunchErrors with a one-line message, raised before any process group
 is joined (a wrong world size would otherwise hang at the rendezvous). So are the rendezvous
 mistakes met on real clusters (`check_rendezvous`): a job script made for N nodes running on an
@@ -332,11 +338,26 @@ def discover() -> DistEnv:
         for probe in (_from_torchrun, _from_slurm, _from_mpi):
             env = probe()
             if env is not None:
+                export_env(env)
                 _DISCOVERED = env
                 break
         else:
             _DISCOVERED = DistEnv(0, 1, 0, 1, "127.0.0.1", _free_port(), "single")
     return _DISCOVERED
+
+
+def export_env(env: DistEnv) -> None:
+    """Export the discovered identity as the torchrun variables, so that code reading them directly
+    (DeepSpeed's engine needs LOCAL_RANK; torch's env:// rendezvous) agrees with longtrain under srun
+    and mpirun. Under torchrun only what it left unset is filled in."""
+    values = {"RANK": env.rank, "WORLD_SIZE": env.world_size, "LOCAL_RANK": env.local_rank,
+              "LOCAL_WORLD_SIZE": env.local_world_size, "MASTER_ADDR": env.master_addr,
+              "MASTER_PORT": env.master_port}
+    for name, value in values.items():
+        if env.source == "torchrun":
+            os.environ.setdefault(name, str(value))
+        else:
+            os.environ[name] = str(value)
 
 
 def reset_discovery() -> None:
@@ -353,8 +374,27 @@ def _visible_gpus() -> str:
 _GPU_NODES = ("/dev/nvidiactl", "/dev/nvidia0", "/proc/driver/nvidia", "/dev/kfd", "/dev/dxg")
 
 
-def check_gpus(procs_per_node: int, device: str = "auto") -> bool:
-    """Whether the run uses CUDA; LaunchError if `procs_per_node` processes need more GPUs than visible."""
+def per_task_binding(n_visible: int, procs_per_node: int, source: str) -> bool:
+    """Whether each srun/mpirun task was given its own GPU(s): fewer visible than tasks on the node,
+    with CUDA_VISIBLE_DEVICES set per task (torchrun workers share one environment, so never)."""
+    return (source in ("slurm", "mpi") and 0 < n_visible < procs_per_node
+            and os.environ.get("CUDA_VISIBLE_DEVICES", "").strip() not in ("", "-1"))
+
+
+def cuda_device_index(local_rank: int, procs_per_node: int, n_visible: int, source: str) -> int:
+    """The CUDA device this process drives: `local_rank` when the node's GPUs are all visible, its
+    first visible device under per-task binding; LaunchError when neither fits."""
+    if local_rank < n_visible and n_visible >= procs_per_node:
+        return local_rank
+    if per_task_binding(n_visible, procs_per_node, source):
+        return 0
+    raise LaunchError(f"local rank {local_rank} of {procs_per_node} needs GPU {local_rank} but only {n_visible} "
+                      f"{'is' if n_visible == 1 else 'are'} visible{_visible_gpus()}")
+
+
+def check_gpus(procs_per_node: int, device: str = "auto", source: str = "torchrun") -> bool:
+    """Whether the run uses CUDA; LaunchError if `procs_per_node` processes need more GPUs than visible
+    (unless srun/mpirun bound a GPU to each task: `source` "slurm"/"mpi", see per_task_binding)."""
     if device == "cpu":
         return False
     if device == "auto" and "torch" not in sys.modules and not any(os.path.exists(p) for p in _GPU_NODES):
@@ -367,7 +407,7 @@ def check_gpus(procs_per_node: int, device: str = "auto") -> bool:
     if not available:
         return False
     n = torch.cuda.device_count()
-    if procs_per_node > n:
+    if procs_per_node > n and not per_task_binding(n, procs_per_node, source):
         raise LaunchError(f"{procs_per_node} processes per node need {procs_per_node} GPUs but only {n} "
                           f"{'is' if n == 1 else 'are'} visible{_visible_gpus()}: start at most {n} per node "
                           "(--nproc / --gpus-per-node) or set training.device = 'cpu'")
@@ -394,7 +434,7 @@ def init_distributed(device: str = "auto", timeout_s: int = 1800, *, sp: int = 1
 
     env = discover()
     check_world(env, sp)
-    use_cuda = check_gpus(env.local_world_size, device)
+    use_cuda = check_gpus(env.local_world_size, device, env.source)
     if env.world_size > 1 and not dist.is_initialized():
         check_nodes()
         if env.source != "mpi":  # MPI discovery checked it on rank 0 and told everyone
@@ -402,8 +442,9 @@ def init_distributed(device: str = "auto", timeout_s: int = 1800, *, sp: int = 1
             agent_store = os.environ.get("TORCHELASTIC_USE_AGENT_STORE", "").lower() == "true"
             check_rendezvous(env.master_addr, env.master_port, host=env.rank == 0 and not agent_store)
     if use_cuda:
-        torch.cuda.set_device(env.local_rank)
-        dev = torch.device("cuda", env.local_rank)
+        index = cuda_device_index(env.local_rank, env.local_world_size, torch.cuda.device_count(), env.source)
+        torch.cuda.set_device(index)
+        dev = torch.device("cuda", index)
     else:
         dev = torch.device("cpu")
     if not dist.is_initialized():
@@ -415,11 +456,32 @@ def init_distributed(device: str = "auto", timeout_s: int = 1800, *, sp: int = 1
                                     timeout=timedelta(seconds=timeout_s),
                                     **({"device_id": dev} if use_cuda else {}))
         except (RuntimeError, ValueError) as e:
+            hint = ""
+            if use_cuda and per_task_binding(torch.cuda.device_count(), env.local_world_size, env.source):
+                hint = (" (each task sees only its own GPUs here: if two tasks were given the same GPU, bind "
+                        "one per task with srun --gpus-per-task=1 or --gpu-bind=single:1)")
             raise LaunchError(f"could not join the process group at {env.master_addr}:{env.master_port} "
-                              f"as rank {env.rank}/{env.world_size} ({env.source}): {str(e).splitlines()[0]}") from None
+                              f"as rank {env.rank}/{env.world_size} ({env.source}): {str(e).splitlines()[0]}"
+                              f"{hint}") from None
         if env.world_size > 1:
             _report_placement(env)
     return env, dev
+
+
+def set_tf32(device: torch.device, enabled: bool) -> bool:
+    """On CUDA, let fp32 matmuls and convolutions run on TF32 tensor cores (`training.tf32`): about 8x
+    the fp32 rate on A100/H100, products rounded to a 10-bit mantissa, fp32 accumulation. Returns
+    whether TF32 is now on; CPU runs are left alone (False)."""
+    import torch
+
+    if device.type != "cuda":
+        return False
+    # the allow_tf32 setters keep torch >= 2.9's fp32_precision in step (mixing the two APIs' setters
+    # makes later reads of allow_tf32, e.g. by inductor, raise); set_float32_matmul_precision would
+    # also switch CPU (mkldnn) matmuls
+    torch.backends.cuda.matmul.allow_tf32 = enabled
+    torch.backends.cudnn.allow_tf32 = enabled
+    return enabled
 
 
 def _node_name() -> str:

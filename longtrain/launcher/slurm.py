@@ -83,12 +83,19 @@ def _sbatch_lines(a: argparse.Namespace, job_name: str, procs: int, log_dir: Pat
     return [f"#SBATCH {x}" for x in lines]
 
 
-def _env_lines(a: argparse.Namespace, procs: int) -> list[str]:
+def _env_lines(a: argparse.Namespace, procs: int, log_dir: Path) -> list[str]:
     threads = max(1, (a.cpus_per_node or procs) // procs)
     out = [f"export OMP_NUM_THREADS=${{OMP_NUM_THREADS:-{threads}}}"]
     if a.gpus_per_node:
         out += ["export NCCL_DEBUG=${NCCL_DEBUG:-WARN}",
                 "export TORCH_NCCL_ASYNC_ERROR_HANDLING=${TORCH_NCCL_ASYNC_ERROR_HANDLING:-1}",
+                "# NCCL flight recorder: a collective stuck past training.collective_timeout_s dumps each rank's",
+                "# last collectives here before the run ends; read them with",
+                "#   python -m torch.distributed.flight_recorder.fr_trace LOGDIR --prefix nccl-trace-JOBID-rank-",
+                "export TORCH_NCCL_TRACE_BUFFER_SIZE=${TORCH_NCCL_TRACE_BUFFER_SIZE:-2000}",
+                "export TORCH_NCCL_DUMP_ON_TIMEOUT=${TORCH_NCCL_DUMP_ON_TIMEOUT:-1}",
+                f"export TORCH_NCCL_DEBUG_INFO_TEMP_FILE=${{TORCH_NCCL_DEBUG_INFO_TEMP_FILE:-{log_dir}/nccl-trace-"
+                "${SLURM_JOB_ID}-rank-}",
                 "# export NCCL_SOCKET_IFNAME=ib0 NCCL_IB_HCA=mlx5 GLOO_SOCKET_IFNAME=ib0   # site network settings"]
     for kv in a.env:
         if "=" not in kv or not kv.split("=", 1)[0].isidentifier():
@@ -139,7 +146,7 @@ def render(a: argparse.Namespace) -> tuple[str, Path, str]:
         "@PROCS_PER_NODE@": str(procs),
         "@NODES@": str(a.nodes),
         "@MPI@": a.mpi,
-        "@ENV@": "\n".join(_env_lines(a, procs)),
+        "@ENV@": "\n".join(_env_lines(a, procs, log_dir)),
         "@SETUP@": "\n".join(a.setup) if a.setup else "# (no site setup lines: --setup 'module load ...')",
         "@RECIPE@": shlex.quote(str(recipe_path)),
         "@OVERRIDES@": overrides,

@@ -235,7 +235,8 @@ def _doc_starts(cu_seqlens: Tensor | None, S: int, device: torch.device) -> Tens
     """
     if cu_seqlens is None:
         return None
-    cu = torch.as_tensor(cu_seqlens, dtype=torch.long).to(device)
+    cu = (cu_seqlens.on(device) if hasattr(cu_seqlens, "on")  # DocBounds: one cached copy per micro-batch
+          else torch.as_tensor(cu_seqlens, dtype=torch.long).to(device))
     doc = torch.searchsorted(cu, torch.arange(S, device=device), right=True) - 1
     return cu[doc.clamp_min(0)]
 

@@ -8,10 +8,12 @@ the same two methods.
 
 from __future__ import annotations
 
-from typing import Protocol
+from typing import Protocol, Sequence
 
 import torch
 from torch import Tensor
+
+from longtrain.kernels.documents import DocBounds, as_doc_bounds
 
 
 class AttentionOps(Protocol):
@@ -26,10 +28,14 @@ class AttentionOps(Protocol):
 
 
 class LocalAttention:
-    """Single-process attention; `cu_seqlens` [n_docs+1] masks attention across packed documents."""
+    """Single-process attention; `cu_seqlens` [n_docs+1] masks attention across packed documents.
 
-    def __init__(self, cu_seqlens: Tensor | None = None) -> None:
-        self.cu_seqlens = cu_seqlens
+    The bounds are kept on the host (a DocBounds, read once here if a tensor is given): build one
+    object per micro-batch, outside the model, and no layer or recompute waits for the device.
+    """
+
+    def __init__(self, cu_seqlens: Tensor | Sequence[int] | None = None) -> None:
+        self.cu_seqlens: DocBounds | None = as_doc_bounds(cu_seqlens)
 
     @torch.compiler.disable  # fused kernels / communication: outside compiled graphs (training.compile)
     def softmax(self, q: Tensor, k: Tensor, v: Tensor, *, window: int | None = None,

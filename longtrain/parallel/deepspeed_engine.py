@@ -26,6 +26,7 @@ import copy
 import json
 import logging
 import os
+import types
 from pathlib import Path
 from typing import Any, Callable
 
@@ -118,8 +119,12 @@ def wrap_deepspeed(model: nn.Module, recipe: Any, lr_lambda: Callable[[int], flo
     cfg = deepspeed_config(recipe, dtype)
     # DeepSpeed logs every config value at INFO; keep the run's console readable
     logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
+    # DeepSpeed selects cuda:LOCAL_RANK unless told the device: under per-task GPU binding (srun
+    # --gpus-per-task=1) that index does not exist, so hand it the device the model already lives on
+    dev = next(model.parameters()).device
+    args = types.SimpleNamespace(device_rank=dev.index) if dev.type == "cuda" else None
     engine, ds_opt, _, scheduler = deepspeed.initialize(
-        model=model, optimizer=optimizer, config=cfg, dist_init_required=False,
+        args=args, model=model, optimizer=optimizer, config=cfg, dist_init_required=False,
         lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda))
     return engine, ds_opt, scheduler
 

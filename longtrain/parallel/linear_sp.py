@@ -16,9 +16,12 @@ S_in as initial_state. Communication per layer: one all-gather of
 
 from __future__ import annotations
 
+from typing import Sequence
+
 import torch
 import torch.distributed as dist
 
+from longtrain.kernels.documents import DocBounds, as_doc_bounds
 from longtrain.kernels.lightning import lightning_attention
 
 LAYOUTS = ("zigzag", "contiguous")
@@ -78,15 +81,14 @@ class _Tie(torch.autograd.Function):
         return g, torch.zeros(shape, dtype=dtype, device=device)
 
 
-def _chunk_docs(cu: list[int] | None, p0: int, L: int):
-    """Local cu_seqlens of [p0, p0+L) (or None), doc start inside?, doc start at p0?, last start."""
+def _chunk_docs(cu: DocBounds | None, p0: int, L: int):
+    """Local bounds of [p0, p0+L) (host DocBounds or None), doc start inside?, doc start at p0?,
+    last start. All host arithmetic: the bounds never leave (or wait for) the device."""
     if cu is None:
         return None, False, False, 0
-    starts = sorted({b for b in cu[1:-1] if p0 <= b < p0 + L and b > 0})
+    starts = sorted(set(cu.starts_in(p0, L)))
     at_start = bool(starts) and starts[0] == p0
-    inner = [b - p0 for b in starts if b > p0]
-    local = torch.tensor([0, *inner, L], dtype=torch.int32) if inner else None
-    return local, bool(starts), at_start, (starts[-1] - p0 if starts else 0)
+    return cu.window(p0, L), bool(starts), at_start, (starts[-1] - p0 if starts else 0)
 
 
 def _state_from_zero(k: torch.Tensor, v: torch.Tensor, lam_log: torch.Tensor,
@@ -100,14 +102,16 @@ def _state_from_zero(k: torch.Tensor, v: torch.Tensor, lam_log: torch.Tensor,
 
 def linear_sp_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, decay: torch.Tensor,
                         group: dist.ProcessGroup | None = None, *, layout: str = "zigzag",
-                        cu_seqlens: torch.Tensor | None = None) -> torch.Tensor:
+                        cu_seqlens: torch.Tensor | Sequence[int] | None = None) -> torch.Tensor:
     """Lightning attention over a sequence sharded across the ranks of `group`.
 
     q, k [B, S_local, H, Dk], v [B, S_local, H, Dv]: this rank's tokens in `layout`
     ("zigzag" or "contiguous", the same layouts as parallel.sharding); decay [H].
     cu_seqlens: int [n_docs + 1] over the GLOBAL sequence (0 .. W * S_local), the
-    same on every rank. Returns this rank's out [B, S_local, H, Dv]; differentiable
-    w.r.t. q, k, v. Equals lightning_attention on the unsharded sequence.
+    same on every rank: host bounds (a DocBounds, as the trainer hands them, or ints) keep the
+    layer free of host syncs; a tensor is read back once per call. Returns this rank's out
+    [B, S_local, H, Dv]; differentiable w.r.t. q, k, v. Equals lightning_attention on the
+    unsharded sequence.
     """
     rank, world = _rank_world(group)
     ids, n_chunks = chunk_ids(rank, world, layout)
@@ -115,12 +119,12 @@ def linear_sp_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, decay
     if S_loc % len(ids):
         raise ValueError(f"{layout} layout needs a local length divisible by {len(ids)}, got {S_loc}")
     L = S_loc // len(ids)
-    cu = None if cu_seqlens is None else [int(x) for x in cu_seqlens.tolist()]
-    if cu is not None and (cu[0] != 0 or cu[-1] != L * n_chunks):
+    cu = as_doc_bounds(cu_seqlens)
+    if cu is not None and cu.total != L * n_chunks:
         raise ValueError(f"cu_seqlens must run from 0 to the global length {L * n_chunks}, "
-                         f"got {cu[0]}..{cu[-1]}")
+                         f"got {cu[0]}..{cu.total}")
     if world == 1:
-        return lightning_attention(q, k, v, decay, cu_seqlens=cu_seqlens)
+        return lightning_attention(q, k, v, decay, cu_seqlens=cu)
     dt = torch.float64 if q.dtype == torch.float64 else torch.float32
     s = decay.detach().to(device=q.device, dtype=dt)
     docs = [_chunk_docs(cu, c * L, L) for c in range(n_chunks)]
@@ -144,8 +148,7 @@ def linear_sp_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, decay
     for j, c in enumerate(ids):
         local_cu = docs[c][0]
         outs.append(lightning_attention(qs[j], ks[j], vs[j], decay, initial_state=entering[c],
-                                        cu_seqlens=None if local_cu is None
-                                        else local_cu.to(q.device)))
+                                        cu_seqlens=local_cu))
     if all(entering[c] is None for c in ids):
         outs[0] = _Tie.apply(outs[0], gathered)
     return torch.cat(outs, dim=1) if len(outs) > 1 else outs[0]

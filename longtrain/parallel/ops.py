@@ -2,22 +2,27 @@
 
 from __future__ import annotations
 
-import torch.distributed as dist
+from typing import Sequence
+
 import torch
+import torch.distributed as dist
 from torch import Tensor
+
+from longtrain.kernels.documents import DocBounds, as_doc_bounds
 
 
 class SequenceParallelOps:
     """Attention over a sequence split across `group`; q/k/v are this rank's shards in `layout`.
 
-    `cu_seqlens` [n_docs+1] marks document boundaries over the FULL sequence (no attention across).
+    `cu_seqlens` [n_docs+1] marks document boundaries over the FULL sequence (no attention across);
+    kept on the host as a DocBounds (read once here if a tensor is given), so no layer syncs.
     """
 
     def __init__(self, group: dist.ProcessGroup | None, *, impl: str = "tokenring", layout: str = "zigzag",
-                 cu_seqlens: Tensor | None = None, ulysses_degree: int | None = None,
+                 cu_seqlens: Tensor | Sequence[int] | None = None, ulysses_degree: int | None = None,
                  one_communicator: bool = False) -> None:
         self.group, self.impl, self.layout = group, impl, layout
-        self.cu_seqlens = cu_seqlens
+        self.cu_seqlens: DocBounds | None = as_doc_bounds(cu_seqlens)
         self.ulysses_degree = ulysses_degree or None
         self.one_communicator = one_communicator
 

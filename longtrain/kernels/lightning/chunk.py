@@ -17,28 +17,33 @@ of slices would be quadratic.
 from __future__ import annotations
 
 from concurrent.futures import ThreadPoolExecutor
-from typing import NamedTuple
+from typing import NamedTuple, Sequence
 
 import torch
+
+from longtrain.kernels.documents import as_doc_bounds
 
 DEFAULT_BLOCK = 64
 DEFAULT_SEGMENT = 1024   # tokens per cache-sized segment of the torch path
 
 
-def doc_ids(cu_seqlens: torch.Tensor | None, seq_len: int, device: torch.device) -> torch.Tensor | None:
-    """Document index of every position [S] (int64), or None without cu_seqlens."""
+def doc_ids(cu_seqlens: torch.Tensor | Sequence[int] | None, seq_len: int,
+            device: torch.device) -> torch.Tensor | None:
+    """Document index of every position [S] (int64), or None without cu_seqlens (or one document).
+
+    Host bounds (a DocBounds, as the trainer hands them, or a sequence of ints) are checked on
+    the host and reach the device as the DocBounds' one cached copy: no host sync. A tensor is
+    read back to the host first (one sync per call: fine in tests and tools, not in a model).
+    """
     if cu_seqlens is None:
         return None
-    if cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2 or cu_seqlens.is_floating_point():
-        raise ValueError("cu_seqlens must be a 1-D integer tensor [n_docs + 1]")
-    cu = cu_seqlens.to(device=device, dtype=torch.int64)
-    first, last = int(cu[0]), int(cu[-1])
-    if first != 0 or last != seq_len:
-        raise ValueError(f"cu_seqlens must run from 0 to S={seq_len}, got {first}..{last}")
-    if bool((cu[1:] < cu[:-1]).any()):
-        raise ValueError("cu_seqlens must be non-decreasing")
+    b = as_doc_bounds(cu_seqlens)
+    if b.total != seq_len:
+        raise ValueError(f"cu_seqlens must run from 0 to S={seq_len}, got {b[0]}..{b.total}")
+    if len(b) == 2:
+        return None
     pos = torch.arange(seq_len, device=device)
-    return torch.searchsorted(cu[1:-1].contiguous(), pos, right=True)
+    return torch.searchsorted(b.on(device)[1:-1], pos, right=True)
 
 
 class BlockFactors(NamedTuple):
@@ -304,7 +309,7 @@ class _ChunkLightning(torch.autograd.Function):
 def chunk_lightning_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                               decay: torch.Tensor, *, initial_state: torch.Tensor | None = None,
                               return_state: bool = False,
-                              cu_seqlens: torch.Tensor | None = None,
+                              cu_seqlens: torch.Tensor | Sequence[int] | None = None,
                               block_size: int | None = None,
                               segment_tokens: int = DEFAULT_SEGMENT,
                               threads: int | None = None):

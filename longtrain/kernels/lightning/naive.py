@@ -9,13 +9,15 @@ A document start (an interior value of cu_seqlens) sets the state to zero first.
 
 from __future__ import annotations
 
+from typing import Sequence
+
 import torch
 
 
 def naive_lightning_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                               decay: torch.Tensor, *, initial_state: torch.Tensor | None = None,
                               return_state: bool = False,
-                              cu_seqlens: torch.Tensor | None = None):
+                              cu_seqlens: torch.Tensor | Sequence[int] | None = None):
     """q, k [B, S, H, Dk], v [B, S, H, Dv], decay [H] -> out [B, S, H, Dv] (, state).
 
     Computes in fp64 when q is fp64, else fp32; state [B, H, Dk, Dv] in that dtype.
@@ -29,7 +31,8 @@ def naive_lightning_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     state = zero if initial_state is None else initial_state.to(dt)
     starts = set()
     if cu_seqlens is not None:
-        starts = {int(x) for x in cu_seqlens.tolist()[1:-1]}
+        cu = cu_seqlens.tolist() if isinstance(cu_seqlens, torch.Tensor) else list(cu_seqlens)
+        starts = {int(x) for x in cu[1:-1]}
     outs = []
     for p, (qp, kp, vp) in enumerate(zip(q.to(dt).unbind(1), k.to(dt).unbind(1),
                                          v.to(dt).unbind(1))):
