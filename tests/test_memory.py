@@ -66,6 +66,22 @@ def test_chunked_loss_bf16_and_tied_weight():
     assert torch.allclose(gc_.float(), gr.float(), atol=2.5e-2 * gr.float().abs().max().item(), rtol=2.5e-2)
 
 
+def test_chunked_loss_under_autocast():
+    """DDP's bf16 path: fp32 weights under bf16 autocast; the chunked backward replays the autocast
+    state, gradients come back fp32 and close to autograd's (which rounds dW to bf16 once)."""
+    g = torch.Generator().manual_seed(2)
+    h = torch.randn(100, 32, generator=g, requires_grad=True)
+    w = torch.randn(300, 32, generator=g, requires_grad=True)
+    lab = torch.randint(0, 300, (100,), generator=g)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ref = F.cross_entropy(F.linear(h, w).float(), lab, reduction="sum")
+        got = chunked_lm_loss(h, w, lab, 17)
+    gr, gg = torch.autograd.grad(ref, (h, w)), torch.autograd.grad(got, (h, w))
+    assert abs(got.item() - ref.item()) / ref.item() < 1e-6
+    for a, b in zip(gg, gr):
+        assert a.dtype == torch.float32 and _rel(a, b) < 1e-2
+
+
 def test_chunk_rules():
     assert loss_chunk_tokens("auto", 128256) == 256 and loss_chunk_tokens("auto", 320) == 8192
     assert loss_chunk_tokens(0, 128256) == 0 and loss_chunk_tokens(100, 5) == 100

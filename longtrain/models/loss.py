@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+
 def _autocast_state(device_type: str) -> tuple[bool, torch.dtype]:
     return torch.is_autocast_enabled(device_type), torch.get_autocast_dtype(device_type)
 
@@ -54,20 +55,21 @@ class _ChunkedLMLoss(torch.autograd.Function):
                 lab = labels[a:a + chunk]
                 # d(sum of CE)/dlogits = softmax - onehot for counted tokens, built in one fp32
                 # buffer in place (the chunk's memory is one [chunk, V] fp32 tensor, not five)
-                d = logits.float() if logits.dtype != torch.float32 else logits
+                ldt = logits.dtype
+                d = logits.float() if ldt != torch.float32 else logits
                 d.sub_(lse[a:a + chunk].unsqueeze(1)).exp_()
                 d.scatter_add_(1, lab.clamp(min=0).unsqueeze(1), torch.full((d.shape[0], 1), -1.0, device=d.device))
                 d.mul_(((lab != ignore).float() * grad.float()).unsqueeze(1))
-                if logits.dtype != torch.float32:
+                if ldt != torch.float32:
                     del logits
-                    d = d.to(hc.dtype)  # as autograd would hand it to the projection's backward
-                if need_h:
-                    dh[a:a + chunk] = (d @ weight.to(d.dtype)).to(h.dtype)
+                    d = d.to(ldt)  # as autograd would hand it to the projection's backward
+                if need_h:  # (under autocast the matmuls cast as the forward's did)
+                    dh[a:a + chunk] = (d @ weight).to(h.dtype)
                 if need_w:
                     if d.dtype == torch.float32 and hc.dtype == torch.float32:
                         dw.addmm_(d.t(), hc)
                     else:
-                        dw += (d.t() @ hc.to(d.dtype)).float()
+                        dw += (d.t() @ hc).float()
         return dh, (dw.to(weight.dtype) if need_w else None), None, None, None
 
 
