@@ -18,6 +18,27 @@ pytest.importorskip("triton")
 INNER = os.environ.get("LONGTRAIN_TRITON_INNER") == "1"
 
 if not INNER:
+    def test_auto_picks_triton_up_to_head_dim_128_on_cuda(monkeypatch):
+        """The dispatch: Triton on CUDA through head_dim 128 (the tiled kernels fit sm_80 and
+        sm_90, tests/test_kernels_aot.py), the torch path above it, on CPU, or without triton."""
+        import torch
+
+        from longtrain.kernels import lightning
+        from longtrain.kernels.lightning import TRITON_MAX_HEAD_DIM, resolve_backend
+
+        cuda, cpu = torch.device("cuda", 0), torch.device("cpu")
+        assert TRITON_MAX_HEAD_DIM == 128
+        assert resolve_backend("auto", cuda, 128, 128) == "triton"
+        assert resolve_backend("auto", cuda, 64, 128) == "triton"
+        assert resolve_backend("auto", cuda, 80, 80) == "triton"
+        assert resolve_backend("auto", cuda, 256, 128) == "torch"
+        assert resolve_backend("auto", cpu, 128, 128) == "torch"
+        assert resolve_backend("triton", cpu, 256, 256) == "triton"
+        monkeypatch.setattr(lightning, "_triton_available", lambda: False)
+        assert resolve_backend("auto", cuda, 128, 128) == "torch"
+        with pytest.raises(ValueError, match="backend must be one of"):
+            resolve_backend("cuda", cuda, 64, 64)
+
     def test_triton_kernels_under_interpreter():
         env = dict(os.environ, TRITON_INTERPRET="1", LONGTRAIN_TRITON_INNER="1",
                    OMP_NUM_THREADS="1")
@@ -58,6 +79,7 @@ else:
         return [out, st] + [x.grad for x in leaves if x is not None]
 
     GRID = [  # (B, S, H, D): every S, H, D value at least once; S <= 512 for the interpreter
+        # (head_dim 128: the tests after test_triton_fp16)
         (2, 100, 8, 64), (1, 130, 12, 80), (1, 512, 12, 64), (1, 130, 8, 80),
     ]
 
@@ -109,6 +131,50 @@ else:
         assert got[0].dtype == torch.float16 and all(g.dtype == torch.float16 for g in got[2:])
         errs = [rmse_over_rms(g, r) for g, r in zip(got, ref)]
         assert max(errs) <= 5e-3, errs
+
+    CU128 = [0, 37, 64, 64, 100]   # + [S]: a boundary mid-block, one on a block edge, an empty one
+
+    @pytest.mark.parametrize("S", [130, 131])
+    def test_triton_head_dim_128_documents_state(S):
+        """head_dim 128 (two 64-wide head tiles here; 16/32-wide when compiled, next test)."""
+        inputs, do, dst = make(1, S, 2, 128, state=True, seed=S)
+        cu = torch.tensor(CU128 + [S])
+        decay = tnl_decay(2, 1, 4)
+        ref = run(inputs, do, dst, decay, torch.float64, backend="naive", cu_seqlens=cu)
+        got = run(inputs, do, dst, decay, torch.float32, backend="triton", cu_seqlens=cu)
+        errs = [rel(g, r) for g, r in zip(got, ref)]   # out, state, dq, dk, dv, ds0
+        assert max(errs) <= 1e-5, errs
+
+    def test_triton_head_dim_128_bf16():
+        """bf16 in and out (fp32 inside): the error is the bf16 rounding of out and the grads
+        (unit roundoff 2^-8, RMS ~2.3e-3 relative); the H200 compiled run measured <= 3.7e-3."""
+        inputs, do, dst = make(1, 130, 2, 128, state=True, seed=7)
+        inputs = [x.bfloat16().double() for x in inputs]   # the same values on both sides
+        cu = torch.tensor(CU128 + [130])
+        decay = tnl_decay(2, 0, 4)
+        ref = run(inputs, do, dst, decay, torch.float64, backend="naive", cu_seqlens=cu)
+        got = run(inputs, do, dst, decay, torch.bfloat16, backend="triton", cu_seqlens=cu)
+        assert got[0].dtype == torch.bfloat16 and all(g.dtype == torch.bfloat16 for g in got[2:])
+        errs = [rmse_over_rms(g, r) for g, r in zip(got, ref)]
+        assert max(errs) <= 6e-3, errs
+
+    @pytest.mark.parametrize("dtype,Dk,Dv,tol", [(torch.float16, 128, 128, 5e-3),
+                                                 (torch.float32, 32, 48, 1e-5)])
+    def test_triton_compiled_tiles(monkeypatch, dtype, Dk, Dv, tol):
+        """The head tiles a GPU compile uses (32 for fp16/bf16, 16 for fp32: several tiles and a
+        partial one), run by the interpreter."""
+        from longtrain.kernels.lightning import triton as lt
+
+        monkeypatch.setattr(lt, "INTERPRET_TILE", None)
+        assert lt.meta(Dk, Dv, 64, dtype, True)["BK"] == (16 if dtype == torch.float32 else 32)
+        inputs, do, dst = make(1, 100, 1, Dk, Dv, state=True, seed=11)
+        inputs = [x.to(dtype).double() for x in inputs]
+        cu = torch.tensor([0, 37, 64, 100])
+        decay = tnl_decay(1, 0, 4)
+        ref = run(inputs, do, dst, decay, torch.float64, backend="naive", cu_seqlens=cu)
+        got = run(inputs, do, dst, decay, dtype, backend="triton", cu_seqlens=cu)
+        errs = [rmse_over_rms(g, r) for g, r in zip(got, ref)]
+        assert max(errs) <= tol, errs
 
     def test_triton_rejects_bad_block():
         (q, k, v, _), _, _ = make(1, 32, 2, 16)

@@ -2,7 +2,8 @@
 
 Sections (each row: what, measured value, limit, ok/FAIL/skip):
   a  Triton kernels compiled (not interpreted), fp32 and bf16, against fp64 references:
-     lightning forward/backward with initial state, final state and documents; Mesa
+     lightning forward/backward with initial state, final state and documents at head_dim 64
+     and 128 (and configs the autotune pruning dropped); Mesa
      quantize/dequantize against the torch twin; registers and spills per kernel.
   b  attention_block on every CUDA backend (torch SDPA flash / memory-efficient internals,
      FlexAttention, flash-attn when installed) against the math reference, every block kind,
@@ -10,11 +11,15 @@ Sections (each row: what, measured value, limit, ok/FAIL/skip):
   c  ring and TokenRing schedules, W = 2/3/4 ranks simulated as threads on the GPU, causal /
      window / documents, forward and backward, against full-sequence math attention.
   d  the NCCL path at world 1: P2P self exchange, all_reduce, all_to_all, sub-groups.
-  e  bf16 training of a ~100M-parameter model at 8k tokens: tokens/s, MFU (causal attention
-     counted once), peak memory; eager vs Mesa vs compiled, each in a fresh process.
-  f  lightning vs softmax attention time at 8k and 32k tokens (ours vs torch SDPA).
+  e  bf16 training of a ~100M-parameter model at 8k tokens, each arm a fresh `longtrain train`:
+     eager, Mesa, compiled, packed documents, window spans, activation checkpointing, DDP, async
+     save, and a resume from that save (must repeat its losses); tokens/s, MFU (causal attention
+     counted once), peak memory per arm; host syncs that document masks add (torch's CUDA
+     sync-debug mode and scalar reads, bench/syncs.py).
+  f  lightning vs softmax attention time at 8k and 32k tokens, head_dim 64 and 128 (ours vs torch SDPA).
 Writes bench-results/gpu-check.json; exit status 1 when a check fails. Without CUDA it says
-what it skipped and exits 0 (`--cpu` runs section c on CPU, as CI does).
+what it skipped and exits 0 (`--cpu` runs sections c and e on CPU as a dry run, as CI does).
+`--multi` runs the check for >= 2 GPUs instead (bench/multi_check.py, `make gpu-check-multi`).
 Installs nothing and imports only torch, triton, numpy (+ tensorboard for section e).
 """
 
@@ -29,6 +34,7 @@ import sys
 import tempfile
 import time
 import traceback
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Callable
 
@@ -129,15 +135,20 @@ def _kernel_resources() -> list[dict[str, Any]]:
 
 
 def section_a(dev: torch.device) -> None:
-    from longtrain.kernels.lightning import lightning_attention, tnl_decay
+    from longtrain.kernels.lightning import lightning_attention, resolve_backend, tnl_decay
+    from longtrain.kernels.lightning import triton as lt
     from longtrain.kernels.lightning.naive import naive_lightning_attention
 
     torch.manual_seed(0)
     cases = [("docs+state S=1000", 1000, [0, 300, 301, 777, 1000], True),
              ("plain S=2048", 2048, None, False)]
-    B, H, D = 2, 4, 64
+    B, H = 2, 4
     decay = tnl_decay(H, 1, 4).to(dev)
-    for name, S, cu, state in cases:
+    # head_dim 128 (tnl-lightning-1b): the tiled backward; `auto` must pick Triton there
+    auto = resolve_backend("auto", dev, 128, 128)
+    _row("a", "lightning backend='auto' at head_dim 128", auto, "triton", ok=auto == "triton")
+    for D, (name, S, cu, state) in ((D, c) for D in (64, 128) for c in cases):
+        name = f"D={D} {name}"
         base = [torch.randn(B, S, H, D, device=dev) * 0.5 for _ in range(3)]
         s0 = torch.randn(B, H, D, D, device=dev) * 0.5 if state else None
         g_out = torch.randn(B, S, H, D, device=dev)
@@ -165,6 +176,10 @@ def section_a(dev: torch.device) -> None:
             for gname, g, r in zip(("dq", "dk", "dv", "dstate"), grads, rgrads):
                 _check("a", f"{tag} {gname}", g, r, tol_g)
             _row("a", f"{tag} first call (compile + autotune)", first, unit="s")
+    # configs the first call's autotune pruning dropped on this GPU (`bench kernels` predicts none)
+    for p in lt.PRUNED:
+        _row("a", f"autotune pruned lightning.{p['kernel']} {p['config']}", "pruned",
+             note="; ".join(p["problems"]))
     # Mesa: Triton vs its torch twin, same noise; head-wise groups of [B, S, H, D]
     from longtrain.kernels.mesa import dequantize, quantize
     from longtrain.kernels.mesa.quant import unpack_bits
@@ -393,62 +408,164 @@ TRAIN_SETS = ["model.preset=tiny", "model.dim=768", "model.n_layers=16", "model.
               "model.head_dim=64", "model.ffn_dim=2048", "model.vocab_size=512", "model.max_seq_len=8192",
               "data.seq_len=8192", "data.max_documents=3000", "training.micro_batch=1", "training.grad_accum=1",
               "training.dtype=bf16", "training.device=cuda", "training.warmup=5", "metrics.log_every=10",
-              "checkpoint.interval=100000", "checkpoint.resume=none", "eval.every=0"]
+              "checkpoint.interval=100000", "checkpoint.resume=none", "eval.every=0", "metrics.tensorboard=false"]
+# the CPU dry run of section e (`--cpu`): the same arms on the tiny model, to prove the plumbing in CI
+CPU_TRAIN_SETS = ["data.max_documents=60", "data.seq_len=256", "training.micro_batch=2", "training.warmup=2",
+                  "training.device=cpu", "metrics.log_every=1", "checkpoint.interval=100000",
+                  "checkpoint.resume=none", "eval.every=0", "metrics.tensorboard=false"]
+
+
+def train_arms(steps: int, root: Path, window: int, cpu: bool) -> list[tuple[str, list[str], str]]:
+    """Section e's arms: (name, recipe overrides, what it shows). `async-save` saves at steps/2 and at the
+    end in the background; `resume` restarts from its steps/2 checkpoint and must repeat its losses."""
+    half = max(1, steps // 2)
+    arms = [
+        ("eager", [], "the baseline"),
+        ("mesa", ["mesa.enabled=true"], "8-bit saved activations: peak memory"),
+        ("compiled", ["training.compile=true"], "torch.compile per block"),
+        ("documents", ["data.document_mask=true"], "packed-document masks (no host sync per layer)"),
+        ("window", [f"model.attention=['full','window:{window}','window:{window}','window:{window}']"],
+         "MASFormer-style spans: 1 full layer in 4, sliding windows elsewhere"),
+        ("checkpointing", ["training.activation_checkpointing=full"], "recompute every block: peak memory"),
+        ("ddp", ["parallel.dp_engine=ddp"], "DDP instead of FSDP2"),
+        ("async-save", [f"checkpoint.interval={half}", "checkpoint.async=true", "checkpoint.keep_last=3"],
+         "DCP async_save every steps/2"),
+        ("resume", [f"checkpoint.resume={root / 'train-async-save' / 'checkpoints' / f'step_{half:08d}'}"],
+         "restart from async-save's middle checkpoint: the same losses"),
+    ]
+    return [a for a in arms if not (cpu and a[0] == "compiled")]  # inductor on 2 CPU cores: minutes
+
+
+def _arm_env(cpu: bool) -> dict[str, str]:
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    if cpu:  # the dry run shares a small CI machine: one thread per process
+        env.setdefault("OMP_NUM_THREADS", "1")
+    return env
+
+
+def _run_arm(arm: str, sets: list[str], root: Path, cpu: bool = False) -> tuple[list[dict], float, str]:
+    """One `longtrain train` process; (metrics records, wall seconds, log text)."""
+    out_dir = root / f"train-{arm}"
+    cmd = [sys.executable, "-m", "longtrain.launcher.cli", "train", _tiny_recipe()]
+    for s in [*sets, f"run.output_dir={out_dir}", f"run.name=train-{arm}"]:
+        cmd += ["--set", s]
+    t0 = time.perf_counter()
+    p = subprocess.run(cmd, capture_output=True, text=True, env=_arm_env(cpu), timeout=420)
+    wall = time.perf_counter() - t0
+    log = p.stdout + p.stderr
+    (root / f"train-{arm}.log").write_text(log)
+    mfile = out_dir / "metrics.jsonl"
+    if p.returncode != 0 or not mfile.exists():
+        return [], wall, log
+    recs = [json.loads(line) for line in mfile.read_text().splitlines() if line.strip()]
+    return [r for r in recs if "loss" in r], wall, log
 
 
 def section_e(dev: torch.device, steps: int, root: Path) -> None:
     from longtrain.launcher.metrics import PEAK_FLOPS
-    from longtrain.models import ModelConfig  # noqa: F401
 
-    arms = [("eager", []), ("mesa", ["mesa.enabled=true"]), ("compiled", ["training.compile=true"])]
-    name = torch.cuda.get_device_name(dev)
-    peak = next((v for k, v in PEAK_FLOPS.items() if k in name), None)
-    results = {}
-    for arm, extra in arms:
-        out_dir = root / f"train-{arm}"
-        sets = TRAIN_SETS + [f"training.steps={steps}", f"run.output_dir={out_dir}", f"run.name=train-{arm}"] + extra
-        cmd = [sys.executable, "-m", "longtrain.launcher.cli", "train", "recipes/tiny-cpu.toml"]
-        for s in sets:
-            cmd += ["--set", s]
-        t0 = time.perf_counter()
-        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-        p = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=420)
-        wall = time.perf_counter() - t0
-        (root / f"train-{arm}.log").write_text(p.stdout + p.stderr)
-        mfile = out_dir / "metrics.jsonl"
-        if p.returncode != 0 or not mfile.exists():
-            tail = (p.stdout + p.stderr).strip().splitlines()[-3:]
+    cpu = dev.type != "cuda"
+    base = CPU_TRAIN_SETS if cpu else TRAIN_SETS
+    name = "CPU" if cpu else torch.cuda.get_device_name(dev)
+    peak = None if cpu else next((v for k, v in PEAK_FLOPS.items() if k in name), None)
+    seq = 256 if cpu else 8192
+    results: dict[str, dict[str, Any]] = {}
+    arms = train_arms(steps, root, seq // 8, cpu)
+    runs: dict[str, tuple[list[dict], float, str]] = {}
+    # the GPU runs one arm at a time (fair timings); the CPU dry run uses both CI cores (resume waits
+    # for the checkpoint of async-save)
+    with ThreadPoolExecutor(max_workers=2 if cpu else 1) as pool:
+        first = {arm: pool.submit(_run_arm, arm, base + [f"training.steps={steps}"] + extra, root, cpu)
+                 for arm, extra, _ in arms if arm != "resume"}
+        runs.update({arm: f.result() for arm, f in first.items()})
+    for arm, extra, _ in arms:
+        if arm == "resume":
+            runs[arm] = _run_arm(arm, base + [f"training.steps={steps}"] + extra, root, cpu)
+    for arm, extra, what in arms:
+        sets = base + [f"training.steps={steps}"] + extra
+        recs, wall, log = runs[arm]
+        if not recs:
+            tail = log.strip().splitlines()[-3:]
             _row("e", f"train {arm}", "error", ok=False, note=" | ".join(tail)[:300])
             continue
-        recs = [json.loads(line) for line in mfile.read_text().splitlines() if line.strip()]
-        skip = max(5, len(recs) // 3)
-        tail_recs = recs[skip:] or recs
+        skip = min(max(5, len(recs) // 3), len(recs) - 1)
+        tail_recs = recs[skip:]
         tok_s = sorted(r.get("tokens_per_s", 0.0) for r in tail_recs)[len(tail_recs) // 2]
         mem = max(r.get("memory_mb", 0.0) for r in recs) / 1024
-        results[arm] = {"tokens_per_s": tok_s, "peak_gib": mem, "first_loss": recs[0].get("loss"),
-                        "last_loss": recs[-1].get("loss"), "wall_s": wall, "steps": len(recs)}
         fpt = _train_fpt(sets)
         mfu = fpt * tok_s / peak if (peak and fpt) else None
-        results[arm]["mfu"] = mfu
+        results[arm] = {"tokens_per_s": tok_s, "peak_gib": mem, "mfu": mfu, "wall_s": wall, "steps": len(recs),
+                        "losses": {r["step"]: r["loss"] for r in recs}, "what": what}
         finite = all(math.isfinite(r.get("loss", float("nan"))) for r in recs)
-        _row("e", f"train {arm} ({len(recs)} steps, 8k tokens, bf16)", tok_s, unit="tokens/s",
-             ok=finite and recs[-1]["loss"] < recs[0]["loss"],
-             note=f"MFU {mfu:.1%} | peak {mem:.2f} GiB | loss {recs[0]['loss']:.3f} -> {recs[-1]['loss']:.3f} | "
-                  f"{wall:.0f}s wall" if mfu is not None else f"peak {mem:.2f} GiB")
-    if "eager" in results and "mesa" in results:
-        r = results["mesa"]["peak_gib"] / max(results["eager"]["peak_gib"], 1e-9)
-        _row("e", "Mesa peak memory / eager", r, unit="x")
-    if "eager" in results and "compiled" in results:
-        r = results["compiled"]["tokens_per_s"] / max(results["eager"]["tokens_per_s"], 1e-9)
-        _row("e", "compiled tokens/s / eager", r, unit="x")
+        falls = recs[-1]["loss"] < recs[0]["loss"] or arm == "resume"  # resume: the second half only
+        resumed = arm != "resume" or f"at step {max(1, steps // 2)}" in log
+        mfu_s = f"MFU {mfu:.1%} | " if mfu is not None else ""
+        _row("e", f"train {arm} ({len(recs)} steps, {seq} tokens, {'fp32 CPU' if cpu else 'bf16'})", tok_s,
+             unit="tokens/s", ok=finite and falls and resumed,
+             note=f"{mfu_s}peak {mem:.2f} GiB | loss {recs[0]['loss']:.3f} -> {recs[-1]['loss']:.3f} | "
+                  f"{wall:.0f}s wall | {what}")
+    eager = results.get("eager")
+    if eager and "mesa" in results:
+        _row("e", "Mesa peak memory / eager", results["mesa"]["peak_gib"] / max(eager["peak_gib"], 1e-9), unit="x")
+    if eager and "compiled" in results:
+        _row("e", "compiled tokens/s / eager", results["compiled"]["tokens_per_s"] / max(eager["tokens_per_s"], 1e-9),
+             unit="x")
+    if eager and "checkpointing" in results and not cpu:  # CPU: memory_mb is the process RSS, not activations
+        r = results["checkpointing"]["peak_gib"] / max(eager["peak_gib"], 1e-9)
+        _row("e", "activation checkpointing peak memory / eager", r, 1.0, "x", ok=r < 1.0)
+    for arm in ("documents", "window", "ddp", "async-save"):
+        if eager and arm in results:
+            _row("e", f"{arm} tokens/s / eager", results[arm]["tokens_per_s"] / max(eager["tokens_per_s"], 1e-9),
+                 unit="x")
+    if "async-save" in results and "resume" in results:
+        a, b = results["async-save"]["losses"], results["resume"]["losses"]
+        common = sorted(set(a) & set(b))
+        diff = max((abs(a[s] - b[s]) / abs(a[s]) for s in common), default=float("inf"))
+        tol = 1e-5 if cpu else 1e-2  # bf16 with non-deterministic fused backward kernels on CUDA
+        _row("e", f"resume from the async checkpoint: steps {common[0] if common else '?'}-"
+                  f"{common[-1] if common else '?'} vs the uninterrupted run", diff, tol, "max rel loss diff",
+             ok=bool(common) and len(common) == steps - max(1, steps // 2) and diff <= tol)
+        ck = root / "train-async-save" / "checkpoints"
+        latest = (ck / "latest").read_text().strip() if (ck / "latest").is_file() else "none"
+        _row("e", "async-save published its last checkpoint", latest, f"step_{steps:08d}",
+             ok=latest == f"step_{steps:08d}")
+    _syncs_row(base, root, cpu)
     ROWS.append({"section": "e", "check": "training summary", "value": results, "status": "-"})
+
+
+def _syncs_row(base: list[str], root: Path, cpu: bool) -> None:
+    """Document masks must add no host sync inside the model (at most one per micro-batch in all)."""
+    seq = 256 if cpu else 2048
+    sets = [s for s in base if not s.startswith("data.seq_len")]
+    sets += [f"data.seq_len={seq}", f"run.output_dir={root / 'syncs'}",
+             f"model.attention=['full','window:{seq // 8}','lightning','full']"]
+    cmd = [sys.executable, "-m", "longtrain.bench.syncs", _tiny_recipe()]
+    for s in sets:
+        cmd += ["--set", s]
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=_arm_env(cpu))
+    line = next((x for x in reversed(p.stdout.splitlines()) if x.startswith("{")), None)
+    if p.returncode != 0 or line is None:
+        _row("e", "documents: host syncs per step", "error", ok=False,
+             note=" | ".join((p.stdout + p.stderr).strip().splitlines()[-3:])[:300])
+        return
+    res = json.loads(line)
+    added = max(res["added_per_step"], res["cuda_added_per_step"])
+    _row("e", "documents: host syncs added per step (full + window + lightning layers)", added, 2.0, "syncs",
+         ok=added <= 2.0, note=f"plain step {res['plain']['per_step']:.0f} scalar reads"
+                              f"{'' if cpu else ', %.0f CUDA syncs' % res['plain']['cuda_per_step']}")
+
+
+def _tiny_recipe() -> str:
+    from longtrain.shipped import shipped_dir
+
+    return str(shipped_dir("recipes") / "tiny-cpu.toml")
 
 
 def _train_fpt(sets: list[str]) -> float | None:
     try:
         from longtrain.launcher.config import load_recipe
 
-        rec = load_recipe("recipes/tiny-cpu.toml", sets)
+        rec = load_recipe(_tiny_recipe(), sets)
         return flops_per_token(rec.model_config(), rec.data.seq_len)
     except Exception:  # noqa: BLE001
         return None
@@ -462,9 +579,9 @@ def section_f(dev: torch.device) -> None:
 
     from longtrain.kernels import attention_block, lightning_attention, tnl_decay
 
-    H, D = 16, 64  # the Triton lightning kernels' head_dim limit (TRITON_MAX_HEAD_DIM)
+    H = 16
     decay = tnl_decay(H, 1, 8).to(dev)
-    for S in (8192, 32768):
+    for D, S in ((D, S) for D in (64, 128) for S in (8192, 32768)):  # D = 128: tnl-lightning-1b
         q, k, v = (torch.randn(1, S, H, D, device=dev, dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
         g = torch.randn(1, S, H, D, device=dev, dtype=torch.bfloat16)
 
@@ -485,7 +602,7 @@ def section_f(dev: torch.device) -> None:
         _row("f", f"S={S} fwd+bwd bf16 H={H} D={D}: lightning / softmax attention_block", t["lightning"] / t["attention_block"],
              unit="x time", note=f"lightning {t['lightning'] * 1e3:.2f} ms, attention_block {t['attention_block'] * 1e3:.2f} ms "
                                  f"({flops / t['attention_block'] / 1e12:.0f} TFLOP/s), torch SDPA {t['torch_sdpa'] * 1e3:.2f} ms")
-        _row("f", f"S={S} attention_block / torch SDPA time", t["attention_block"] / t["torch_sdpa"], unit="x")
+        _row("f", f"S={S} D={D} attention_block / torch SDPA time", t["attention_block"] / t["torch_sdpa"], unit="x")
 
 
 # ----------------------------------------------------------------------------- driver
@@ -513,20 +630,31 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="longtrain bench gpu-check", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sections", default="abcdef", help="which sections to run (default all: abcdef)")
-    ap.add_argument("--steps", type=int, default=40, help="training steps per arm in section e")
+    ap.add_argument("--steps", type=int, default=None,
+                    help="training steps per arm in section e (default 24 on CUDA, 4 in the CPU dry run)")
     ap.add_argument("--quick", action="store_true", help="fewer ring sizes in section c")
-    ap.add_argument("--cpu", action="store_true", help="run the CPU-safe section (c) on CPU")
+    ap.add_argument("--cpu", action="store_true",
+                    help="dry run on CPU: section c (simulated rings) and e (every training arm, tiny model)")
+    ap.add_argument("--multi", action="store_true",
+                    help="the check for >= 2 GPUs instead (longtrain/bench/multi_check.py; --multi --help)")
     ap.add_argument("--out", default=None, help="JSON path (default bench-results/gpu-check.json)")
+    if argv is None:
+        argv = sys.argv[1:]
+    if "--multi" in argv:
+        from longtrain.bench import multi_check
+
+        return multi_check.main([a for a in argv if a != "--multi"])
     args = ap.parse_args(argv)
     from longtrain.bench.common import machine_info
 
-    if not torch.cuda.is_available():
+    if not torch.cuda.is_available() or args.cpu:
         if not args.cpu:
             print("gpu-check: no CUDA GPU visible; skipped sections a-f (Triton compiled kernels, CUDA attention "
-                  "backends, GPU rings, NCCL, GPU training, timings). `--cpu` runs the simulated rings on CPU.")
+                  "backends, GPU rings, NCCL, GPU training, timings). `--cpu` runs the simulated rings and the "
+                  "training arms on CPU as a dry run.")
             return 0
         dev = torch.device("cpu")
-        plan = ["c"]
+        plan = [s for s in args.sections if s in "ce"]
     else:
         dev = torch.device("cuda", 0)
         torch.cuda.set_device(dev)
@@ -554,7 +682,7 @@ def main(argv: list[str] | None = None) -> int:
             elif s == "d":
                 section_d(dev)
             elif s == "e":
-                section_e(dev, args.steps, work)
+                section_e(dev, args.steps or (4 if dev.type == "cpu" else 24), work)
             elif s == "f":
                 section_f(dev)
         except Exception as e:  # noqa: BLE001 - one broken section must not hide the others

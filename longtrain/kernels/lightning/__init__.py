@@ -20,11 +20,26 @@ from .decay import tnl_decay
 from .naive import naive_lightning_attention
 
 BACKENDS = ("auto", "torch", "triton", "naive")
-TRITON_MAX_HEAD_DIM = 64
+# The Triton kernels work on head-dimension tiles (16 or 32 wide), so their registers and shared
+# memory do not grow with the head dim; `longtrain bench kernels` checks 64 and 128 ahead of time
+# for sm_80 and sm_90 (docs/lightning.md). Above this, "auto" keeps the torch path: not
+# checked, and the per-block fp32 states (S/64 x Dk x Dv x 4 bytes per head) grow as D^2.
+TRITON_MAX_HEAD_DIM = 128
 
 
 def _triton_available() -> bool:
     return importlib.util.find_spec("triton") is not None
+
+
+def resolve_backend(backend: str, device: torch.device, dk: int, dv: int) -> str:
+    """The backend `lightning_attention` runs: "auto" is "triton" on CUDA when triton is
+    importable and Dk, Dv <= TRITON_MAX_HEAD_DIM, else "torch"; others are returned as given."""
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if backend != "auto":
+        return backend
+    fits = max(dk, dv) <= TRITON_MAX_HEAD_DIM
+    return "triton" if device.type == "cuda" and fits and _triton_available() else "torch"
 
 
 def lightning_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, decay: torch.Tensor,
@@ -36,7 +51,7 @@ def lightning_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, decay
     q, k: [B, S, H, Dk]; v: [B, S, H, Dv]; decay: [H] rates s >= 0 (not trained).
     initial_state: [B, H, Dk, Dv] (any float dtype; used in fp32).
     cu_seqlens: int [n_docs + 1] from 0 to S, shared by all batch rows.
-    backend: "auto" (triton on CUDA when importable and Dk, Dv <= 64, else "torch"), "torch"
+    backend: "auto" (triton on CUDA when importable and Dk, Dv <= 128, else "torch"), "torch"
     (blocked, any device), "triton", "naive" (token recurrence, reference only).
     block_size: tokens per block (default 64; triton needs a power of two >= 16).
     Returns out [B, S, H, Dv] in q's dtype, and with return_state the final state
@@ -52,13 +67,7 @@ def lightning_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, decay
     if initial_state is not None and initial_state.shape != (B, H, Dk, v.shape[-1]):
         raise ValueError(f"initial_state must be [B, H, Dk, Dv] = {(B, H, Dk, v.shape[-1])}, "
                          f"got {tuple(initial_state.shape)}")
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-    if backend == "auto":
-        # the Triton backward keeps whole [C, D] tiles and two [D, D] states on chip: above 64 it
-        # needs more shared memory than an H100/H200 has (352 KiB at D = 128, make gpu-check)
-        fits = max(Dk, v.shape[-1]) <= TRITON_MAX_HEAD_DIM
-        backend = "triton" if q.is_cuda and fits and _triton_available() else "torch"
+    backend = resolve_backend(backend, q.device, Dk, v.shape[-1])
     kwargs = dict(initial_state=initial_state, return_state=return_state, cu_seqlens=cu_seqlens)
     if backend == "naive":
         out = naive_lightning_attention(q, k, v, decay, **kwargs)
@@ -72,4 +81,4 @@ def lightning_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, decay
 
 
 __all__ = ["lightning_attention", "tnl_decay", "naive_lightning_attention",
-           "chunk_lightning_attention", "BACKENDS"]
+           "chunk_lightning_attention", "resolve_backend", "BACKENDS", "TRITON_MAX_HEAD_DIM"]

@@ -19,6 +19,9 @@ import torch
 from torch import Tensor
 
 _BLOCK = 4096
+# 8 warps (16 elements per thread): with 4 warps the fp32 quantize with given noise needed 255
+# registers and spilled on sm_80 (`longtrain bench kernels --target cuda:80`); 8 warps: <= 158
+_NUM_WARPS = 8
 
 
 @lru_cache(maxsize=1)
@@ -97,7 +100,7 @@ def quantize_codes_triton(x: Tensor, shift: Tensor, inv: Tensor, groups: int, in
     grid = (triton.cdiv(n, _BLOCK),)
     quant_kernel[grid](x, out, shift, inv, noise_arg, n, inner, groups, int(seed or 0),
                        float(2 ** bits - 1), STOCHASTIC=bool(stochastic), HAS_NOISE=has_noise,
-                       BLOCK=_BLOCK)
+                       BLOCK=_BLOCK, num_warps=_NUM_WARPS)
     return out
 
 
@@ -113,5 +116,5 @@ def dequantize_codes_triton(codes: Tensor, shift: Tensor, step: Tensor, groups: 
     grid = (triton.cdiv(n, _BLOCK),)
     bf16 = dtype == torch.bfloat16
     dequant_kernel[grid](codes.contiguous(), out.view(torch.uint16) if bf16 else out, shift, step, n, inner,
-                         groups, OUT_BF16=bf16, BLOCK=_BLOCK)
+                         groups, OUT_BF16=bf16, BLOCK=_BLOCK, num_warps=_NUM_WARPS)
     return out
