@@ -19,6 +19,8 @@ def cli_env(**extra: str) -> dict[str, str]:
     env = dict(os.environ)
     env.update(OMP_NUM_THREADS="1", HF_DATASETS_OFFLINE="1", PYTHONUNBUFFERED="1")
     env.pop("LONGTRAIN_FAULT", None)
+    for v in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(v, None)  # a CLI run starts as a fresh shell would, whatever an in-process test left behind
     env.update(extra)
     return env
 

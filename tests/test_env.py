@@ -27,6 +27,7 @@ def clean_env(monkeypatch):
     E.reset_discovery()
     yield monkeypatch
     E.reset_discovery()
+    monkeypatch.undo()  # first: undo would otherwise put back a variable a test deleted after discovery set it
     for v in _VARS:  # discovery exports the torchrun variables: take them back out
         if v not in saved:
             os.environ.pop(v, None)
@@ -169,7 +170,7 @@ def test_slurm_master_addr_override_and_batch_shell(clean_env):
     # the batch script of a 1-task job is a plain single process (another process: no exported variables)
     E.reset_discovery()
     for v in ("SLURM_STEP_ID", "MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE"):
-        clean_env.delenv(v)
+        os.environ.pop(v, None)  # not delenv: its undo would restore the values discovery exported
     _set(clean_env, SLURM_NTASKS=1)
     assert E.discover().source == "single" and not E.under_launcher()
 
