@@ -203,11 +203,13 @@ def memory_per_gpu(cfg: Any, *, world: int, sp: int, micro_batch: int, seq_len: 
     # activations and the loss's working set; with Mesa also one layer dequantized), its end (all
     # gradients, plus the recomputed last layer and the layer inputs with checkpointing, a tile) and
     # the optimizer step (gradients + foreach temporaries).
-    # the MLP's backward holds gradients of two [tokens, ffn] intermediates (one tile's when tiled)
+    # the MLP's backward holds gradients of two [tokens, ffn] intermediates (one tile's when tiled);
+    # the loss's backward ends before the first (recomputed) layer's begins, so they do not add up
     mlp_bwd = 0.0 if tiled else 2 * a * cfg.ffn_dim * tokens
-    backward_start = act + max(logits, mlp_bwd) + gathered
+    recompute = tokens * mine["recompute"]
+    backward_start = act - recompute + max(logits, recompute + mlp_bwd) + gathered
     if mesa and policy == "none":  # backward dequantizes one layer's saved tensors at a time
-        backward_start = max(backward_start, act + tokens * mine["plain_layer"] + gathered)
+        backward_start = max(backward_start, act + tokens * mine["plain_layer"] + mlp_bwd + gathered)
     backward_end = grads + (act if ckpt else layer_act) + gathered + mlp_tile
     optimizer_step = grads + opt_temp
     total = params + optimizer + max(backward_start, backward_end, optimizer_step)
