@@ -58,8 +58,8 @@ MEMORY_BAD = [
 ]
 
 
-@pytest.mark.parametrize("nproc", ["1", "2"])
-@pytest.mark.parametrize("sets,needles", MEMORY_BAD)
+@pytest.mark.parametrize("sets,needles,nproc", [(s, n, "2") for s, n in MEMORY_BAD]
+                         + [(s, n, "1") for s, n in MEMORY_BAD[::3]])
 def test_bad_memory_settings(sets, needles, nproc):
     """Chunk sizes and checkpointing policies: one line, exit 2, in one process and under --nproc 2."""
     args = ["train", str(TINY), "--nproc", nproc]

@@ -77,13 +77,14 @@ def chunked_lm_loss(h: Tensor, weight: Tensor, labels: Tensor, chunk: int, ignor
     """Summed cross-entropy of `h @ weight.T` against `labels` (ignore_index not counted).
 
     h [B, S, D] or [N, D] (any float dtype; logits are formed in fp32 per chunk), weight [V, D],
-    labels int64 of h's leading shape. chunk = tokens per chunk; <= 0 means all at once (the
-    plain path, which holds the whole [N, V] logits). Returns a 0-d fp32 tensor; divide by the
-    GLOBAL count of counted tokens.
+    labels int64 of h's leading shape. chunk = tokens per chunk; <= 0, or a chunk that covers all
+    tokens, means all at once (the plain path: autograd's own cross-entropy over the [N, V] logits,
+    which then fit the chunk's budget; nothing to recompute). Returns a 0-d fp32 tensor; divide by
+    the GLOBAL count of counted tokens.
     """
     h2 = h.reshape(-1, h.shape[-1])
     lab = labels.reshape(-1)
-    if chunk <= 0:
+    if chunk <= 0 or chunk >= h2.shape[0]:
         logits = F.linear(h2, weight).float()
         return F.cross_entropy(logits, lab, ignore_index=ignore_index, reduction="sum")
     return _ChunkedLMLoss.apply(h2, weight, lab, int(chunk), ignore_index)
