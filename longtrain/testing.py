@@ -22,7 +22,7 @@ import torch.multiprocessing as mp
 from torch import Tensor
 
 from longtrain.errors import DataError
-from longtrain.launcher.data import Sample
+from longtrain.launcher.data.batches import Sample
 
 
 def free_port() -> int:

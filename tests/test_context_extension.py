@@ -17,9 +17,9 @@ import torch
 
 from helpers import REPO, cli_env
 from longtrain.errors import ConfigError
-from longtrain.launcher import passkey as pk
+from longtrain.launcher.eval import passkey as pk
 from longtrain.models import ModelConfig, Transformer
-from longtrain.models.llama import rope_cos_sin, rope_inv_freq
+from longtrain.models.layers import rope_cos_sin, rope_inv_freq
 
 
 def test_linear_position_interpolation_is_positions_divided_by_factor():
@@ -155,7 +155,7 @@ def test_passkey_options_for_extension_data():
 
 
 def test_evaluation_does_not_import_the_trainer():
-    code = ("import sys, longtrain.launcher.evaluate, longtrain.launcher.convert, longtrain.launcher.loading; "
+    code = ("import sys, longtrain.launcher.eval.cli, longtrain.launcher.convert, longtrain.launcher.loading; "
             "print([m for m in sys.modules if m.endswith('trainer')])")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=cli_env(), cwd=REPO,
                          timeout=120)
@@ -163,7 +163,7 @@ def test_evaluation_does_not_import_the_trainer():
 
 
 def test_ppl_between_tiles_buckets():
-    from longtrain.launcher.eval_report import ppl_between
+    from longtrain.launcher.eval.report import ppl_between
 
     res = {"lengths": [8], "buckets": [[{"start": 0, "end": 4, "ppl": 2.0}, {"start": 4, "end": 8, "ppl": 8.0}]]}
     assert ppl_between(res, 8, 0, 8) == pytest.approx(4.0)

@@ -63,7 +63,8 @@ def test_hf_llama_to_moh_sp2_staged_then_export(tmp_path):
     log = proc.stdout
 
     # the tokenizer came from init_from: the packed token count is the BPE one, not the byte one
-    from longtrain.launcher.data import HFTokenizer, load_documents
+    from longtrain.launcher.data.sources import load_documents
+    from longtrain.launcher.data.tokenizers import HFTokenizer
     from longtrain.testing import PackedCorpus
 
     n_tokens = int(re.search(r"data: .*?([\d,]+) tokens", log).group(1).replace(",", ""))
@@ -135,7 +136,7 @@ def test_hf_llama_to_moh_sp2_staged_then_export(tmp_path):
     start = load_hf_checkpoint(hf, moh=back.cfg.moh).eval()
     start.set_rope(theta=640000.0)
     assert not torch.equal(start.layers[0].attn.wq.weight, back.layers[0].attn.wq.weight)
-    from longtrain.launcher.data import stdlib_files
+    from longtrain.launcher.data.sources import stdlib_files
 
     held_out_text = stdlib_files()[-1].read_text()  # not among the 60 documents trained on
     assert held_out_text not in docs

@@ -17,10 +17,12 @@ import torch
 from helpers import REPO, cli_env, losses, run_train
 from longtrain.errors import DataError
 from longtrain.launcher.config import load_recipe
-from longtrain.launcher.corpus import Blend, Corpus, SourceOptions, SourceStream, build_corpus, corpus_tokenizer
-from longtrain.launcher.data import build_tokenizer, load_documents
-from longtrain.launcher.passkey import mix_passkey_documents
-from longtrain.launcher.prepare import PreparedFolder, prepare
+from longtrain.launcher.data.corpus import Blend, build_corpus, Corpus, corpus_tokenizer, SourceOptions, SourceStream
+from longtrain.launcher.data.sources import load_documents
+from longtrain.launcher.data.tokenizers import build_tokenizer
+from longtrain.launcher.eval.passkey import mix_passkey_documents
+from longtrain.launcher.data.prepare import prepare
+from longtrain.launcher.data.prepared import PreparedFolder
 from longtrain.testing import PackedCorpus, train_bpe_tokenizer
 
 TINY = REPO / "recipes" / "tiny-cpu.toml"
@@ -340,7 +342,7 @@ def test_kill9_resume_and_reshard_draw_the_uninterrupted_samples_with_a_mixture(
 def test_prefetcher_builds_the_next_batches_ahead_and_recomputes_on_a_miss():
     import threading
 
-    from longtrain.launcher.corpus import Prefetcher
+    from longtrain.launcher.data.batches import Prefetcher
 
     calls: list[tuple[int, str]] = []
     release = threading.Event()

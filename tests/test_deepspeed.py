@@ -106,12 +106,12 @@ def test_zero_resume_identical(zero_runs, stage):
 
 def test_ds_config_generated_and_overridable():
     from longtrain.launcher.config import load_recipe
-    from longtrain.parallel.deepspeed_engine import deepspeed_config
+    from longtrain.launcher.optim import deepspeed_settings
 
     r = load_recipe(TINY, ["parallel.dp_engine=deepspeed", "parallel.zero_stage=2", "training.grad_accum=4",
                            "training.grad_clip=0.5",
                            "parallel.deepspeed_config={zero_optimization = {reduce_bucket_size = 1000}}"])
-    cfg = deepspeed_config(r, torch.bfloat16)
+    cfg = deepspeed_settings(r, torch.bfloat16)
     assert cfg["zero_optimization"] == {"stage": 2, "reduce_bucket_size": 1000}  # merged, not replaced
     assert cfg["gradient_accumulation_steps"] == 4 and cfg["train_micro_batch_size_per_gpu"] == 8
     assert cfg["gradient_clipping"] == 0.5 and cfg["bf16"]["enabled"] is True

@@ -16,9 +16,9 @@ from torch import nn
 
 from helpers import REPO, cli_env, run_train
 from longtrain.errors import ConfigError
-from longtrain.launcher import passkey as pk
-from longtrain.launcher.data import ByteTokenizer
-from longtrain.launcher.evaluate import (EvalLayout, Scorer, heldout_windows, parse_depths, parse_lengths,
+from longtrain.launcher.eval import passkey as pk
+from longtrain.launcher.data.tokenizers import ByteTokenizer
+from longtrain.launcher.eval.cli import (EvalLayout, Scorer, heldout_windows, parse_depths, parse_lengths,
                                          passkey_eval, ppl_eval)
 from longtrain.models import ModelConfig, Transformer
 from longtrain.testing import run_distributed
@@ -263,7 +263,7 @@ def _dist_eval(rank: int, world: int, sp: int, impl: str) -> dict:
     if world == 1:
         layout = EvalLayout()
     else:
-        from longtrain.launcher.layout import make_layout
+        from longtrain.parallel.mesh import make_layout
 
         layout = EvalLayout.from_trainer_layout(make_layout(sp), impl, "zigzag")
     m = tiny_model()
@@ -329,7 +329,7 @@ def test_cli_passkey_and_ppl_write_table_json_png(dcp_ckpt, tmp_path):
 
 def test_cli_hf_folder_gives_identical_numbers(dcp_ckpt, tmp_path):
     hf = pytest.importorskip("longtrain.models.hf")
-    from longtrain.launcher.evaluate import load_model
+    from longtrain.launcher.eval.cli import load_model
 
     m = load_model(dcp_ckpt).model
     hf.save_hf_checkpoint(m, tmp_path / "hf")
@@ -390,7 +390,7 @@ def test_in_training_eval_logs_passkey_and_ppl(tmp_path, sp):
 
 def test_filler_skip_past_the_source_is_a_clear_error():
     from longtrain.errors import DataError
-    from longtrain.launcher.evaluate import filler_documents
+    from longtrain.launcher.eval.cli import filler_documents
 
     docs, label = filler_documents({}, "stdlib", 3)
     assert docs and label == "stdlib documents 3.."

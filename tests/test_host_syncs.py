@@ -52,7 +52,7 @@ def _count_step_syncs(rank: int, world: int, sp: int, impl: str, source: str) ->
         trainer.step += 1
         with HostSyncCounter() as c:
             loss = trainer.train_step()["loss"]
-        cu = trainer._micro_batches()[0]["cu_seqlens"]
+        cu = trainer.data.micro_batches(trainer.step)[0]["cu_seqlens"]
         out[dm] = (c.count, dict(c.sites), loss, None if cu is None else len(cu))
     return out
 

@@ -161,7 +161,9 @@ def test_saved_range_covers_activations_that_outgrow_the_running_estimate():
 
 
 def _text_batches(n, b=2, s=128):
-    from longtrain.launcher.data import build_tokenizer, collate, load_documents
+    from longtrain.launcher.data.batches import collate
+    from longtrain.launcher.data.sources import load_documents
+    from longtrain.launcher.data.tokenizers import build_tokenizer
     from longtrain.testing import PackedCorpus
 
     corpus = PackedCorpus(load_documents("stdlib", max_documents=20), build_tokenizer("bytes"), s, seed=0)

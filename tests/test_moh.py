@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from longtrain.models import ModelConfig, MoHConfig, Transformer
-from longtrain.models.llama import rope_cos_sin, rope_inv_freq
+from longtrain.models.layers import rope_cos_sin, rope_inv_freq
 from longtrain.models.moh import MoHAttention, moh_stats
 from longtrain.models.ops import LocalAttention
 from longtrain.models.spans import Span

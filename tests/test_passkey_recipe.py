@@ -87,7 +87,7 @@ def test_passkey_recipe_learns_retrieval_with_sp2(base_run, tmp_path):
     np.testing.assert_allclose(sp2["digit_accuracy"], one["digit_accuracy"])
 
     hf = pytest.importorskip("longtrain.models.hf")
-    from longtrain.launcher.evaluate import load_model
+    from longtrain.launcher.eval.cli import load_model
 
     hf.save_hf_checkpoint(load_model(ckpt).model, tmp_path / "hf")
     # an HF folder has no run next to it: name the same held-out filler documents explicitly

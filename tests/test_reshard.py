@@ -19,14 +19,14 @@ def _resume_and_dump(rank, world, recipe_path, sets):
     trainer = Trainer(load_recipe(recipe_path, sets))
     trainer.resume()
     opts = StateDictOptions(full_state_dict=True, cpu_offload=False)
-    model_sd, optim_sd = get_state_dict(trainer.wrapped, trainer.optimizer, options=opts)
+    model_sd, optim_sd = get_state_dict(trainer.engine.wrapped, trainer.engine.optimizer, options=opts)
     # which global samples this rank reads in the next step
     lay, mb = trainer.layout, trainer.recipe.training.micro_batch
-    starts = [trainer.data_position + (m * lay.dp + lay.dp_rank) * mb for m in range(trainer.recipe.training.grad_accum)]
-    next_tokens = [trainer.corpus.sample(s + i).tokens for s in starts for i in range(mb)]
+    starts = [trainer.data.position + (m * lay.dp + lay.dp_rank) * mb for m in range(trainer.recipe.training.grad_accum)]
+    next_tokens = [trainer.data.corpus.sample(s + i).tokens for s in starts for i in range(mb)]
     flat_optim = {f"{k}.{n}": v.clone() for k, st in optim_sd["state"].items() for n, v in st.items()
                   if isinstance(v, torch.Tensor)}
-    return {"step": trainer.step, "pos": trainer.data_position, "model": {k: v.clone() for k, v in model_sd.items()},
+    return {"step": trainer.step, "pos": trainer.data.position, "model": {k: v.clone() for k, v in model_sd.items()},
             "optim": flat_optim, "next": next_tokens, "dp_rank": lay.dp_rank}
 
 
@@ -50,7 +50,8 @@ def test_reshard_2_to_1_and_4(tmp_path):
                 assert torch.equal(r["optim"][k], base["optim"][k]), (w, k)
     # the same global order continues: the 4 ranks of the next step read consecutive global samples
     from longtrain.launcher.config import load_recipe
-    from longtrain.launcher.data import build_tokenizer, load_documents
+    from longtrain.launcher.data.sources import load_documents
+    from longtrain.launcher.data.tokenizers import build_tokenizer
     from longtrain.testing import PackedCorpus
 
     rec = load_recipe(str(TINY), sets)

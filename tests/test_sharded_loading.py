@@ -40,7 +40,7 @@ def _full_state(model) -> dict[str, torch.Tensor]:
 
 
 def _build(rank: int, world: int, init_from: str | None, extra: list[str], want_state: bool):
-    from longtrain.launcher.trainer import build_sharded_model
+    from longtrain.launcher.build import build_sharded_model
 
     recipe = _recipe(init_from, extra)
     base = _rss_anon()
@@ -82,7 +82,7 @@ def _small_hf(path: Path) -> Path:
 def test_sharded_build_equals_whole_model(tmp_path):
     """World 2: a fresh sharded model equals Transformer.init_weights(seed); an HF folder (also
     converted to MoH, with seeded router weights) equals load_hf_checkpoint, parameter for parameter."""
-    from longtrain.launcher.trainer import build_model
+    from longtrain.launcher.build import build_model
     from longtrain.models.config import MoHConfig
     from longtrain.models.hf import load_hf_checkpoint
 

@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from longtrain.models import ModelConfig, MoHConfig
-from longtrain.models.llama import Attention, apply_rope, rope_cos_sin, rope_inv_freq
+from longtrain.models.layers import apply_rope, rope_cos_sin, rope_inv_freq
+from longtrain.models.llama import Attention
 from longtrain.models.moh import MoHAttention
 from longtrain.models.ops import LocalAttention
 from longtrain.models.spans import Span, attention_flops_fraction, layer_plan, parse_span

@@ -34,7 +34,7 @@ from longtrain.bench.common import print_table, write_json
 
 def make_jsonl(path: Path, megabytes: float, seed: int = 0) -> dict[str, Any]:
     """A JSONL file of ~megabytes MB: documents cut from the standard library's source."""
-    from longtrain.launcher.data import load_documents
+    from longtrain.launcher.data.sources import load_documents
 
     if path.exists() and path.stat().st_size >= megabytes * 1e6 * 0.98:
         return {"path": str(path), "bytes": path.stat().st_size}
@@ -139,7 +139,8 @@ def main(argv: list[str]) -> int:
     args = ap.parse_args(argv)
     if args.quick:
         args.small_mb, args.large_mb, args.steps = 2.0, 10.0, 5
-    from longtrain.launcher.prepare import PreparedFolder, prepare
+    from longtrain.launcher.data.prepare import prepare
+    from longtrain.launcher.data.prepared import PreparedFolder
     from longtrain.testing import train_bpe_tokenizer
 
     work = Path(args.work) if args.work else Path(tempfile.mkdtemp(prefix="longtrain-bench-data-"))

@@ -112,7 +112,7 @@ def evaluate(ckpt: str, out: Path, *, samples: int, ppl_samples: int, reuse: boo
 
 
 def summarize(name: str, run: dict[str, Any], pk: dict[str, Any], ppl: dict[str, Any]) -> dict[str, Any]:
-    from longtrain.launcher.eval_report import ppl_between
+    from longtrain.launcher.eval.report import ppl_between
 
     acc = np.asarray(pk["accuracy"])
     row: dict[str, Any] = {"model": name, "steps": run.get("steps"), "wall_s": run.get("wall_s")}
@@ -183,7 +183,7 @@ def main(argv: list[str] | None = None) -> int:
         rows.append(summarize(name, run, pk, ppl))
         print(f"{name}: passkey by length {[rows[-1][f'passkey@{L}'] for L in LENGTHS]}", flush=True)
     from longtrain.bench.common import print_table, write_json
-    from longtrain.launcher.eval_report import plot_passkey_compare, plot_ppl_compare
+    from longtrain.launcher.eval.report import plot_passkey_compare, plot_ppl_compare
 
     print_table(rows)
     table = markdown(rows)

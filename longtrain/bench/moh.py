@@ -23,7 +23,8 @@ import torch
 
 from longtrain.bench.common import print_table, write_json
 from longtrain.models.config import MoHConfig, model_config
-from longtrain.models.llama import Attention, rope_cos_sin, rope_inv_freq
+from longtrain.models.layers import rope_cos_sin, rope_inv_freq
+from longtrain.models.llama import Attention
 from longtrain.models.moh import MoHAttention, _auto_block
 from longtrain.models.ops import LocalAttention
 from longtrain.models.spans import Span

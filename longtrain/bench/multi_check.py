@@ -37,8 +37,7 @@ from typing import Any
 import torch
 
 from longtrain.bench.gpu_check import ROWS, T0, _row, print_table
-
-IMPLS = ("ring", "tokenring", "ulysses", "hybrid", "hybrid-tokenring")
+from longtrain.parallel.rules import SP_IMPLS
 
 
 def _extra_sleep(timeout_s: float) -> float:
@@ -145,7 +144,7 @@ def check_sp_parity(dev: torch.device, work: Path, rows: list) -> None:
             pos = shard_sequence(b[pos_key], group, dim=0)
             ref_loss = sum(r[0] for r in refs[:dp])
             ref_grad = sum(r[1] for r in refs[:dp])
-            impls = ["ring"] if mask.startswith("lightning") else IMPLS  # lightning SP does not depend on impl
+            impls = ["ring"] if mask.startswith("lightning") else SP_IMPLS  # lightning SP does not depend on impl
             for impl in impls:
                 for one_comm in ((False,) if impl == "ulysses" or mask.startswith("lightning") else (False, True)):
                     name = f"sp={sp} dp={dp} {impl}{' one-communicator' if one_comm else ''} {mask}"

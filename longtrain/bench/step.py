@@ -19,8 +19,8 @@ class _PlainLoop:
     """The textbook eager loop: same model, data and AdamW; no engine, no distributed calls."""
 
     def __init__(self, recipe) -> None:
-        from longtrain.launcher.corpus import build_corpus, corpus_tokenizer
-        from longtrain.launcher.data import collate
+        from longtrain.launcher.data.corpus import build_corpus, corpus_tokenizer
+        from longtrain.launcher.data.batches import collate
         from longtrain.models import Transformer
 
         torch.manual_seed(recipe.run.seed)

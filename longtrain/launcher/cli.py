@@ -286,8 +286,8 @@ def _sub_main(module: str, argv: list[str]) -> int:
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     # sub-tools with their own argument parsers
-    passthrough = {"bench": None, "prepare": "longtrain.launcher.prepare", "plan": "longtrain.launcher.plan", "slurm": "longtrain.launcher.slurm",
-                   "eval": "longtrain.launcher.evaluate", "convert": "longtrain.launcher.convert"}
+    passthrough = {"bench": None, "prepare": "longtrain.launcher.data.prepare", "plan": "longtrain.launcher.plan", "slurm": "longtrain.launcher.slurm",
+                   "eval": "longtrain.launcher.eval.cli", "convert": "longtrain.launcher.convert"}
     try:
         if argv and argv[0] == "--version":
             print(f"longtrain {_version()}")

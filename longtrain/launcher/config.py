@@ -14,10 +14,14 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from longtrain.errors import ConfigError
 from longtrain.models.config import PRESETS, ModelConfig, MoHConfig, model_config
+from longtrain.parallel.rules import SP_IMPL_CHOICES, SP_LAYOUTS
+
+if TYPE_CHECKING:
+    from longtrain.kernels.mesa.config import MesaConfig
 
 
 @dataclass
@@ -136,6 +140,17 @@ class MesaSection:
     ema_decay: float = 0.9
     stochastic: bool = True
     skip_layers: list[int] = field(default_factory=list)  # layers kept exact (negative = from the end)
+
+    def kernel_config(self) -> "MesaConfig":
+        """The kernels' MesaConfig for this section, validated (ConfigError naming the bad field)."""
+        from longtrain.kernels.mesa.config import MesaConfig
+
+        cfg = MesaConfig(enabled=self.enabled, bits=self.bits, group=self.group, ema_decay=self.ema_decay,
+                         stochastic=self.stochastic, skip_layers=tuple(self.skip_layers))
+        try:
+            return cfg.validate()
+        except ValueError as e:
+            raise ConfigError(f"'{str(e).split(' ', 1)[0]}' {str(e).split(' ', 1)[1]}") from None
 
 
 @dataclass
@@ -389,8 +404,8 @@ def validate(r: Recipe) -> None:
     if not 0 <= d.passkey_fraction <= 1:
         raise ConfigError(f"'data.passkey_fraction' must be in [0, 1], got {d.passkey_fraction}")
     _positive("parallel.sp", p.sp)
-    _choice("parallel.sp_impl", p.sp_impl, ("auto", "ring", "tokenring", "ulysses", "hybrid", "hybrid-tokenring"))
-    _choice("parallel.sp_layout", p.sp_layout, ("zigzag", "contiguous"))
+    _choice("parallel.sp_impl", p.sp_impl, SP_IMPL_CHOICES)
+    _choice("parallel.sp_layout", p.sp_layout, SP_LAYOUTS)
     _choice("parallel.dp_engine", p.dp_engine, ("fsdp2", "ddp", "deepspeed"))
     _positive("parallel.ulysses_degree", p.ulysses_degree, allow_zero=True)
     if p.zero_stage not in (0, 1, 2, 3):
@@ -399,11 +414,7 @@ def validate(r: Recipe) -> None:
     _positive("checkpoint.keep_last", c.keep_last)
     _positive("metrics.log_every", r.metrics.log_every)
     if r.mesa.enabled:
-        if r.mesa.bits not in (1, 2, 4, 8):
-            raise ConfigError(f"'mesa.bits' must be 8, 4, 2 or 1 (codes are packed into bytes), got {r.mesa.bits}")
-        _choice("mesa.group", r.mesa.group, ("head", "channel"))
-        if not 0 <= r.mesa.ema_decay < 1:
-            raise ConfigError(f"'mesa.ema_decay' must be in [0, 1), got {r.mesa.ema_decay}")
+        r.mesa.kernel_config()  # the kernels' own validation, once
     if r.model.preset is not None and r.model.preset not in PRESETS:
         raise ConfigError(f"unknown 'model.preset' {r.model.preset!r}{_closest(r.model.preset, list(PRESETS))}")
     if r.model.init_from is not None and not Path(r.model.init_from).is_dir():
@@ -459,7 +470,7 @@ def validate(r: Recipe) -> None:
     if d.passkey_options:
         import inspect
 
-        from longtrain.launcher.passkey import mix_passkey_documents
+        from longtrain.launcher.eval.passkey import mix_passkey_documents
 
         known = [n for n, p in inspect.signature(mix_passkey_documents).parameters.items()
                  if p.kind == p.KEYWORD_ONLY and n not in ("seed", "seq_len")]

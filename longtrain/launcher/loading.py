@@ -266,7 +266,7 @@ def load_checkpoint_model(path: str | os.PathLike, dtype: torch.dtype = torch.fl
 
 def pick_tokenizer(info: Loaded, override: str | None):
     """The tokenizer the model was trained with: `override`, the run's recipe, the HF folder, or bytes."""
-    from longtrain.launcher.data import build_tokenizer
+    from longtrain.launcher.data.tokenizers import build_tokenizer
 
     spec = override or info.tokenizer_spec
     vocab = info.cfg.vocab_size

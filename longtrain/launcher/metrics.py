@@ -29,6 +29,12 @@ PEAK_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "A10": 125e12, "L4
               "V100": 125e12, "4090": 165e12}
 
 
+
+def setup_logging(is_main: bool) -> None:
+    """Console logging: INFO on the main process, warnings only on the others."""
+    logging.basicConfig(level=logging.INFO if is_main else logging.WARNING, stream=sys.stdout,
+                        format="[%(asctime)s] %(message)s", datefmt="%H:%M:%S", force=True)
+
 def peak_flops(device: torch.device) -> float | None:
     if device.type != "cuda":
         return None
@@ -78,7 +84,7 @@ TB_TAGS = {
     "loss": "train/loss", "lr": "train/lr", "grad_norm": "train/grad_norm",
     "skipped_steps": "train/skipped_steps", "aux_loss": "train/aux_loss",
     "tokens_per_s": "perf/tokens_per_s", "tokens_per_s_per_process": "perf/tokens_per_s_per_process",
-    "step_time_s": "perf/step_time_s", "mfu": "perf/mfu",
+    "step_time_s": "perf/step_time_s", "mfu": "perf/mfu", "tokens_per_step": "perf/tokens_per_step",
     "memory_mb": "memory/used_mb",
     "data_wait_s": "data/wait_s",
 }
@@ -131,7 +137,8 @@ def _hparam_value(v: Any) -> bool | float | str:
 def run_hparams(trainer: Any) -> dict[str, bool | float | str]:
     """The recipe values runs are compared by, for the HParams plugin (keys named as in recipes).
 
-    `trainer` is read duck-typed: recipe, model.cfg, layout (world, dp, sp), sp_impl, global_batch.
+    `trainer` is read duck-typed: recipe, model.cfg, layout (world, dp, sp), sp_attention.impl,
+    data.global_batch.
     Settings an older recipe schema lacks are read with defaults (chunk sizes: 0)."""
     r, cfg, lay = trainer.recipe, trainer.model.cfg, trainer.layout
     t, p, m = r.training, r.parallel, r.mesa
@@ -149,14 +156,14 @@ def run_hparams(trainer: Any) -> dict[str, bool | float | str]:
         "data.seq_len": r.data.seq_len,
         "data.seq_len_max": max([r.data.seq_len, *[s.seq_len or 0 for s in r.stages]]),
         "parallel.world": lay.world, "parallel.dp": lay.dp, "parallel.sp": lay.sp,
-        "parallel.sp_impl": (getattr(trainer, "sp_impl", None) or p.sp_impl) if lay.sp > 1 else "none",
+        "parallel.sp_impl": trainer.sp_attention.impl if lay.sp > 1 else "none",
         "parallel.dp_engine": p.dp_engine,
         "mesa.enabled": bool(m.enabled), "mesa.bits": m.bits if m.enabled else 0,
         "training.activation_checkpointing": ac,
         "training.loss_chunk": getattr(t, "loss_chunk", 0),
         "training.mlp_chunk": getattr(t, "mlp_chunk", 0),
         "training.lr": t.lr, "training.steps": t.steps, "training.micro_batch": t.micro_batch,
-        "training.grad_accum": t.grad_accum, "training.global_batch": trainer.global_batch,
+        "training.grad_accum": t.grad_accum, "training.global_batch": trainer.data.global_batch,
         "training.dtype": t.dtype, "training.compile": bool(t.compile),
     }
     return {k: _hparam_value(v) for k, v in hp.items()}
@@ -272,7 +279,7 @@ class Metrics:
         if self.writer is None or self._no_images:
             return
         try:
-            from longtrain.launcher.eval_report import plot_passkey
+            from longtrain.launcher.eval.report import plot_passkey
 
             buf = io.BytesIO()
             plot_passkey(res, buf, f"{self.out_dir.name}, step {step}: passkey accuracy (%)")

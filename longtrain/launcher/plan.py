@@ -20,6 +20,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from longtrain.errors import ConfigError
+from longtrain.parallel.rules import SP_IMPLS, default_ulysses_degree, resolve_sp_impl, ulysses_heads_ok
 
 GiB = 2**30
 
@@ -56,7 +57,6 @@ INTERCONNECTS: dict[str, tuple[float, str]] = {
     "nvlink": (450.0, "one NVLink domain across nodes (NVL72-style)"),
 }
 
-SP_IMPLS = ("ring", "tokenring", "ulysses", "hybrid", "hybrid-tokenring")
 
 
 # ---- memory ----------------------------------------------------------------------------------
@@ -286,7 +286,7 @@ def sp_comm_bytes(cfg: Any, impl: str, sp: int, tokens_local: float, act_bytes: 
         per = t * (2 * hq + 2 * hkv) * D * a * (W - 1) / W
         return {"bytes": L * 2 * per, "overlappable": False}
     if impl in ("hybrid", "hybrid-tokenring"):
-        u = ulysses_degree or _largest_divisor(W, hkv)
+        u = ulysses_degree or default_ulysses_degree(W, hq, hkv)
         r = W // u
         uly = sp_comm_bytes(cfg, "ulysses", u, t, a)["bytes"]
         # after the all-to-all each rank holds t*u tokens of hq/u heads: the ring moves 1/u of the heads
@@ -301,10 +301,6 @@ def _n_softmax_layers(cfg: Any) -> int:
     from longtrain.models.spans import layer_plan
 
     return sum(1 for s in layer_plan(cfg.attention, cfg.n_layers) if s.kind != "lightning")
-
-
-def _largest_divisor(n: int, limit: int) -> int:
-    return max(d for d in range(1, n + 1) if n % d == 0 and d <= max(1, limit))
 
 
 @dataclass
@@ -339,9 +335,9 @@ def step_time(cfg: Any, gpu: GPU, inter_gbs: float, *, world: int, sp: int, impl
     a = 2 if dtype == "bf16" else 4
     note, feasible = "", True
     if impl in ("ulysses", "hybrid", "hybrid-tokenring") and sp > 1:
-        u = sp if impl == "ulysses" else (ulysses_degree or _largest_divisor(sp, cfg.n_kv_heads))
-        if cfg.n_heads % u:
-            feasible, note = False, f"n_heads {cfg.n_heads} not divisible by {u}"
+        u = sp if impl == "ulysses" else (ulysses_degree or default_ulysses_degree(sp, cfg.n_heads, cfg.n_kv_heads))
+        if not ulysses_heads_ok(u, cfg.n_heads, cfg.n_kv_heads):
+            feasible, note = False, f"{cfg.n_heads} query / {cfg.n_kv_heads} kv heads cannot be split over {u} ranks"
     comm = sp_comm_bytes(cfg, impl, sp, tokens_local, a, ulysses_degree)
     in_node = sp <= gpus_per_node
     bw = (gpu.intra_gbs if in_node else inter_gbs) * 1e9
@@ -459,7 +455,7 @@ def make_plan(recipe: Any, gpus: int, gpu: str = "h100", interconnect: str = "ib
         model={"preset": recipe.model.preset, "n_params": cfg.n_params, "n_layers": cfg.n_layers, "dim": cfg.dim,
                "n_heads": cfg.n_heads, "n_kv_heads": cfg.n_kv_heads, "head_dim": cfg.head_dim,
                "vocab_size": cfg.vocab_size, "moh": asdict(cfg.moh) if cfg.moh else None},
-        layout={"world": gpus, "dp": gpus // sp0, "sp": sp0, "sp_impl": _resolve(p.sp_impl, cfg), "seq_len": seq,
+        layout={"world": gpus, "dp": gpus // sp0, "sp": sp0, "sp_impl": resolve_sp_impl(p.sp_impl, cfg.n_heads, cfg.n_kv_heads), "seq_len": seq,
                 "micro_batch": t.micro_batch, "grad_accum": t.grad_accum, "dtype": t.dtype, "engine": p.dp_engine,
                 "zero_stage": p.zero_stage if p.dp_engine == "deepspeed" else None,
                 "activation_checkpointing": t.activation_checkpointing, "mesa": recipe.mesa.enabled,
@@ -487,13 +483,6 @@ def longest_fitting_seq(total_bytes, budget: float, multiple: int, cap: int = 2*
         else:
             hi = mid
     return lo
-
-
-def _resolve(impl: str, cfg: Any) -> str:
-    """The trainer's rule for sp_impl = 'auto': TokenRing for MHA, ring for GQA/MQA."""
-    if impl != "auto":
-        return impl
-    return "tokenring" if cfg.n_kv_heads == cfg.n_heads else "ring"
 
 
 def load_for_plan(path: str, overrides: list[str]) -> tuple[Any, list[str]]:

@@ -18,64 +18,12 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from longtrain.models.config import ModelConfig
+from longtrain.models.layers import RMSNorm, apply_rope, rope_cos_sin, rope_inv_freq
 from longtrain.models.loss import chunked_lm_loss, chunked_token_nll
 from longtrain.models.memory import checkpoint_policy, loss_chunk_tokens, mlp_chunk_tokens
 from longtrain.models.ops import AttentionOps, LocalAttention
 from longtrain.models.spans import Span, layer_plan
 from longtrain.models.tiling import token_tiled
-
-
-class RMSNorm(nn.Module):
-    def __init__(self, dim: int, eps: float = 1e-5) -> None:
-        super().__init__()
-        self.eps = eps
-        self.weight = nn.Parameter(torch.ones(dim))
-
-    def forward(self, x: Tensor) -> Tensor:
-        xf = x.float()
-        y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return (y * self.weight.float()).to(x.dtype)
-
-
-def rope_inv_freq(head_dim: int, theta: float, scaling: dict[str, Any] | None = None) -> Tensor:
-    """Inverse frequencies [head_dim/2] (fp32), with HF-style 'linear' or 'llama3' scaling."""
-    inv = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim))
-    if scaling:
-        kind = scaling.get("rope_type", scaling.get("type", "default"))
-        factor = float(scaling.get("factor", 1.0))
-        if kind == "linear":
-            inv = inv / factor
-        elif kind == "llama3":
-            low = float(scaling.get("low_freq_factor", 1.0))
-            high = float(scaling.get("high_freq_factor", 4.0))
-            old_ctx = float(scaling.get("original_max_position_embeddings", 8192))
-            low_wl, high_wl = old_ctx / low, old_ctx / high
-            wavelen = 2 * math.pi / inv
-            smooth = (old_ctx / wavelen - low) / (high - low)
-            scaled = torch.where(wavelen > low_wl, inv / factor, inv)
-            mid = (1 - smooth) * inv / factor + smooth * inv
-            is_mid = (wavelen <= low_wl) & (wavelen >= high_wl)
-            inv = torch.where(is_mid, mid, scaled)
-        elif kind not in ("default", None):
-            raise ValueError(f"unsupported rope_scaling type {kind!r} (use 'linear' or 'llama3')")
-    return inv.float()
-
-
-def rope_cos_sin(positions: Tensor, inv_freq: Tensor) -> tuple[Tensor, Tensor]:
-    """positions [S] or [B,S] (global token positions) -> cos, sin [B|1, S, 1, head_dim] fp32."""
-    if positions.dim() == 1:
-        positions = positions.unsqueeze(0)
-    freqs = positions.to(torch.float32).unsqueeze(-1) * inv_freq.to(positions.device)
-    emb = torch.cat([freqs, freqs], dim=-1).unsqueeze(2)
-    return emb.cos(), emb.sin()
-
-
-def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    """Rotate-half RoPE (the HF LLaMA convention) on x [B,S,H,D]."""
-    xf = x.float()
-    x1, x2 = xf.chunk(2, dim=-1)
-    rotated = torch.cat([-x2, x1], dim=-1)
-    return (xf * cos + rotated * sin).to(x.dtype)
 
 
 class Attention(nn.Module):
@@ -162,7 +110,8 @@ class Block(nn.Module):
 class Transformer(nn.Module):
     """Decoder-only LM.
 
-    forward(tokens [B,S], positions [S] or [B,S], ops) -> logits [B,S,V] (fp32), or with `labels`
+    forward(tokens [B,S], positions [S] or [B,S], ops) -> logits [B,S,V] (fp32; `logits="last"`:
+    [B,1,V], the last position only, as decoding needs), or with `labels`
     [B,S] (-100 = not counted) the summed cross-entropy (0-d fp32; `reduction="none"`: per-token
     NLL fp32 [B,S] and argmax [B,S], no grad) computed in token chunks (`loss_chunk`), so no
     [S, V] tensor exists. Memory settings (attributes): `activation_checkpointing` (a policy,
@@ -254,7 +203,10 @@ class Transformer(nn.Module):
         return checkpoint(run, h_host, rope, ops, use_reentrant=False)
 
     def forward(self, tokens: Tensor, positions: Tensor | None = None, ops: AttentionOps | None = None,
-                labels: Tensor | None = None, reduction: str = "sum") -> Tensor | tuple[Tensor, Tensor]:
+                labels: Tensor | None = None, reduction: str = "sum",
+                logits: str = "all") -> Tensor | tuple[Tensor, Tensor]:
+        if logits not in ("all", "last"):
+            raise ValueError(f"logits must be 'all' or 'last', got {logits!r}")
         B, S = tokens.shape
         if positions is None:
             positions = torch.arange(S, device=tokens.device)
@@ -270,6 +222,8 @@ class Transformer(nn.Module):
                 h = self._offloaded(i, layer, h, rope, ops)
             else:
                 h = layer(h, rope, ops)
+        if labels is None and logits == "last":
+            h = h[:, -1:]
         h = self.norm(h)
         if labels is None:
             return self.output(h).float()

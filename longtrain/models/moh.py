@@ -49,6 +49,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from longtrain.models.config import ModelConfig
+from longtrain.models.layers import apply_rope
 from longtrain.models.ops import AttentionOps, LocalAttention
 from longtrain.models.spans import Span
 
@@ -56,12 +57,6 @@ from longtrain.models.spans import Span
 def _up(t: Tensor) -> Tensor:
     """Router math in fp32 (fp64 stays fp64)."""
     return t if t.dtype == torch.float64 else t.float()
-
-
-def _apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    from longtrain.models.llama import apply_rope
-
-    return apply_rope(x, cos, sin)
 
 
 class MoHAttention(nn.Module):
@@ -155,7 +150,7 @@ class MoHAttention(nn.Module):
         k = self.wk(x).view(B, S, Hkv, D)
         v = self.wv(x).view(B, S, Hkv, D)
         gates, sel = self.route(x, q)
-        q, k = _apply_rope(q, *rope), _apply_rope(k, *rope)
+        q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         # the sparse path is built on torch's CPU flash op (it returns the log-sum-exp); elsewhere
         # its parts would fall back to materialised scores, slower than masked flash-attn
         if (self.sparse and q.shape[1] >= self.sparse_min_seq and isinstance(ops, LocalAttention)

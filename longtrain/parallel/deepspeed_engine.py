@@ -17,18 +17,19 @@ How it fits the trainer:
   convert and `.metadata`-based completeness checks work unchanged) plus DeepSpeed's own files
   (partitioned optimizer state) under `deepspeed/` for exact resume.
 
-This module imports nothing from launcher/: `recipe`, `trainer` and `checkpointer` are duck-typed.
+This module imports nothing from launcher/: it takes plain arguments; `checkpointer` is duck-typed.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import logging
 import os
 import types
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch
 import torch.distributed as dist
@@ -50,29 +51,29 @@ def _deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def deepspeed_config(recipe: Any, dtype: torch.dtype = torch.float32) -> dict[str, Any]:
-    """The DeepSpeed config generated from a recipe, with `parallel.deepspeed_config` merged over it.
+def deepspeed_config(*, micro_batch: int, grad_accum: int, grad_clip: float, zero_stage: int,
+                     dtype: torch.dtype = torch.float32, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The DeepSpeed config for these settings, with `overrides` (parallel.deepspeed_config) merged over it.
 
     Batch sizes are in samples per rank; `train_batch_size` is left to DeepSpeed
     (micro_batch * grad_accum * world size, since every rank counts as data parallel for it).
     """
-    t, p = recipe.training, recipe.parallel
     cfg: dict[str, Any] = {
-        "train_micro_batch_size_per_gpu": t.micro_batch,
-        "gradient_accumulation_steps": t.grad_accum,
+        "train_micro_batch_size_per_gpu": micro_batch,
+        "gradient_accumulation_steps": grad_accum,
         "managed_gradient_accumulation": False,  # the trainer owns the boundary: step() once per update
-        "gradient_clipping": float(t.grad_clip),
-        "zero_optimization": {"stage": p.zero_stage},
+        "gradient_clipping": float(grad_clip),
+        "zero_optimization": {"stage": zero_stage},
         "bf16": {"enabled": dtype == torch.bfloat16},
         "fp16": {"enabled": False},
         "zero_allow_untested_optimizer": True,  # torch.optim.AdamW
         "steps_per_print": 2**31 - 1,
         "wall_clock_breakdown": False,
     }
-    if p.zero_stage == 3:
+    if zero_stage == 3:
         # gather everything at once for small models; big ones keep DeepSpeed's defaults
         cfg["zero_optimization"]["stage3_gather_16bit_weights_on_model_save"] = False
-    return _deep_merge(cfg, p.deepspeed_config or {})
+    return _deep_merge(cfg, overrides or {})
 
 
 def _skip_shm_op() -> None:
@@ -92,41 +93,77 @@ def _skip_shm_op() -> None:
     ds_torch.build_shm_op = _none
 
 
-def wrap_deepspeed(model: nn.Module, recipe: Any, lr_lambda: Callable[[int], float],
-                   dtype: torch.dtype = torch.float32) -> tuple[Any, Any, Any]:
-    """Wrap `model` (already on its device) in a DeepSpeed engine over the default process group.
+class DeepSpeedEngine:
+    """DeepSpeed ZeRO behind the trainer's Engine interface (parallel/engines.py).
 
-    Returns (engine, optimizer, scheduler): a torch AdamW (decay on >= 2-D weights only) driven
-    by DeepSpeed, and a LambdaLR on it stepped by `engine.step()` at each update.
-    """
-    os.environ.setdefault("DS_BUILD_OPS", "0")
-    if not dist.is_initialized():
-        raise RuntimeError("wrap_deepspeed needs an initialised torch.distributed process group")
-    try:
-        import deepspeed
-    except ImportError as e:
-        from longtrain.errors import ConfigError
+    `model` is already on its device; the optimizer is a torch AdamW (decay on >= 2-D weights only)
+    driven by DeepSpeed, the schedule a LambdaLR stepped by DeepSpeed at each update; `config` is
+    deepspeed_config(...)."""
 
-        raise ConfigError(f"parallel.dp_engine = 'deepspeed' needs DeepSpeed: pip install 'longtrain[deepspeed]' ({e})") from None
-    if not torch.cuda.is_available():
-        _skip_shm_op()
-    t = recipe.training
-    decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
-    no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
-    optimizer = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": t.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-        lr=t.lr, betas=(t.beta1, t.beta2), eps=1e-8, foreach=False)
-    cfg = deepspeed_config(recipe, dtype)
-    # DeepSpeed logs every config value at INFO; keep the run's console readable
-    logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
-    # DeepSpeed selects cuda:LOCAL_RANK unless told the device: under per-task GPU binding (srun
-    # --gpus-per-task=1) that index does not exist, so hand it the device the model already lives on
-    dev = next(model.parameters()).device
-    args = types.SimpleNamespace(device_rank=dev.index) if dev.type == "cuda" else None
-    engine, ds_opt, _, scheduler = deepspeed.initialize(
-        args=args, model=model, optimizer=optimizer, config=cfg, dist_init_required=False,
-        lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda))
-    return engine, ds_opt, scheduler
+    name = "deepspeed"
+
+    def __init__(self, model: nn.Module, config: dict[str, Any], *, lr: float, betas: tuple[float, float],
+                 weight_decay: float, lr_lambda: Callable[[int], float]) -> None:
+        os.environ.setdefault("DS_BUILD_OPS", "0")
+        if not dist.is_initialized():
+            raise RuntimeError("DeepSpeedEngine needs an initialised torch.distributed process group")
+        try:
+            import deepspeed
+        except ImportError as e:
+            from longtrain.errors import ConfigError
+
+            raise ConfigError(f"parallel.dp_engine = 'deepspeed' needs DeepSpeed: pip install 'longtrain[deepspeed]' "
+                              f"({e})") from None
+        if not torch.cuda.is_available():
+            _skip_shm_op()
+        from longtrain.parallel.engines import adamw
+
+        optimizer = adamw(model, lr, betas, weight_decay, foreach=False)
+        # DeepSpeed logs every config value at INFO; keep the run's console readable
+        logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
+        # DeepSpeed selects cuda:LOCAL_RANK unless told the device: under per-task GPU binding (srun
+        # --gpus-per-task=1) that index does not exist, so hand it the device the model already lives on
+        dev = next(model.parameters()).device
+        args = types.SimpleNamespace(device_rank=dev.index) if dev.type == "cuda" else None
+        self.ds, self.optimizer, _, self.scheduler = deepspeed.initialize(
+            args=args, model=model, optimizer=optimizer, config=config, dist_init_required=False,
+            lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda))
+        self.model, self.wrapped, self.autocast, self.lr_lambda = model, self.ds, None, lr_lambda
+
+    def __call__(self, *args: Any) -> Any:
+        return self.ds(*args)
+
+    @contextlib.contextmanager
+    def micro_batch(self, last: bool) -> Iterator[None]:
+        yield  # DeepSpeed accumulates in backward and reduces in step()
+
+    def backward(self, loss: torch.Tensor) -> None:
+        self.ds.backward(loss, scale_wrt_gas=False)  # the trainer's loss scale already averages
+
+    def step(self, grad_clip: float, accept: Callable[[float], bool]) -> tuple[float, bool]:
+        """The accumulation boundary: reduce, clip (config), update, schedule. DeepSpeed skips
+        non-finite updates itself, so `accept` is not consulted."""
+        self.ds.step()
+        return float(self.ds.get_global_grad_norm() or 0.0), True
+
+    def lr(self) -> float:
+        return self.scheduler.get_last_lr()[0]
+
+    def save(self, checkpointer: Any, step: int, meta: dict[str, Any], *, background: bool = False,
+             group: Any = None) -> None:
+        checkpointer.save(step, None, {**meta, **self.checkpoint_meta()},
+                          write=lambda tmp: write_deepspeed(self.ds, tmp))
+
+    def load(self, path: str | os.PathLike, step: int, read: Any = None) -> None:
+        """Engine, optimizer and schedule from a checkpoint this engine wrote (same world size)."""
+        load_deepspeed(self.ds, path)
+        self.scheduler.last_epoch = step
+        for g, lr0 in zip(self.optimizer.param_groups, self.scheduler.base_lrs):
+            g["lr"] = lr0 * self.lr_lambda(step)
+
+    def checkpoint_meta(self) -> dict[str, Any]:
+        return {"engine": self.name,
+                "deepspeed": {"zero_stage": self.ds.zero_optimization_stage(), "dir": DS_SUBDIR}}
 
 
 # ---- checkpoints -----------------------------------------------------------------------------
@@ -159,7 +196,7 @@ def write_deepspeed(engine: Any, folder: Path) -> None:
     engine.save_checkpoint(str(folder), tag=DS_SUBDIR, save_latest=False)
 
 
-def load_deepspeed(trainer: Any, path: str | os.PathLike) -> None:
+def load_deepspeed(engine: Any, path: str | os.PathLike) -> None:
     """Restore engine, optimizer and scheduler state from a checkpoint written by save_deepspeed.
 
     DeepSpeed's partitioned optimizer state only loads into the same world size; a different
@@ -177,7 +214,7 @@ def load_deepspeed(trainer: Any, path: str | os.PathLike) -> None:
         raise CheckpointError(f"DeepSpeed checkpoint {p} was written by {meta['world_size']} ranks; this run has "
                               f"{world} (ZeRO optimizer state is partitioned per rank): resume with "
                               f"{meta['world_size']} ranks, or use dp_engine=fsdp2 for resharding")
-    load_path, _ = trainer.ds_engine.load_checkpoint(str(p), tag=DS_SUBDIR, load_optimizer_states=True,
+    load_path, _ = engine.load_checkpoint(str(p), tag=DS_SUBDIR, load_optimizer_states=True,
                                                      load_lr_scheduler_states=True)
     if load_path is None:
         raise CheckpointError(f"DeepSpeed could not load {p / DS_SUBDIR}")

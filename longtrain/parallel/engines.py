@@ -1,40 +1,61 @@
-"""Data-parallel wrapping: FSDP2 (fully_shard), DDP, or DeepSpeed ZeRO.
+"""Data-parallel engines behind one interface: FSDP2 (fully_shard), DDP, DeepSpeed ZeRO (deepspeed_engine.py).
 
-Gradients are averaged over ALL ranks (dp x sp): sequence-parallel ranks hold
-different tokens of the same samples, so their parameter gradients must be
-summed too. The trainer scales each rank's loss so that this average equals
-the gradient of (global loss sum / global target count).
+Gradients are averaged over ALL ranks (dp x sp): sequence-parallel ranks hold different tokens of
+the same samples, so their parameter gradients must be summed too. The trainer scales each rank's
+loss so that this average equals the gradient of (global loss sum / global target count).
+
+The training loop sees only `Engine`:
+  engine(tokens, positions, ops, labels)   forward (summed loss)
+  with engine.micro_batch(last): ...       gradient sync only on the last micro-batch (+ autocast)
+  engine.backward(loss)
+  engine.step(clip, accept) -> (grad norm, stepped)   clip, update when accept(grad norm), schedule
+  engine.save(...) / engine.load(path)     checkpoints (DCP; DeepSpeed adds its own files)
 """
 
 from __future__ import annotations
+
+from contextlib import ExitStack, contextmanager
+from typing import Any, Callable, Iterator
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
+ENGINES = ("fsdp2", "ddp", "deepspeed")
 
-def wrap_model(model: nn.Module, engine: str, device: torch.device, *, dtype: torch.dtype = torch.float32) -> nn.Module:
-    """Wrap `model` for data parallelism over the default group. DDP needs it on `device`; FSDP2
-    also takes a model on the meta device (then `to_empty` + fill each rank's shards)."""
+
+def adamw(model: nn.Module, lr: float, betas: tuple[float, float], weight_decay: float, *,
+          foreach: bool = True) -> torch.optim.AdamW:
+    """AdamW with weight decay on >= 2-D weights only (norm gains are not decayed)."""
+    decay = [p for _, p in model.named_parameters() if p.dim() >= 2]
+    no_decay = [p for _, p in model.named_parameters() if p.dim() < 2]
+    return torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay},
+                              {"params": no_decay, "weight_decay": 0.0}],
+                             lr=lr, betas=betas, eps=1e-8, foreach=foreach)
+
+
+def shard_fsdp2(model: nn.Module, device: torch.device, dtype: torch.dtype = torch.float32) -> nn.Module:
+    """fully_shard every block, then the root, over the default group (in place; the model may be on
+    the meta device: then `to_empty` and fill each rank's shards, see place_local)."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
     world = dist.get_world_size() if dist.is_initialized() else 1
-    if engine == "fsdp2":
-        from torch.distributed.device_mesh import init_device_mesh
-        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    mesh = init_device_mesh(device.type, (world,), mesh_dim_names=("fsdp",))
+    mp = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32)
+    for layer in model.layers:
+        fully_shard(layer, mesh=mesh, mp_policy=mp)
+    fully_shard(model, mesh=mesh, mp_policy=mp)
+    return model
 
-        mesh = init_device_mesh(device.type, (world,), mesh_dim_names=("fsdp",))
-        mp = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32)
-        for layer in model.layers:
-            fully_shard(layer, mesh=mesh, mp_policy=mp)
-        fully_shard(model, mesh=mesh, mp_policy=mp)
+
+def wrap_ddp(model: nn.Module, device: torch.device) -> nn.Module:
+    """DDP over the default group (the model itself in a world of one)."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
         return model
-    if engine == "ddp":
-        if world == 1:
-            return model
-        from torch.nn.parallel import DistributedDataParallel as DDP
+    from torch.nn.parallel import DistributedDataParallel as DDP
 
-        return DDP(model, device_ids=[device.index] if device.type == "cuda" else None,
-                   broadcast_buffers=False)
-    raise ValueError(f"unknown dp engine {engine!r}")
+    return DDP(model, device_ids=[device.index] if device.type == "cuda" else None, broadcast_buffers=False)
 
 
 def place_local(p: torch.Tensor, read) -> None:
@@ -56,3 +77,78 @@ def place_local(p: torch.Tensor, read) -> None:
 
 def unwrap(model: nn.Module) -> nn.Module:
     return getattr(model, "module", model)
+
+
+class Engine:
+    """FSDP2 or DDP with a torch optimizer and LambdaLR schedule (DeepSpeed: deepspeed_engine.py).
+
+    `model` is the bare Transformer (sharded in place for FSDP2), `wrapped` what the forward calls."""
+
+    def __init__(self, name: str, model: nn.Module, wrapped: nn.Module, optimizer: torch.optim.Optimizer,
+                 lr_lambda: Callable[[int], float], autocast: torch.dtype | None = None) -> None:
+        self.name, self.model, self.wrapped, self.optimizer = name, model, wrapped, optimizer
+        self.lr_lambda = lr_lambda
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda)
+        self.autocast = autocast
+
+    def __call__(self, *args: Any) -> Any:
+        return self.wrapped(*args)
+
+    @contextmanager
+    def micro_batch(self, last: bool) -> Iterator[None]:
+        """Gradients reduce only on the last micro-batch of a step; bf16 autocast for DDP."""
+        with ExitStack() as stack:
+            if self.name == "ddp" and not last and hasattr(self.wrapped, "no_sync"):
+                stack.enter_context(self.wrapped.no_sync())
+            if self.name == "fsdp2" and hasattr(self.wrapped, "set_requires_gradient_sync"):
+                self.wrapped.set_requires_gradient_sync(last)
+            if self.autocast is not None:
+                dev = next(self.model.parameters()).device.type
+                stack.enter_context(torch.autocast(dev, dtype=self.autocast))
+            yield
+
+    def backward(self, loss: torch.Tensor) -> None:
+        loss.backward()
+
+    def step(self, grad_clip: float, accept: Callable[[float], bool]) -> tuple[float, bool]:
+        """Clip (grad_clip <= 0: measure only), update if accept(global grad norm), advance the
+        schedule either way. Returns (grad norm, whether the weights were updated)."""
+        gn = torch.nn.utils.clip_grad_norm_(self.model.parameters(), grad_clip if grad_clip > 0 else float("inf"))
+        gnorm = float(gn.full_tensor() if hasattr(gn, "full_tensor") else gn)
+        stepped = accept(gnorm)
+        if stepped:
+            self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scheduler.step()
+        return gnorm, stepped
+
+    def lr(self) -> float:
+        return self.optimizer.param_groups[0]["lr"]
+
+    # ---- checkpoints ----------------------------------------------------------------------------
+    def state(self) -> dict[str, Any]:
+        """Model and optimizer state as DCP state dicts (sharded for FSDP2)."""
+        from torch.distributed.checkpoint.state_dict import get_state_dict
+
+        model_sd, optim_sd = get_state_dict(self.wrapped, self.optimizer)
+        return {"model": model_sd, "optim": optim_sd}
+
+    def save(self, checkpointer: Any, step: int, meta: dict[str, Any], *, background: bool = False,
+             group: Any = None) -> None:
+        checkpointer.save(step, self.state(), meta, background=background, group=group)
+
+    def load(self, path: Any, step: int, read: Callable[[Any, dict[str, Any]], None]) -> None:
+        """Weights and optimizer from a checkpoint folder, `read(path, state)` filling the DCP state
+        dicts in place (any world size); the schedule put at `step`."""
+        from torch.distributed.checkpoint.state_dict import set_state_dict
+
+        state = self.state()
+        read(path, state)
+        set_state_dict(self.wrapped, self.optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+        self.scheduler.last_epoch = step
+        for g, lr0 in zip(self.optimizer.param_groups, self.scheduler.base_lrs):
+            g["lr"] = lr0 * self.lr_lambda(step)
+
+    def checkpoint_meta(self) -> dict[str, Any]:
+        """What a checkpoint's meta.json records about the engine."""
+        return {"engine": self.name}

@@ -9,6 +9,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from longtrain.kernels.documents import DocBounds, as_doc_bounds
+from longtrain.parallel.rules import resolve_sp_impl
 
 
 class SequenceParallelOps:
@@ -31,9 +32,7 @@ class SequenceParallelOps:
                 softmax_scale: float | None = None) -> Tensor:
         from longtrain.parallel.sp_attention import sequence_parallel_attention
 
-        impl = self.impl
-        if impl == "auto":  # TokenRing for MHA, ring for GQA/MQA (see launcher/trainer.py: resolve_sp_impl)
-            impl = "tokenring" if q.shape[2] == k.shape[2] else "ring"
+        impl = resolve_sp_impl(self.impl, q.shape[2], k.shape[2])
         return sequence_parallel_attention(q, k, v, self.group, impl=impl, causal=True, layout=self.layout,
                                            softmax_scale=softmax_scale, window=window,
                                            cu_seqlens=self.cu_seqlens, ulysses_degree=self.ulysses_degree,

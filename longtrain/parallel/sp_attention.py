@@ -10,20 +10,10 @@ import torch.distributed as dist
 from longtrain.kernels.attention import _check, _default_scale, as_bounds, attention_block
 from longtrain.parallel.comm import COUNTERS, split_group, twin_group
 from longtrain.parallel.ring import RingAttention, RingSpec
+from longtrain.parallel.rules import SP_IMPLS, default_ulysses_degree
 from longtrain.parallel.sharding import _positions, group_rank_world, layout_segments, segments_from_positions
 from longtrain.parallel.tokenring import TokenRingAttention
 from longtrain.parallel.ulysses import gather_sequence, head_split, scatter_sequence, ulysses_attention
-
-IMPLS = ("ring", "tokenring", "ulysses", "hybrid", "hybrid-tokenring")
-
-
-def _default_ulysses_degree(world: int, hq: int, hkv: int) -> int:
-    """Largest proper divisor u of W whose head split works (1 = plain ring)."""
-    for u in range(world - 1, 0, -1):
-        if world % u == 0 and hq % u == 0 and (hkv % u == 0 or u % hkv == 0):
-            return u
-    return 1
-
 
 ONE_COMM_TAG = 1 << 16  # tag offset of the second stream when both share one communicator
 
@@ -59,8 +49,8 @@ def sequence_parallel_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tenso
     Returns this rank's output shard [B, S/W, Hq, D] in
     q.dtype; merges happen in fp32. Differentiable w.r.t. q, k, v.
     """
-    if impl not in IMPLS:
-        raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
+    if impl not in SP_IMPLS:
+        raise ValueError(f"impl must be one of {SP_IMPLS}, got {impl!r}")
     _check(q, k, v, window)
     if k.shape[1] != q.shape[1]:
         raise ValueError("q and k/v shards must hold the same tokens")
@@ -85,7 +75,7 @@ def sequence_parallel_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tenso
         return fn.apply(q, k, v, rs)
     # hybrid: Ulysses inside groups of u consecutive ranks, ring / TokenRing across them
     hq, hkv = q.shape[2], k.shape[2]
-    u = ulysses_degree or _default_ulysses_degree(world, hq, hkv)
+    u = ulysses_degree or default_ulysses_degree(world, hq, hkv)
     if world % u:
         raise ValueError(f"ulysses_degree {u} must divide the sequence-parallel degree {world}")
     head_split(hq, u, "query")

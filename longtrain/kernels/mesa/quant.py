@@ -28,7 +28,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-SUPPORTED_BITS = (1, 2, 4, 8)
+from longtrain.kernels.mesa.config import SUPPORTED_BITS  # noqa: F401 (re-exported)
+
 _TINY_SPAN = 1e-12  # a constant group would divide by zero; any value >0 makes it round-trip exactly
 
 

@@ -19,7 +19,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from longtrain.errors import ConfigError, DataError, LongtrainError
-from longtrain.launcher.layout import resolve_sp_impl
+from longtrain.parallel.mesh import Layout, SPAttention, shard_batch, unshard_tokens
+from longtrain.parallel.rules import check_sequence_length
 
 log = logging.getLogger("longtrain")
 
@@ -35,12 +36,11 @@ class EvalLayout:
     sp: int = 1
     sp_rank: int = 0
     sp_group: Any = None
-    sp_impl: str = "tokenring"
-    sp_layout: str = "zigzag"
+    attention: SPAttention = SPAttention()  # the same object training shards and attends with
 
     @classmethod
-    def from_trainer_layout(cls, lay: Any, impl: str, layout: str) -> "EvalLayout":
-        return cls(lay.dp, lay.dp_rank, lay.sp, lay.sp_rank, lay.sp_group, impl, layout)
+    def from_mesh(cls, lay: Layout, attention: SPAttention) -> "EvalLayout":
+        return cls(lay.dp, lay.dp_rank, lay.sp, lay.sp_rank, lay.sp_group, attention)
 
 
 class Scorer:
@@ -57,40 +57,14 @@ class Scorer:
         self.model, self.layout, self.device = model, layout, device
         self.chunk, self.autocast_dtype = chunk, autocast_dtype
 
-    def _ops(self):
-        from longtrain.models import LocalAttention
-
-        lay = self.layout
-        if lay.sp == 1:
-            return LocalAttention()
-        from longtrain.parallel.ops import SequenceParallelOps
-
-        return SequenceParallelOps(lay.sp_group, impl=lay.sp_impl, layout=lay.sp_layout)
-
-    def _shard(self, x: Tensor, dim: int) -> Tensor:
-        if self.layout.sp == 1:
-            return x
-        from longtrain.parallel import shard_sequence
-
-        return shard_sequence(x, self.layout.sp_group, dim=dim, layout=self.layout.sp_layout)
-
-    def _unshard(self, x: Tensor) -> Tensor:
-        if self.layout.sp == 1:
-            return x
-        from longtrain.parallel import unshard_sequence
-
-        return unshard_sequence(x, self.layout.sp_group, dim=1, layout=self.layout.sp_layout)
-
     @torch.no_grad()
     def __call__(self, tokens: Tensor, targets: Tensor) -> tuple[Tensor, Tensor]:
         """tokens, targets int64 [B, S] (targets -100 = not scored) -> nll fp32 [B, S] (0 where not
         scored), argmax int64 [B, S]; both on CPU, identical on every rank of the sp group."""
-        dev = self.device
-        S = tokens.shape[1]
-        tl = self._shard(tokens.to(dev), 1)
-        yl = self._shard(targets.to(dev), 1)
-        pl = self._shard(torch.arange(S, device=dev), 0)
-        ops = self._ops()
+        dev, lay = self.device, self.layout
+        b = shard_batch({"tokens": tokens, "labels": targets, "positions": torch.arange(tokens.shape[1])},
+                        lay.sp_group, lay.sp, lay.attention, dev)
+        tl, yl, pl, ops = b["tokens"], b["labels"], b["positions"], b["ops"]
         amp = (torch.autocast(dev.type, dtype=self.autocast_dtype) if self.autocast_dtype is not None
                else nullcontext())
         inner = getattr(self.model, "module", self.model)
@@ -105,9 +79,8 @@ class Scorer:
             else:
                 logits = self.model(tl, pl, ops).float()
                 nll, pred = self._nll(logits, yl), logits.argmax(-1)
-        nlls, preds = [nll], [pred]
-        nll = self._unshard(torch.cat(nlls, dim=1))
-        pred = self._unshard(torch.cat(preds, dim=1))
+        nll = unshard_tokens(nll, lay.sp_group, lay.sp, lay.attention)
+        pred = unshard_tokens(pred, lay.sp_group, lay.sp, lay.attention)
         return nll.float().cpu(), pred.cpu()
 
     @staticmethod
@@ -143,7 +116,7 @@ def passkey_eval(scorer: Scorer, tokenizer, filler: Tensor, lengths: Sequence[in
     Returns {"lengths", "depths", "samples", "accuracy" [len][depth] %, "digit_accuracy" (share of
     answer tokens right under teacher forcing) [len][depth] %, "examples"}.
     """
-    from longtrain.launcher.passkey import eval_prompt
+    from longtrain.launcher.eval.passkey import eval_prompt
 
     n_dep = len(depths)
     acc = np.zeros((len(lengths), n_dep))
@@ -250,7 +223,7 @@ def ppl_eval(scorer: Scorer, windows: dict[int, Tensor], *, buckets: int = 8, ba
 # ---- documents for filler and held-out perplexity -----------------------------------------------
 
 def _load_docs(source: str, data: dict[str, Any]) -> list[str]:
-    from longtrain.launcher.data import load_documents
+    from longtrain.launcher.data.sources import load_documents
 
     if source != "stdlib" and not any(Path(s.strip()).exists() for s in source.split(",")) \
             and not __import__("glob").glob(source):
@@ -331,7 +304,7 @@ def in_training_eval(trainer: Any) -> dict[str, float]:
     lengths = list(r.eval.lengths) or [r.data.seq_len]
     limit = trainer.model.cfg.max_seq_len
     lay = trainer.layout
-    from longtrain.launcher.passkey import min_length
+    from longtrain.launcher.eval.passkey import min_length
 
     shortest = min_length(trainer.tokenizer) if r.eval.passkey else 1
     for L in lengths:
@@ -339,16 +312,14 @@ def in_training_eval(trainer: Any) -> dict[str, float]:
             raise ConfigError(f"eval.lengths: {L} exceeds the model's max_seq_len {limit}")
         if L < shortest:
             raise ConfigError(f"eval.lengths: {L} is shorter than the bare passkey prompt ({shortest} tokens)")
-        div = 2 * lay.sp if r.parallel.sp_layout == "zigzag" else lay.sp
-        if lay.sp > 1 and L % div:
-            raise ConfigError(f"eval.lengths: {L} must be divisible by {div} for sp={lay.sp} ({r.parallel.sp_layout})")
+        check_sequence_length(L, lay.sp, r.parallel.sp_layout, what="eval.lengths:")
     run_data = {"source": r.data.source, "format": r.data.format, "text_field": r.data.text_field,
                 "max_documents": r.data.max_documents}
     key = tuple(sorted(run_data.items())) + (r.data.tokenizer, tuple(lengths), r.eval.samples)
     if key not in _TRAIN_CACHE:
         _TRAIN_CACHE.clear()
         docs, _ = filler_documents(run_data, None)
-        from longtrain.launcher.passkey import filler_tokens
+        from longtrain.launcher.eval.passkey import filler_tokens
 
         filler = filler_tokens(docs, trainer.tokenizer, 4 * max(lengths) * max(1, r.eval.samples) + 100_000)
         windows = None
@@ -360,12 +331,11 @@ def in_training_eval(trainer: Any) -> dict[str, float]:
                 log.warning("in-training perplexity is off: %s", e)
         _TRAIN_CACHE[key] = (filler, windows)
     filler, windows = _TRAIN_CACHE[key]
-    amp = torch.bfloat16 if (trainer.dtype == torch.bfloat16 and trainer.engine == "ddp") else None
-    impl = getattr(trainer, "sp_impl", None) or resolve_sp_impl(r.parallel.sp_impl, trainer.model.cfg)
-    layout = EvalLayout.from_trainer_layout(lay, impl, r.parallel.sp_layout)
-    scorer = Scorer(trainer.wrapped, layout, trainer.device, autocast_dtype=amp)
-    was_training = trainer.wrapped.training
-    trainer.wrapped.eval()
+    amp = trainer.engine.autocast  # as the training forward runs (DDP + bf16: autocast)
+    layout = EvalLayout.from_mesh(lay, trainer.sp_attention)  # the training attention's own settings
+    scorer = Scorer(trainer.engine.wrapped, layout, trainer.device, autocast_dtype=amp)
+    was_training = trainer.engine.wrapped.training
+    trainer.engine.wrapped.eval()
     out: dict[str, float] = {}
     try:
         if r.eval.passkey:
@@ -381,7 +351,7 @@ def in_training_eval(trainer: Any) -> dict[str, float]:
             for L, p in zip(res["lengths"], res["ppl"]):
                 out[f"eval/ppl@{L}"] = float(p)
     finally:
-        trainer.wrapped.train(was_training)
+        trainer.engine.wrapped.train(was_training)
     if trainer.env.is_main and out:
         log.info("eval at step %d: %s", trainer.step, "  ".join(f"{k} {v:.4g}" for k, v in out.items()))
     return out

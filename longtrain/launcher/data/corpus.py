@@ -15,8 +15,7 @@ per-epoch sample permutation 8 bytes per sample.
 Blend: source k of normalized weight w_k emits its j-th sample at time (j + 0.5) / w_k; the
 global order is all emissions sorted by (time, k). After n samples each source has drawn
 w_k * n to within 0.5 + w_k (K - 2) / 2 samples (within 1 for two sources), at every prefix.
-A source with `max_epochs` stops emitting after that many passes and the others fill in.
-"""
+A source with `max_epochs` stops emitting after that many passes and the others fill in."""
 
 from __future__ import annotations
 
@@ -26,8 +25,6 @@ import logging
 import math
 import sys
 import threading
-import time
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -37,9 +34,11 @@ import torch
 from torch import Tensor
 
 from longtrain.errors import DataError
-from longtrain.launcher.data import Sample
-from longtrain.launcher.prepare import (PreparedFolder, cache_key, cache_lock, cache_root, is_prepared, looks_prepared,
-                                        prepare, prepare_texts, read_meta, tokenizer_fingerprint)
+from longtrain.launcher.data.batches import Sample
+from longtrain.launcher.data.prepare import cache_key, cache_lock, cache_root, prepare, prepare_texts
+from longtrain.launcher.data.prepared import is_prepared, looks_prepared, PreparedFolder, read_meta
+from longtrain.launcher.data.tokenizers import tokenizer_fingerprint
+
 
 log = logging.getLogger("longtrain")
 
@@ -245,39 +244,6 @@ class Corpus:
         return self.blend.counts(n)
 
 
-class Prefetcher:
-    """Runs `make(key)` for the next step in a background thread while the current step computes."""
-
-    def __init__(self, make: Callable[[Any], Any], enabled: bool = True) -> None:
-        self.make, self.enabled = make, enabled
-        self._pool = ThreadPoolExecutor(1, thread_name_prefix="longtrain-data") if enabled else None
-        self._pending: tuple[Any, Future] | None = None
-        self.last_wait_s = 0.0
-
-    def get(self, key: Any, next_key: Any | None) -> Any:
-        """The value for `key` (prefetched when it was asked for as `next_key` before); starts `next_key`."""
-        t0 = time.perf_counter()
-        if self._pending is not None and self._pending[0] == key:
-            value = self._pending[1].result()
-        else:
-            if self._pending is not None:
-                self._pending[1].cancel()
-            value = self.make(key)
-        self.last_wait_s = time.perf_counter() - t0
-        self._pending = None
-        if self._pool is not None and next_key is not None:
-            self._pending = (next_key, self._pool.submit(self.make, next_key))
-        return value
-
-    def close(self) -> None:
-        if self._pool is not None:
-            self._pool.shutdown(wait=True, cancel_futures=True)
-            self._pool = None
-
-
-
-# ---- from a recipe's [data] to a Corpus ------------------------------------------------------
-
 PASSKEY_VERSION = 1  # bump when mix_passkey_documents changes what it generates
 
 
@@ -348,8 +314,8 @@ def _make_passkey(base: Path, out: Path, data: Any, seed: int, seq_len: int, tok
 
 def _make_passkey_locked(base: Path, out: Path, data: Any, seed: int, seq_len: int, tokenizer: str,
                          raw: str | None) -> None:
-    from longtrain.launcher.data import load_documents
-    from longtrain.launcher.passkey import mix_passkey_documents
+    from longtrain.launcher.data.sources import load_documents
+    from longtrain.launcher.eval.passkey import mix_passkey_documents
 
     docs = load_documents(raw if raw is not None else str(base), data.format, data.text_field, data.max_documents)
     try:

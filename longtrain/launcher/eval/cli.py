@@ -38,17 +38,17 @@ import torch
 import torch.distributed as dist
 
 from longtrain.errors import ConfigError
-# re-exported: the public names of `longtrain.launcher.evaluate` before the split
-from longtrain.launcher.eval_report import (fmt_length, passkey_table, plot_passkey, plot_ppl,  # noqa: F401
+# re-exported: the public names of `longtrain.launcher.eval.cli` before the split
+from longtrain.launcher.eval.report import (fmt_length, passkey_table, plot_passkey, plot_ppl,  # noqa: F401
                                             ppl_table)
-from longtrain.launcher.eval_score import (EvalLayout, Scorer, filler_documents, heldout_documents,  # noqa: F401
+from longtrain.launcher.eval.score import (EvalLayout, Scorer, filler_documents, heldout_documents,  # noqa: F401
                                            heldout_windows, in_training_eval, passkey_eval, ppl_eval)
-from longtrain.launcher.layout import resolve_sp_impl
+from longtrain.parallel.mesh import SPAttention
+from longtrain.parallel.rules import SP_IMPL_CHOICES, SP_LAYOUTS, check_sequence_length, resolve_sp_impl
 from longtrain.launcher.loading import (Loaded, describe_checkpoint, load_model, pick_tokenizer,  # noqa: F401
                                         resolve_checkpoint)
 
 METRICS = ("passkey", "ppl")
-SP_IMPLS = ("auto", "ring", "tokenring", "ulysses", "hybrid", "hybrid-tokenring")
 
 
 # ---- argument helpers ---------------------------------------------------------------------------
@@ -124,9 +124,13 @@ def _parser(metric: str) -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--nproc", type=int, default=None, help="start torchrun with N processes on this machine")
     p.add_argument("--sp", type=int, default=1, help="ranks that split one sequence (sequence parallelism)")
-    p.add_argument("--sp-impl", default="auto", choices=SP_IMPLS,
+    p.add_argument("--sp-impl", default="auto", choices=SP_IMPL_CHOICES,
                    help="sequence-parallel attention (auto: as in training, TokenRing for MHA, ring for GQA)")
-    p.add_argument("--sp-layout", default="zigzag", choices=("zigzag", "contiguous"))
+    p.add_argument("--sp-layout", default="zigzag", choices=SP_LAYOUTS)
+    p.add_argument("--ulysses-degree", type=int, default=0,
+                   help="hybrid impls: ranks per Ulysses group (0 = the default rule, as in training)")
+    p.add_argument("--sp-one-communicator", action="store_true",
+                   help="ring/TokenRing streams on one communicator (as parallel.sp_one_communicator)")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     p.add_argument("--dtype", default="auto", choices=("auto", "fp32", "bf16"),
                    help="auto: bf16 on GPU, fp32 on CPU")
@@ -148,15 +152,12 @@ def _check_args(args, lengths: list[int], info: Loaded, tokenizer, world: int | 
             more = ("; --sp splits a long context over devices but does not raise this limit" if args.sp > 1 else "")
             raise ConfigError(f"context length {L} exceeds the model's max_seq_len {limit} (positions beyond it "
                               f"were never trained{more}); pass --extrapolate to evaluate anyway")
-        div = 2 * args.sp if args.sp_layout == "zigzag" else args.sp
-        if args.sp > 1 and L % div:
-            raise ConfigError(f"context length {L} must be divisible by {div} for --sp {args.sp} "
-                              f"({args.sp_layout} layout)")
+        check_sequence_length(L, args.sp, args.sp_layout, what="context length")
     if world is not None and world % args.sp:
         hint = f": add --nproc {args.sp} (or run under torchrun)" if world == 1 else ""
         raise ConfigError(f"--sp {args.sp} needs a multiple of {args.sp} processes, got {world}{hint}")
     if args.metric == "passkey":
-        from longtrain.launcher.passkey import min_length
+        from longtrain.launcher.eval.passkey import min_length
 
         parse_depths(args.depths)
         shortest = min_length(tokenizer)
@@ -232,7 +233,8 @@ def main(argv: list[str] | None = None) -> int:
 
 def _run(args, lengths: list[int], info: Loaded, tokenizer) -> int:
     from longtrain.launcher.env import init_distributed
-    from longtrain.launcher.layout import make_layout, setup_logging
+    from longtrain.launcher.metrics import setup_logging
+    from longtrain.parallel.mesh import make_layout
 
     t0 = time.perf_counter()
     env, device = init_distributed(args.device, sp=args.sp)
@@ -242,8 +244,10 @@ def _run(args, lengths: list[int], info: Loaded, tokenizer) -> int:
             raise ConfigError(f"{env.world_size} processes are not divisible by --sp {args.sp}")
         lay = make_layout(args.sp)
         loaded = load_model(info)
-        impl = resolve_sp_impl(args.sp_impl, loaded.cfg)
-        layout = EvalLayout.from_trainer_layout(lay, impl, args.sp_layout)
+        attention = SPAttention(resolve_sp_impl(args.sp_impl, loaded.cfg.n_heads, loaded.cfg.n_kv_heads),
+                                args.sp_layout, args.ulysses_degree or None, args.sp_one_communicator)
+        impl = attention.impl
+        layout = EvalLayout.from_mesh(lay, attention)
         dtype = torch.bfloat16 if (args.dtype == "bf16" or (args.dtype == "auto" and device.type == "cuda")) \
             else torch.float32
         model = loaded.model.to(device=device, dtype=dtype).eval()
@@ -254,7 +258,7 @@ def _run(args, lengths: list[int], info: Loaded, tokenizer) -> int:
                 "device": str(device), "dtype": str(dtype).replace("torch.", ""), "seed": args.seed}
         if args.metric == "passkey":
             docs, src = filler_documents(loaded.run_data, args.data, args.skip_documents)
-            from longtrain.launcher.passkey import filler_tokens
+            from longtrain.launcher.eval.passkey import filler_tokens
 
             filler = filler_tokens(docs, tokenizer, 4 * max(lengths) * args.samples + 100_000)
             depths = parse_depths(args.depths)
