@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 
 from longtrain.errors import ConfigError
-from longtrain.launcher.config import Recipe, load_recipe, recipe_from_dict, save_resolved
+from longtrain.launcher.config import Recipe, load_recipe, recipe_from_dict
+from longtrain.launcher.resolved import save_resolved
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -120,7 +120,7 @@ def close(a, b, tol=1e-5):
 @pytest.mark.parametrize("window,docs", [(None, False), (5, True)])
 def test_sparse_path_math_twin(monkeypatch, window, docs):
     """The plain-torch twin of the per-part kernel calls gives the same results."""
-    import longtrain.models.moh as moh_mod
+    import longtrain.models.moh_sparse as moh_mod
 
     cfg, layer = make_layer("learned", window=window)
     layer.block_size = 8

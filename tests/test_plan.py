@@ -15,7 +15,8 @@ import sys
 import pytest
 
 from helpers import REPO, TINY, cli_env
-from longtrain.launcher.plan import make_plan, memory_per_gpu, sp_comm_bytes, step_time, GPUS
+from longtrain.launcher.plan import make_plan
+from longtrain.launcher.sizing import GPUS, memory_per_gpu, sp_comm_bytes, step_time
 from longtrain.models import model_config
 
 # activations dominate in tiny; weights + AdamW state and activations are about even in small

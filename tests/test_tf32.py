@@ -9,7 +9,7 @@ import torch
 
 from helpers import REPO, TINY
 from longtrain.launcher.config import load_recipe
-from longtrain.launcher.env import set_tf32
+from longtrain.launcher.devices import set_tf32
 
 
 @pytest.fixture

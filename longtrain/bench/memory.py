@@ -98,7 +98,7 @@ def measure_peak(p: dict[str, Any], timeout: int = 900) -> int:
 
 def predict(p: dict[str, Any]):
     """The planner's Memory for point `p` on one CPU process (host copies count: one memory)."""
-    from longtrain.launcher.plan import memory_per_gpu
+    from longtrain.launcher.sizing import memory_per_gpu
     from longtrain.models import model_config
 
     cfg = model_config(p.get("preset"), max_seq_len=max(p["seq"], 64), **p["model"])

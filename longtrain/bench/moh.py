@@ -25,7 +25,8 @@ from longtrain.bench.common import print_table, write_json
 from longtrain.models.config import MoHConfig, model_config
 from longtrain.models.layers import rope_cos_sin, rope_inv_freq
 from longtrain.models.llama import Attention
-from longtrain.models.moh import MoHAttention, _auto_block
+from longtrain.models.moh import MoHAttention
+from longtrain.models.moh_sparse import _auto_block
 from longtrain.models.ops import LocalAttention
 from longtrain.models.spans import Span
 

@@ -36,7 +36,7 @@ from typing import Any
 
 import torch
 
-from longtrain.bench.gpu_check import ROWS, T0, _row, print_table
+from longtrain.bench.gpu_table import ROWS, T0, _row, print_table
 from longtrain.parallel.rules import SP_IMPLS
 
 
@@ -273,7 +273,8 @@ def _worker(rank: int, world: int, port: int, phase: str, opts: dict, queue: Any
         torch.set_num_threads(1)
     rows: list = []
     try:
-        from longtrain.launcher.env import init_distributed, set_tf32
+        from longtrain.launcher.devices import set_tf32
+        from longtrain.launcher.env import init_distributed
 
         timeout = opts["hang_timeout_s"] if phase == "3" else opts["collective_timeout_s"]
         _, dev = init_distributed("cuda" if opts["cuda"] else "cpu", int(timeout))

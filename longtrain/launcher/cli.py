@@ -215,7 +215,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     if not under_launcher() and args.nproc and args.nproc > 1:
         if args.nproc % recipe.parallel.sp:
             raise LongtrainError(f"--nproc {args.nproc} is not divisible by parallel.sp = {recipe.parallel.sp}")
-        from longtrain.launcher.env import check_gpus
+        from longtrain.launcher.devices import check_gpus
 
         check_gpus(args.nproc, recipe.training.device)
         return _spawn_torchrun(args, recipe)

@@ -21,10 +21,12 @@ from longtrain.errors import CheckpointError, ConfigError, TrainingError
 from longtrain.launcher import signals
 from longtrain.launcher.build import build_for_engine
 from longtrain.launcher.checkpoint import Checkpointer, check_checkpoint, read_meta
-from longtrain.launcher.config import Recipe, save_resolved
+from longtrain.launcher.config import Recipe
+from longtrain.launcher.resolved import save_resolved
 from longtrain.launcher.data.corpus import corpus_tokenizer
 from longtrain.launcher.data.tokenizers import build_tokenizer
-from longtrain.launcher.env import init_distributed, set_tf32
+from longtrain.launcher.devices import set_tf32
+from longtrain.launcher.env import init_distributed
 from longtrain.launcher.faults import fault_nan, fault_slow, first_error, peer_lost, peer_lost_error
 from longtrain.launcher.feed import TrainingData
 from longtrain.launcher.metrics import (Metrics, memory_mb, peak_flops, setup_logging, tensorboard_hint,
