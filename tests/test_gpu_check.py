@@ -38,7 +38,7 @@ def test_cpu_safe_section_runs_and_passes(tmp_path):
 def test_a_wrong_schedule_fails_the_simulation(monkeypatch):
     """The simulated check can fail: drop the last K,V hop of the ring and the output is wrong."""
     from longtrain.kernels import naive_attention
-    from longtrain.parallel import ring
+    from longtrain.parallel import ring_common as ring
     from longtrain.parallel.simulate import simulate_ring
 
     monkeypatch.setattr(ring.RingSpec, "hops", property(lambda self: self.world - 2))

@@ -99,7 +99,8 @@ def simulate_ring(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dout: torch
     Shards along the sequence in `layout`, runs `impl` ("ring" | "tokenring") forward and
     backward on `world` thread-ranks, and puts the shards back in sequence order.
     """
-    from longtrain.parallel.ring import RingSpec, ring_backward, ring_forward
+    from longtrain.parallel.ring import ring_backward, ring_forward
+    from longtrain.parallel.ring_common import RingSpec
     from longtrain.parallel.tokenring import tokenring_backward, tokenring_forward
 
     if impl not in ("ring", "tokenring"):

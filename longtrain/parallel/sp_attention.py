@@ -9,7 +9,8 @@ import torch.distributed as dist
 
 from longtrain.kernels.attention import _check, _default_scale, as_bounds, attention_block
 from longtrain.parallel.comm import COUNTERS, split_group, twin_group
-from longtrain.parallel.ring import RingAttention, RingSpec
+from longtrain.parallel.ring import RingAttention
+from longtrain.parallel.ring_common import RingSpec
 from longtrain.parallel.rules import SP_IMPLS, default_ulysses_degree
 from longtrain.parallel.sharding import _positions, group_rank_world, layout_segments, segments_from_positions
 from longtrain.parallel.tokenring import TokenRingAttention

@@ -27,7 +27,7 @@ import os
 import torch
 
 from longtrain.parallel.comm import P2P, wait
-from longtrain.parallel.ring import RingSpec, _new_acc, backward_calls, forward_calls, merge_
+from longtrain.parallel.ring_common import RingSpec, attention_function, backward_calls, forward_calls, merge_, new_acc
 
 
 def prefetch_depth() -> int:
@@ -61,7 +61,7 @@ def tokenring_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rs: Rin
                       ) -> tuple[torch.Tensor, torch.Tensor]:
     r, w = rs.rank, rs.world
     b, _, h, d = q.shape
-    acc_out, acc_lse = _new_acc(q)
+    acc_out, acc_lse = new_acc(q)
 
     def post_q(s: int):
         """Queries for step s: mine to r+s, owner r-s's to me. Returns (plan, rows, buffer, works)."""
@@ -103,7 +103,7 @@ def tokenring_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rs: Rin
         wait(works)
         out_p = lse_p = None
         if not plan.empty:
-            po, pl = _new_acc(buf)
+            po, pl = new_acc(buf)
             forward_calls(buf, k, v, plan.shifted(rows[0]), rs, po, pl)
             out_p, lse_p = po.to(q.dtype), pl
         got, pworks = post_partial(s, out_p, lse_p)
@@ -201,16 +201,4 @@ def _add_dq(pending, dq) -> None:
         dq[:, a:e] += g
 
 
-class TokenRingAttention(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, q, k, v, rs: RingSpec):
-        out, lse = tokenring_forward(q, k, v, rs)
-        ctx.save_for_backward(q, k, v, out, lse)
-        ctx.rs = rs
-        return out
-
-    @staticmethod
-    def backward(ctx, dout):
-        q, k, v, out, lse = ctx.saved_tensors
-        dq, dk, dv = tokenring_backward(dout.contiguous(), q, k, v, out, lse, ctx.rs)
-        return dq, dk, dv, None
+TokenRingAttention = attention_function("TokenRingAttention", tokenring_forward, tokenring_backward)
