@@ -263,9 +263,9 @@ def _dist_eval(rank: int, world: int, sp: int, impl: str) -> dict:
     if world == 1:
         layout = EvalLayout()
     else:
-        from longtrain.parallel.mesh import make_layout
+        from longtrain.parallel.mesh import SPAttention, make_layout
 
-        layout = EvalLayout.from_trainer_layout(make_layout(sp), impl, "zigzag")
+        layout = EvalLayout.from_mesh(make_layout(sp), SPAttention(impl, "zigzag"))
     m = tiny_model()
     sc = Scorer(m, layout, torch.device("cpu"), chunk=48)
     filler = pk.filler_tokens([TEXT], TOK, 5000)

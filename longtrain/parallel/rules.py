@@ -41,8 +41,8 @@ def check_sequence_length(seq_len: int, sp: int, layout: str, what: str = "data.
     """ConfigError naming the length and the rule when `seq_len` cannot be split over sp ranks."""
     m = sequence_multiple(sp, layout)
     if seq_len % m:
-        raise ConfigError(f"{what} {seq_len} must be divisible by {'2*' if layout == 'zigzag' else ''}sp "
-                          f"= {m} for the {layout} layout")
+        raise ConfigError(f"{what} {seq_len} must be divisible by {m} ({'2*' if layout == 'zigzag' else ''}sp "
+                          f"for sp = {sp} in the {layout} layout)")
 
 
 def ulysses_heads_ok(degree: int, n_heads: int, n_kv_heads: int) -> bool:

@@ -60,7 +60,7 @@ def _format_of(files: Sequence[str], fmt: str) -> str:
 
 def load_documents(source: str, fmt: str = "auto", text_field: str = "text",
                    max_documents: int = 0) -> list[str]:
-    """Documents as strings. `stdlib` reads files directly; local files go through `datasets` offline;
+    """Documents as strings, read as `longtrain prepare` reads them (resolve_sources + open_dataset);
     a prepared folder is decoded with its own tokenizer (EOS dropped)."""
     from longtrain.launcher.data.prepared import is_prepared, PreparedFolder
 
@@ -72,31 +72,8 @@ def load_documents(source: str, fmt: str = "auto", text_field: str = "text",
         docs = [folder.document(d) for d in range(n)]
         return [tok.decode([int(t) for t in (d[:-1] if eos is not None and len(d) and d[-1] == eos else d)])
                 for d in docs]
-    if source == "stdlib":
-        files = stdlib_files()
-        if max_documents:
-            files = files[:max_documents]
-        return [f.read_text(encoding="utf-8", errors="replace") for f in files]
-    files = _local_files(source)
-    fmt = _format_of(files, fmt)
-    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
-    import datasets
-
-    datasets.logging.set_verbosity_error()
-    datasets.disable_progress_bars()
-    try:
-        if fmt == "text":
-            ds = datasets.load_dataset("text", data_files=files, sample_by="document", split="train")
-        else:
-            ds = datasets.load_dataset(fmt, data_files=files, split="train")
-    except Exception as e:  # datasets raises many types; report the first line
-        raise DataError(f"cannot read {fmt} data from {source!r}: {str(e).splitlines()[0]}") from None
-    field = "text" if fmt == "text" else text_field
-    if field not in ds.column_names:
-        raise DataError(f"data files have no column {field!r} (columns: {', '.join(ds.column_names)}); "
-                        "set data.text_field")
-    if max_documents:
-        ds = ds.select(range(min(max_documents, len(ds))))
+    src = resolve_sources([source], fmt, text_field, max_documents)
+    ds, field = open_dataset(src, text_field, max_documents)
     return [str(t) for t in ds[field]]
 
 
