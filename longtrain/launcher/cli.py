@@ -1,4 +1,4 @@
-"""`longtrain train|plan|slurm|eval|convert|bench|recipes`.
+"""`longtrain train|plan|slurm|eval|generate|convert|bench|recipes`.
 
 Bad input exits with status 2 and one line `longtrain: error: ...` (no traceback).
 """
@@ -287,7 +287,8 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     # sub-tools with their own argument parsers
     passthrough = {"bench": None, "prepare": "longtrain.launcher.data.prepare", "plan": "longtrain.launcher.plan", "slurm": "longtrain.launcher.slurm",
-                   "eval": "longtrain.launcher.eval.cli", "convert": "longtrain.launcher.convert"}
+                   "eval": "longtrain.launcher.eval.cli", "convert": "longtrain.launcher.convert",
+                   "generate": "longtrain.launcher.eval.generate"}
     try:
         if argv and argv[0] == "--version":
             print(f"longtrain {_version()}")
@@ -310,7 +311,8 @@ def main(argv: list[str] | None = None) -> int:
         for name, helptext in (("prepare", "tokenize a corpus once into memory-mapped token files"),
                                ("plan", "size a job: memory per GPU and step time"),
                                ("slurm", "print or submit an sbatch script for a recipe"),
-                               ("eval", "passkey retrieval / perplexity by position"),
+                               ("eval", "passkey retrieval, perplexity by position, RULER tasks"),
+                               ("generate", "continue a prompt with a trained model (KV cache)"),
                                ("convert", "export a training checkpoint to a Hugging Face folder"),
                                ("bench", "benchmarks: " + ", ".join(BENCHES)),
                                ("recipes", "list the shipped recipes, or 'recipes show NAME' to print one")):

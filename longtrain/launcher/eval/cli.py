@@ -1,4 +1,4 @@
-"""`longtrain eval passkey|ppl`: does the model use its context?
+"""`longtrain eval passkey|ppl|ruler`: does the model use its context?
 
 passkey  accuracy of retrieving a random 5-digit key hidden at a given depth of a
          haystack of filler text, per (context length, depth): table, JSON, heat map.
@@ -28,7 +28,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import subprocess
 import sys
 import time
@@ -38,6 +37,8 @@ import torch
 import torch.distributed as dist
 
 from longtrain.errors import ConfigError
+
+
 # re-exported: the public names of `longtrain.launcher.eval.cli` before the split
 from longtrain.launcher.eval.report import (fmt_length, passkey_table, plot_passkey, plot_ppl,  # noqa: F401
                                             ppl_table)
@@ -47,56 +48,12 @@ from longtrain.parallel.mesh import SPAttention
 from longtrain.parallel.rules import SP_IMPL_CHOICES, SP_LAYOUTS, check_sequence_length, resolve_sp_impl
 from longtrain.launcher.loading import (Loaded, describe_checkpoint, load_model, pick_tokenizer,  # noqa: F401
                                         resolve_checkpoint)
+from longtrain.launcher.eval.args import _Parser, parse_depths, parse_lengths  # noqa: F401 (public names)
 
-METRICS = ("passkey", "ppl")
-
-
-# ---- argument helpers ---------------------------------------------------------------------------
-
-def parse_lengths(text: str) -> list[int]:
-    """'1k,2k,4096' -> [1024, 2048, 4096] (k = 1024, m = 1024**2); positive, deduplicated, ascending."""
-    out: list[int] = []
-    for part in str(text).split(","):
-        s = part.strip().lower()
-        if not s:
-            continue
-        m = re.fullmatch(r"(\d+(?:\.\d+)?)([km]?)", s)
-        if not m:
-            raise ConfigError(f"bad context length {part.strip()!r}: use numbers like 512, 2k, 32k")
-        n = float(m.group(1)) * {"": 1, "k": 1024, "m": 1024 ** 2}[m.group(2)]
-        if n != int(n) or n <= 0:
-            raise ConfigError(f"bad context length {part.strip()!r}: must be a positive whole number of tokens")
-        out.append(int(n))
-    if not out:
-        raise ConfigError("no context lengths given (e.g. --lengths 1k,2k,4k)")
-    return sorted(set(out))
-
-
-def parse_depths(text: str) -> list[float]:
-    """'0,0.5,1' -> [0.0, 0.5, 1.0]; every depth in [0, 1]."""
-    out: list[float] = []
-    for part in str(text).split(","):
-        if not part.strip():
-            continue
-        try:
-            d = float(part)
-        except ValueError:
-            raise ConfigError(f"bad depth {part.strip()!r}: use fractions of the context, e.g. 0,0.25,0.5,0.75,1") from None
-        if not 0 <= d <= 1:
-            raise ConfigError(f"depth {d} is outside [0, 1] (fraction of the context before the needle)")
-        out.append(d)
-    if not out:
-        raise ConfigError("no depths given (e.g. --depths 0,0.25,0.5,0.75,1)")
-    return sorted(set(out))
-
+METRICS = ("passkey", "ppl", "ruler")
 
 
 # ---- command line -------------------------------------------------------------------------------
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str):  # one line, exit 2, through the CLI's error path
-        raise ConfigError(f"eval {self.prog.split()[-1]}: {message}")
-
 
 def _parser(metric: str) -> argparse.ArgumentParser:
     p = _Parser(prog=f"longtrain eval {metric}", description=__doc__.split("\n\n")[0],
@@ -202,9 +159,11 @@ def main(argv: list[str] | None = None) -> int:
     """`longtrain eval passkey|ppl CHECKPOINT [options]`; returns the exit status."""
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help"):
-        print("usage: longtrain eval {passkey,ppl} CHECKPOINT [options]\n"
+        print("usage: longtrain eval {passkey,ppl,ruler} CHECKPOINT [options]\n"
               "  passkey  passkey retrieval accuracy per (context length, depth): table, JSON, heat map\n"
               "  ppl      held-out perplexity by context length and token position: table, JSON, line plot\n"
+              "  ruler    RULER-style synthetic tasks (needles, variable tracking, word extraction) scored by "
+              "generation: table, JSON, heat map\n"
               "`longtrain eval passkey --help` lists the options.")
         return 0 if argv else 2
     metric = argv[0]
@@ -214,6 +173,10 @@ def main(argv: list[str] | None = None) -> int:
         close = difflib.get_close_matches(metric, METRICS, n=1)
         hint = f" (did you mean {close[0]!r}?)" if close else ""
         raise ConfigError(f"unknown metric {metric!r}{hint}; choose one of: {', '.join(METRICS)}")
+    if metric == "ruler":
+        from longtrain.launcher.eval import ruler_cli
+
+        return ruler_cli.main(argv[1:])
     args = _parser(metric).parse_args(argv[1:])
     args.metric = metric
     from longtrain.launcher.env import under_launcher

@@ -149,3 +149,38 @@ def ppl_between(res: dict[str, Any], length: int, start: int, end: int) -> float
     sizes = np.array([b["end"] - b["start"] for b in inside], dtype=float)
     logs = np.log([b["ppl"] for b in inside])
     return float(np.exp((sizes * logs).sum() / sizes.sum()))
+
+
+# ---- RULER -----------------------------------------------------------------------------------
+
+def ruler_table(res: dict[str, Any]) -> str:
+    """Text table: one row per task, one column per context length, scores 0..100, then the average."""
+    lengths = res["lengths"]
+    head = f"{'task':>16} | " + " | ".join(f"{fmt_length(L):>6}" for L in lengths)
+    lines = [head, "-" * len(head)]
+    for task, by_len in res["scores"].items():
+        lines.append(f"{task:>16} | " + " | ".join(f"{by_len[L]:>6.1f}" for L in lengths))
+    lines.append(f"{'average':>16} | " + " | ".join(f"{res['average'][L]:>6.1f}" for L in lengths))
+    return "\n".join(lines)
+
+
+def plot_ruler(res: dict[str, Any], path: Path, title: str) -> None:
+    """Heat map: x context length (tokens), y task, colour score (0..100)."""
+    plt = _pyplot()
+    tasks, lengths = list(res["scores"]), res["lengths"]
+    acc = np.array([[res["scores"][t][L] for L in lengths] for t in tasks])
+    width = max(5.2, 2.6 + 1.1 * len(lengths))
+    fig, ax = plt.subplots(figsize=(width, 1.6 + 0.45 * len(tasks)), dpi=110)
+    im = ax.imshow(acc, vmin=0, vmax=100, cmap="RdYlGn", aspect="auto", origin="upper")
+    ax.set_xticks(range(len(lengths)), [fmt_length(L) for L in lengths])
+    ax.set_yticks(range(len(tasks)), tasks)
+    ax.set_xlabel("context length (tokens)")
+    for y in range(acc.shape[0]):
+        for x in range(acc.shape[1]):
+            ax.text(x, y, f"{acc[y, x]:.0f}", ha="center", va="center", fontsize=9, color="black")
+    fig.colorbar(im, ax=ax).set_label("score (0..100)")
+    wrapped = "\n".join(textwrap.wrap(title, width=int(width * 9)))
+    ax.set_title(f"{wrapped}\n({res['samples_per_cell']} samples per cell)", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
