@@ -13,7 +13,7 @@ from longtrain.testing import run_distributed
 def _attention_settings_seen(rank, world, sets):
     """SequenceParallelOps built by a training step and by the in-training evaluation."""
     from longtrain.launcher.config import load_recipe
-    from longtrain.launcher.eval.score import in_training_eval
+    from longtrain.launcher.eval.in_training import in_training_eval
     from longtrain.launcher.metrics import Metrics
     from longtrain.launcher.trainer import Trainer
     from longtrain.parallel import ops as ops_mod

@@ -261,7 +261,7 @@ class Trainer:
         peak = peak_flops(self.device)
         evaluator = None
         if r.eval.every:
-            from longtrain.launcher.eval.score import in_training_eval as evaluator
+            from longtrain.launcher.eval.in_training import in_training_eval as evaluator
         while self.step < r.training.steps:
             t0 = time.perf_counter()
             res = self.train_step()

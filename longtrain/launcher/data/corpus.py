@@ -245,6 +245,7 @@ class Corpus:
 
 
 PASSKEY_VERSION = 1  # bump when mix_passkey_documents changes what it generates
+RULER_VERSION = 1  # bump when mix_ruler_documents changes what it generates
 
 
 @dataclass
@@ -300,32 +301,65 @@ def _raw_folder(e: _Entry, tokenizer: str, cache_dir: str, max_documents: int) -
     return cache_root(cache_dir) / key
 
 
+def _synthetic(data: Any) -> bool:
+    """Whether synthetic documents (passkey, RULER-style) are mixed into every source."""
+    return data.passkey_fraction > 0 or data.ruler_fraction > 0
+
+
 def _passkey_folder(base: Path, data: Any, seed: int, seq_len: int, cache_dir: str) -> Path:
     opts = json.dumps(data.passkey_options or {}, sort_keys=True)
     tag = f"{base.name}|{data.passkey_fraction}|{seed}|{seq_len}|{opts}|v{PASSKEY_VERSION}"
+    if data.ruler_fraction > 0:
+        tag += f"|ruler {data.ruler_fraction}|{json.dumps(data.ruler_options or {}, sort_keys=True)}|v{RULER_VERSION}"
     return cache_root(cache_dir) / ("passkey-" + hashlib.sha256(tag.encode()).hexdigest()[:16])
 
 
-def _make_passkey(base: Path, out: Path, data: Any, seed: int, seq_len: int, tokenizer: str, raw: str | None) -> None:
+def _make_passkey(base: Path, out: Path, data: Any, seed: int, seq_len: int, tokenizer: str, raw: str | None,
+                  fmt: str = "auto", text_field: str = "text") -> None:
     with cache_lock(out):
         if not is_prepared(out):
-            _make_passkey_locked(base, out, data, seed, seq_len, tokenizer, raw)
+            _make_passkey_locked(base, out, data, seed, seq_len, tokenizer, raw, fmt, text_field)
 
 
 def _make_passkey_locked(base: Path, out: Path, data: Any, seed: int, seq_len: int, tokenizer: str,
-                         raw: str | None) -> None:
+                         raw: str | None, fmt: str = "auto", text_field: str = "text") -> None:
     from longtrain.launcher.data.sources import load_documents
-    from longtrain.launcher.eval.passkey import mix_passkey_documents
 
-    docs = load_documents(raw if raw is not None else str(base), data.format, data.text_field, data.max_documents)
-    try:
-        mixed = mix_passkey_documents(docs, data.passkey_fraction, seed=seed, seq_len=seq_len,
-                                      **(data.passkey_options or {}))
-    except (ValueError, TypeError) as e:
-        raise DataError(f"data.passkey_fraction / passkey_options: {e}") from None
+    docs = load_documents(raw if raw is not None else str(base), fmt, text_field, data.max_documents)
+    mixed = mix_synthetic(docs, data, seed, seq_len)
+    kinds = " + ".join(k for k, f in (("passkey", data.passkey_fraction), ("RULER-style", data.ruler_fraction)) if f)
     # the whole mixed list (with align=True the corpus documents themselves are cut into pieces)
-    prepare_texts(mixed, out, tokenizer, label=f"corpus + passkey documents over {base}", fingerprint=out.name,
+    prepare_texts(mixed, out, tokenizer, label=f"corpus + {kinds} documents over {base}", fingerprint=out.name,
                   stream=sys.stdout)
+
+
+def mix_synthetic(docs: list[str], data: Any, seed: int, seq_len: int) -> list[str]:
+    """`docs` with the recipe's passkey documents (data.passkey_fraction) and RULER-style documents
+    (data.ruler_fraction) mixed in, each a share of the characters of what it is mixed into."""
+    mixed = docs
+    if data.passkey_fraction > 0:
+        from longtrain.launcher.eval.passkey import mix_passkey_documents
+
+        try:
+            mixed = mix_passkey_documents(mixed, data.passkey_fraction, seed=seed, seq_len=seq_len,
+                                          **(data.passkey_options or {}))
+        except (ValueError, TypeError) as e:
+            raise DataError(f"data.passkey_fraction / passkey_options: {e}") from None
+    if data.ruler_fraction > 0:
+        import dataclasses
+
+        from longtrain.launcher.eval.ruler_scoring import RulerOptions
+        from longtrain.launcher.eval.ruler_tasks import mix_ruler_documents
+
+        opts = dict(data.ruler_options or {})
+        direct = {k: opts.pop(k) for k in ("kinds", "min_chars") if k in opts}
+        try:  # the other keys are RulerOptions fields over the compact wording the byte models learn
+            options = dataclasses.replace(RulerOptions.compact(), **opts)
+            mixed = mix_ruler_documents(mixed, data.ruler_fraction, seed=seed, seq_len=seq_len, options=options,
+                                        **direct)
+        except (ValueError, TypeError) as e:
+            raise DataError(f"data.ruler_fraction / ruler_options: {e}") from None
+    return mixed
 
 
 def build_corpus(data: Any, *, seq_len: int, seed: int, tokenizer: str, local_main: bool,
@@ -345,16 +379,17 @@ def build_corpus(data: Any, *, seq_len: int, seed: int, tokenizer: str, local_ma
             continue
         base = _raw_folder(e, tokenizer, data.cache_dir, data.max_documents)
         e.folders = [str(base)]
-        if not is_prepared(base) and not data.passkey_fraction > 0:  # passkey: the mixed folder replaces it
+        if not is_prepared(base) and not _synthetic(data):  # synthetic: the mixed folder replaces it
             todo.append(lambda e=e, base=base: _prepare_raw(e, base, tokenizer, data.max_documents))
-    if data.passkey_fraction > 0:
-        e = entries[0]
-        base = Path(e.folders[0])
-        pk = _passkey_folder(base, data, seed, seq_len, data.cache_dir)
-        e.folders = [str(pk)]
-        if not is_prepared(pk):
-            raw = None if str(base) == e.path else e.path
-            todo.append(lambda: _make_passkey(base, pk, data, seed, seq_len, tokenizer, raw))
+    if _synthetic(data):  # into every source of a mixture, each at the same share
+        for e in entries:
+            base = Path(e.folders[0])
+            pk = _passkey_folder(base, data, seed, seq_len, data.cache_dir)
+            e.folders = [str(pk)]
+            if not is_prepared(pk):
+                raw = None if str(base) == e.path else e.path
+                todo.append(lambda base=base, pk=pk, raw=raw, e=e: _make_passkey(
+                    base, pk, data, seed, seq_len, tokenizer, raw, e.fmt, e.text_field))
     error = None
     if local_main:
         try:

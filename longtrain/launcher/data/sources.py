@@ -131,7 +131,10 @@ def _hf_datasets():
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
     import datasets
 
-    datasets.logging.set_verbosity_error()
+    # errors come back to us as exceptions and are reported in one line (DataError); datasets' own
+    # logger would print them once more per read attempt ("Failed to read schema ...")
+    datasets.logging.set_verbosity(datasets.logging.CRITICAL)
+    logging.getLogger("datasets").propagate = False
     datasets.disable_progress_bars()
     return datasets
 

@@ -19,7 +19,7 @@ correct token. The reported prediction is the greedy output up to its first wron
 
 Layout of the code: checkpoints are opened by `longtrain.launcher.loading` (shared with
 `model.init_from` and `longtrain convert`), scoring lives in `eval_score` (also
-`in_training_eval(trainer)`, the hook the training loop calls), tables and plots in
+eval/in_training.py has the hook the training loop calls), tables and plots in
 `eval_report`; this module is the command line. See docs/evaluation.md.
 """
 
@@ -43,7 +43,7 @@ from longtrain.errors import ConfigError
 from longtrain.launcher.eval.report import (fmt_length, passkey_table, plot_passkey, plot_ppl,  # noqa: F401
                                             ppl_table)
 from longtrain.launcher.eval.score import (EvalLayout, Scorer, filler_documents, heldout_documents,  # noqa: F401
-                                           heldout_windows, in_training_eval, passkey_eval, ppl_eval)
+                                           heldout_windows, passkey_eval, ppl_eval)
 from longtrain.parallel.mesh import SPAttention
 from longtrain.parallel.rules import SP_IMPL_CHOICES, SP_LAYOUTS, check_sequence_length, resolve_sp_impl
 from longtrain.launcher.loading import (Loaded, describe_checkpoint, load_model, pick_tokenizer,  # noqa: F401

@@ -1,7 +1,6 @@
 """Scoring for `longtrain eval` and the in-training evaluation: passkey accuracy and held-out
 perplexity by position, on one process or split over dp x sp ranks. No plotting, no CLI, no
-trainer import: `in_training_eval(trainer)` reads what it needs from the object it is given.
-See docs/evaluation.md for the definitions."""
+trainer import (the training loop's hook is eval/in_training.py). See docs/evaluation.md."""
 
 from __future__ import annotations
 
@@ -20,7 +19,6 @@ from torch import Tensor, nn
 
 from longtrain.errors import ConfigError, DataError, LongtrainError
 from longtrain.parallel.mesh import Layout, SPAttention, shard_batch, unshard_tokens
-from longtrain.parallel.rules import check_sequence_length
 
 log = logging.getLogger("longtrain")
 
@@ -242,6 +240,9 @@ def heldout_documents(run_data: dict[str, Any], data: str | None, skip: int | No
         docs = _load_docs(data, run_data if data == run_data.get("source") else {})
         k = skip or 0
         rule = f"documents {k}.. of {data} (given with --data)"
+    elif run_data.get("sources"):
+        docs, rule = _mixture_heldout(run_data, skip)
+        k = 0
     else:
         src = run_data.get("source")
         if src is None:
@@ -259,6 +260,29 @@ def heldout_documents(run_data: dict[str, Any], data: str | None, skip: int | No
     docs = docs[k:]
     if not docs:
         raise DataError(f"no held-out documents: {rule} is empty")
+    return docs, rule
+
+
+def _mixture_heldout(run_data: dict[str, Any], skip: int | None) -> tuple[list[str], str]:
+    """Held-out documents of a [[data.sources]] mixture: from each raw source the documents after the
+    first data.max_documents (or `skip`), which the run never read; prepared folders were read whole."""
+    from longtrain.launcher.data.prepared import is_prepared
+
+    used = int(run_data.get("max_documents") or 0) if skip is None else skip
+    docs: list[str] = []
+    parts = []
+    for s in run_data["sources"]:
+        name = s.get("name") or Path(str(s["path"]).rstrip("/")).name
+        if is_prepared(s["path"]) or used == 0:
+            parts.append(f"{name}: none ({'prepared folder' if is_prepared(s['path']) else 'all documents'} "
+                         "read in training)")
+            continue
+        got = _load_docs(s["path"], {"format": s.get("format", "auto"), "text_field": s.get("text_field", "text")})
+        docs += got[used:]
+        parts.append(f"{name}: {len(got[used:])} documents ({used}..)")
+    rule = "held out from each source of the mixture: " + "; ".join(parts)
+    if not docs:
+        raise ConfigError(f"no held-out documents ({rule}): pass --data PATH with held-out documents")
     return docs, rule
 
 
@@ -282,76 +306,3 @@ def filler_documents(run_data: dict[str, Any], data: str | None, skip: int | Non
         if docs:
             return (docs[used:], f"{src} documents {used}.. (held out)") if docs[used:] else (docs, src)
     return _load_docs("stdlib", {}), "stdlib"
-
-
-# ---- in-training evaluation ---------------------------------------------------------------------
-
-_TRAIN_CACHE: dict[tuple, Any] = {}
-
-
-def in_training_eval(trainer: Any) -> dict[str, float]:
-    """Passkey accuracy (%) and held-out perplexity at each eval.lengths (default: data.seq_len).
-
-    `trainer` is read duck-typed (recipe, model, wrapped, layout, tokenizer, device, dtype, engine,
-    sp_impl, env, step, and metrics when present: the passkey heat map goes to its passkey_heatmap):
-    this module never imports the trainer.
-
-    Collective: every rank calls it at the same step. Keys: "eval/passkey_acc@L" (% exact),
-    "eval/passkey_digit_acc@L" (% answer tokens), "eval/ppl@L" (only when the run holds documents
-    out: data.max_documents > 0 with documents beyond it).
-    """
-    r = trainer.recipe
-    lengths = list(r.eval.lengths) or [r.data.seq_len]
-    limit = trainer.model.cfg.max_seq_len
-    lay = trainer.layout
-    from longtrain.launcher.eval.passkey import min_length
-
-    shortest = min_length(trainer.tokenizer) if r.eval.passkey else 1
-    for L in lengths:
-        if L > limit:
-            raise ConfigError(f"eval.lengths: {L} exceeds the model's max_seq_len {limit}")
-        if L < shortest:
-            raise ConfigError(f"eval.lengths: {L} is shorter than the bare passkey prompt ({shortest} tokens)")
-        check_sequence_length(L, lay.sp, r.parallel.sp_layout, what="eval.lengths:")
-    run_data = {"source": r.data.source, "format": r.data.format, "text_field": r.data.text_field,
-                "max_documents": r.data.max_documents}
-    key = tuple(sorted(run_data.items())) + (r.data.tokenizer, tuple(lengths), r.eval.samples)
-    if key not in _TRAIN_CACHE:
-        _TRAIN_CACHE.clear()
-        docs, _ = filler_documents(run_data, None)
-        from longtrain.launcher.eval.passkey import filler_tokens
-
-        filler = filler_tokens(docs, trainer.tokenizer, 4 * max(lengths) * max(1, r.eval.samples) + 100_000)
-        windows = None
-        if r.data.max_documents and not r.data.source.startswith("passkey"):
-            try:
-                held, _ = heldout_documents(run_data, None, None)
-                windows = heldout_windows(held, trainer.tokenizer, lengths, max(1, r.eval.samples))
-            except LongtrainError as e:
-                log.warning("in-training perplexity is off: %s", e)
-        _TRAIN_CACHE[key] = (filler, windows)
-    filler, windows = _TRAIN_CACHE[key]
-    amp = trainer.engine.autocast  # as the training forward runs (DDP + bf16: autocast)
-    layout = EvalLayout.from_mesh(lay, trainer.sp_attention)  # the training attention's own settings
-    scorer = Scorer(trainer.engine.wrapped, layout, trainer.device, autocast_dtype=amp)
-    was_training = trainer.engine.wrapped.training
-    trainer.engine.wrapped.eval()
-    out: dict[str, float] = {}
-    try:
-        if r.eval.passkey:
-            res = passkey_eval(scorer, trainer.tokenizer, filler, lengths, r.eval.depths, max(1, r.eval.samples),
-                               seed=r.run.seed, batch=max(1, r.training.micro_batch))
-            for li, L in enumerate(lengths):
-                out[f"eval/passkey_acc@{L}"] = float(np.mean(res["accuracy"][li]))
-                out[f"eval/passkey_digit_acc@{L}"] = float(np.mean(res["digit_accuracy"][li]))
-            if getattr(trainer, "metrics", None) is not None:  # rank 0: the heat map as a TensorBoard image
-                trainer.metrics.passkey_heatmap(trainer.step, res)
-        if windows is not None:
-            res = ppl_eval(scorer, windows, buckets=1, batch=max(1, r.training.micro_batch))
-            for L, p in zip(res["lengths"], res["ppl"]):
-                out[f"eval/ppl@{L}"] = float(p)
-    finally:
-        trainer.engine.wrapped.train(was_training)
-    if trainer.env.is_main and out:
-        log.info("eval at step %d: %s", trainer.step, "  ".join(f"{k} {v:.4g}" for k, v in out.items()))
-    return out
