@@ -176,7 +176,7 @@ def check_pairing(traces: list[list[dict[str, Any]]]) -> list[str]:
 # ---- the in-memory reference corpus ---------------------------------------------------------
 
 class PackedCorpus:
-    """The in-memory reference for the prepared/memory-mapped data path (launcher/corpus.py): all
+    """The in-memory reference for the prepared/memory-mapped data path (launcher/data/corpus.py): all
     documents tokenized, each followed by EOS, concatenated in a seeded document order and cut into
     samples of seq_len+1 read in a seeded order per epoch. Tests compare the real path with it."""
 

@@ -364,7 +364,7 @@ def _load_dcp_into(model: nn.Module, p: Path) -> None:
 
 def load_init_from(recipe) -> nn.Module:
     """The model a recipe's `model.init_from` names, whole, on CPU (see `init_from_source`); the
-    FSDP2 trainer builds it sharded instead (launcher/trainer.py: build_model)."""
+    FSDP2 trainer builds it sharded instead (launcher/build.py: build_sharded_model)."""
     kind, p, cfg = init_from_source(recipe)
     if kind == "dcp":  # no process group needed: the single-process reader
         return _load_dcp_weights(cfg, p, torch.float32)
