@@ -11,6 +11,8 @@ n1's NodeAddr (a wrong MASTER_ADDR, a host name or 127.0.0.1 would fail, not sil
 * mpirun with a hostfile naming the two nodes' addresses (a launch agent enters the namespace, as
   ssh would enter a host) places one rank per host, mpi4py discovery takes rank 0's address from
   GLOO_SOCKET_IFNAME, and the losses equal torchrun's;
+* hybrid sharding (parallel.dp_replicate = "auto") on 2 nodes x 2 processes picks one replica per node
+  and equals plain FSDP2 on one node (1e-5);
 * rendezvous mistakes users meet on real clusters stop with one line and exit 2 before any
   rendezvous: a script made for 2 nodes on a 1-node allocation, a MASTER_ADDR that does not
   resolve, a port in use.
@@ -253,3 +255,22 @@ def test_multi_node_error_nodes_vs_allocation_under_torchrun_workers():
     """The check runs in every worker: under `--nproc 2` (torchrun) the launcher reports it once."""
     _one_line(_train("--nproc", "2", LONGTRAIN_NODES="2", SLURM_JOB_NUM_NODES="1"),
               "this job was made for 2 node(s) (longtrain slurm --nodes 2) but its allocation has 1")
+
+
+def test_multi_node_hybrid_sharding_equals_plain(cluster2, tmp_path):
+    """parallel.dp_replicate = "auto" on 2 nodes x 2 processes (torchrun template): 2 replicas, each
+    sharded over one node's 2 ranks; per-step losses equal plain FSDP2 over 4 ranks on one node (1e-5)."""
+    sets = ["training.steps=4", "training.dtype=fp32"]
+    out = tmp_path / "hybrid"
+    job = cluster2.submit(out, "torchrun", *sets, "parallel.dp_replicate=auto", extra=IFACE, nodes=2, procs=2)
+    plain = tmp_path / "plain"
+    run_train(plain, *sets, "checkpoint.interval=3", "metrics.tensorboard=false", nproc=4)
+    cluster2.wait(job, _log(out, job))
+    log = _log(out, job).read_text()
+    assert "ranks on 2 nodes: n1 (ranks 0-1), n2 (ranks 2-3)" in log, log[-3000:]  # a shard group = a node
+    assert "FSDP2 sharding: hybrid, 2 replicas x 2 ranks (auto: 2 nodes" in log, log[-3000:]
+    got, want = losses(out), losses(plain)
+    assert sorted(got) == sorted(want) == [1, 2, 3, 4], (got, want)
+    diff = max(abs(got[s] - want[s]) for s in want)
+    print(f"2 nodes x 2, dp_replicate auto -> 2 vs plain on one node: max |loss diff| {diff:.2e}")
+    assert diff < 1e-5

@@ -123,6 +123,7 @@ def test_cli_table_and_json(capsys):
     (["--gpus", "8", "--gpu", "h900"], "unknown --gpu"),
     (["--gpus", "8", "--interconnect", "smoke"], "unknown --interconnect"),
     (["--gpus", "6", "--set", "parallel.sp=4"], "not divisible by sp = 4"),
+    (["--gpus", "16", "--set", "parallel.dp_replicate=3"], "not divisible by parallel.dp_replicate = 3"),
 ])
 def test_cli_errors(capsys, args, needle):
     from longtrain.launcher.cli import main
@@ -152,3 +153,48 @@ def test_plan_for_the_128k_recipe_without_local_paths(capsys):
     assert pl["layout"]["seq_len"] == 131072 and pl["model"]["moh"] is not None
     assert any("init_from" in n for n in pl["notes"])
     assert pl["memory_gib"]["total"] < 80
+
+
+def test_fsdp_traffic_plain_vs_hybrid():
+    """2 nodes x 8 GPUs, bf16, LLaMA-3-8B: plain FSDP2 sends all of its (2 gathers x 2 B + 4 B reduce) x P
+    x 15/16 between nodes; hybrid (2 x 8) keeps the 7/8 gathers and reduce-scatter inside the node and
+    sends only the all-reduce of the 1/8 gradient shard (2 x 4 B x P/8 x 1/2) between nodes. Memory:
+    weights, grads and AdamW state over 8 ranks instead of 16."""
+    from longtrain.launcher.sizing import fsdp_traffic
+
+    cfg = model_config("llama3-8b")
+    P = cfg.n_params
+    plain = fsdp_traffic(P, world=16, replicate=1, gpus_per_node=8, param_bytes=2)
+    hybrid = fsdp_traffic(P, world=16, replicate=2, gpus_per_node=8, param_bytes=2)
+    assert plain == {"group": 16, "intra_bytes": 0.0, "inter_bytes": pytest.approx(8 * P * 15 / 16)}
+    assert hybrid == {"group": 8, "intra_bytes": pytest.approx(8 * P * 7 / 8), "inter_bytes": pytest.approx(P / 2)}
+    kw = dict(world=16, sp=8, micro_batch=1, seq_len=65536, dtype="bf16", engine="fsdp2", zero_stage=0,
+              checkpointing="full", mesa=False)
+    m1, m2 = memory_per_gpu(cfg, **kw), memory_per_gpu(cfg, **kw, replicate=2)
+    assert m2.params + m2.grads + m2.optimizer == pytest.approx(16 * P / 8, rel=1e-6)
+    assert m2.total - m1.total >= 12 * P / 8 - 12 * P / 16  # at least the weights and AdamW state, always live
+    st = {r: step_time(cfg, GPUS["h100"], 50.0, world=16, sp=8, impl="ring", micro_batch=1, grad_accum=1,
+                       seq_len=65536, dtype="bf16", engine="fsdp2", checkpointing="full", mfu=0.45, gpus_per_node=8,
+                       replicate=r) for r in (1, 2)}
+    assert st[1].dp_comm_s == pytest.approx(8 * P * 15 / 16 / 50e9)
+    assert st[2].dp_comm_s == pytest.approx(8 * P * 7 / 8 / 450e9 + P / 2 / 50e9)
+
+
+def test_plan_prints_plain_and_hybrid_sharding(capsys):
+    """`longtrain plan --gpus 16` (2 nodes of 8) prints both and suggests dp_replicate 2, the choice a run
+    with parallel.dp_replicate = "auto" makes; on one node there is nothing to choose."""
+    from longtrain.launcher.plan import main
+
+    recipe = REPO / "recipes" / "llama3-8b-continue-4m.toml"
+    assert main([str(recipe), "--gpus", "16"]) == 0
+    text = capsys.readouterr().out
+    for needle in ("FSDP2 sharding at sp=8", "plain over 16 GPUs", "hybrid 2 x 8", "suggested: 2 (auto: 2 nodes"):
+        assert needle in text, text
+    assert main([str(recipe), "--gpus", "16", "--json", "--set", "parallel.dp_replicate='auto'"]) == 0
+    sh = json.loads(capsys.readouterr().out)["sharding"]
+    assert sh["resolved"] == 2 and sh["suggestion"]["dp_replicate"] == 2
+    assert sh["plain"]["inter_node_gb"] > 10 * sh["hybrid"]["inter_node_gb"] and sh["hybrid"]["fits"]
+    assert sh["hybrid"]["memory_gib"] > sh["plain"]["memory_gib"]
+    assert main([str(recipe), "--gpus", "8", "--json"]) == 0
+    sh = json.loads(capsys.readouterr().out)["sharding"]
+    assert sh["hybrid"] is None and sh["suggestion"]["dp_replicate"] == 1

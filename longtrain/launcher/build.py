@@ -59,7 +59,9 @@ def build_sharded_model(recipe: Recipe, tokenizer_vocab: int, device: torch.devi
     configure_memory(model, recipe)
     if recipe.training.compile:
         compile_blocks(model, recipe.mesa.enabled)
-    shard_fsdp2(model, device, dtype=dtype)
+    from longtrain.launcher.sizing import resolve_dp_replicate  # parallel.dp_replicate: hybrid sharding
+
+    shard_fsdp2(model, device, dtype=dtype, replicate=resolve_dp_replicate(recipe, cfg, device))
     model.to_empty(device=device)
     fill_weights(model, recipe, source, place=place_local)
     return model

@@ -129,6 +129,7 @@ class ParallelSection:
     ulysses_degree: int = 0  # hybrid only: ranks per Ulysses group (0 = auto)
     sp_one_communicator: bool = False  # ring/TokenRing: both streams on one communicator (NCCL deadlock workaround)
     dp_engine: str = "fsdp2"  # fsdp2 | ddp | deepspeed
+    dp_replicate: int | str = 1  # fsdp2: replica groups of hybrid sharding (1 = plain; "auto" = nodes if it fits)
     zero_stage: int = 1  # deepspeed only
     deepspeed_config: dict | None = None  # merged over the generated DeepSpeed config
 

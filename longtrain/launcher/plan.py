@@ -21,7 +21,8 @@ from typing import Any
 
 from longtrain.errors import ConfigError
 from longtrain.parallel.rules import SP_IMPLS, resolve_sp_impl
-from longtrain.launcher.sizing import GPUS, GiB, INTERCONNECTS, Memory, StepTime, memory_per_gpu, step_time
+from longtrain.launcher.sizing import (GPUS, GiB, INTERCONNECTS, Memory, StepTime, choose_dp_replicate, fsdp_traffic,
+                                      recipe_memory, step_time)
 
 @dataclass
 class Plan:
@@ -36,6 +37,7 @@ class Plan:
     candidates: list = field(default_factory=list)
     suggestion: dict = field(default_factory=dict)
     notes: list = field(default_factory=list)
+    sharding: dict | None = None  # FSDP2: plain vs hybrid (parallel.dp_replicate) traffic and memory
 
 
 def make_plan(recipe: Any, gpus: int, gpu: str = "h100", interconnect: str = "ib", gpus_per_node: int = 8,
@@ -59,21 +61,24 @@ def make_plan(recipe: Any, gpus: int, gpu: str = "h100", interconnect: str = "ib
         raise ConfigError(f"{gpus} GPUs are not divisible by sp = {sp0}")
     gpn = min(gpus_per_node, gpus)
     common = dict(micro_batch=t.micro_batch, seq_len=seq, dtype=t.dtype)
+    budget = g.memory_gib * GiB * 0.9
+    # parallel.dp_replicate as a run on these GPUs resolves it (the same rule, launcher/sizing.py)
+    rep0, rep_why = choose_dp_replicate(p.dp_replicate, world=gpus, local_world=gpn, fits=lambda r: recipe_memory(
+        recipe, cfg, world=gpus, sp=sp0, replicate=r).total <= budget)
+    if gpus % rep0:
+        raise ConfigError(f"{gpus} GPUs are not divisible by parallel.dp_replicate = {rep0}")
 
-    def mem(s: int) -> Memory:
-        return memory_per_gpu(cfg, world=gpus, sp=s, engine=p.dp_engine, zero_stage=p.zero_stage,
-                              checkpointing=t.activation_checkpointing, mesa=recipe.mesa.enabled,
-                              loss_chunk=t.loss_chunk, mlp_chunk=t.mlp_chunk, **common)
+    def mem(s: int, r: int = rep0) -> Memory:
+        return recipe_memory(recipe, cfg, world=gpus, sp=s, replicate=r)
 
-    def times(s: int) -> list[StepTime]:
+    def times(s: int, r: int = rep0) -> list[StepTime]:
         return [step_time(cfg, g, inter_gbs, world=gpus, sp=s, impl=i, grad_accum=t.grad_accum,
                           engine=p.dp_engine, checkpointing=t.activation_checkpointing, mfu=mfu,
-                          loss_chunk=t.loss_chunk, mlp_chunk=t.mlp_chunk,
+                          loss_chunk=t.loss_chunk, mlp_chunk=t.mlp_chunk, replicate=r,
                           gpus_per_node=gpn, ulysses_degree=p.ulysses_degree, zero_stage=p.zero_stage, **common) for i in SP_IMPLS]
 
     m = mem(sp0)
     st = times(sp0)
-    budget = g.memory_gib * GiB * 0.9
     cands = []
     s = 1
     while s <= gpus:
@@ -96,10 +101,24 @@ def make_plan(recipe: Any, gpus: int, gpu: str = "h100", interconnect: str = "ib
         why = "nothing fits: turn on activation_checkpointing / mesa, lower micro_batch, or add GPUs"
     to_gib = {k: ({kk: vv for kk, vv in v.items()} if isinstance(v, dict) else v / GiB) for k, v in asdict(m).items()}
     to_gib["per_token_bytes"] = to_gib.pop("per_token")
-    longest = longest_fitting_seq(lambda n: memory_per_gpu(
-        cfg, world=gpus, sp=sp0, engine=p.dp_engine, zero_stage=p.zero_stage, checkpointing=t.activation_checkpointing,
-        mesa=recipe.mesa.enabled, loss_chunk=t.loss_chunk, mlp_chunk=t.mlp_chunk, micro_batch=t.micro_batch,
-        seq_len=n, dtype=t.dtype).total, budget, 2 * sp0)
+    longest = longest_fitting_seq(lambda n: recipe_memory(recipe, cfg, world=gpus, sp=sp0, seq_len=n,
+                                                          replicate=rep0).total, budget, 2 * sp0)
+    sharding = None
+    if p.dp_engine == "fsdp2":
+        def mode(r: int) -> dict:
+            tr = fsdp_traffic(cfg.n_params, world=gpus, replicate=r, gpus_per_node=gpn, grad_accum=t.grad_accum,
+                              param_bytes=2 if t.dtype == "bf16" else 4)
+            return {"dp_replicate": r, "shard_group": tr["group"], "intra_node_gb": tr["intra_bytes"] / 1e9,
+                    "inter_node_gb": tr["inter_bytes"] / 1e9, "dp_comm_s": times(sp0, r)[0].dp_comm_s,
+                    "memory_gib": mem(sp0, r).total / GiB, "fits": mem(sp0, r).total <= budget}
+
+        nodes = gpus // gpn if gpus > gpn and gpus % gpn == 0 else 1
+        hyb = rep0 if rep0 > 1 else nodes
+        auto, auto_why = choose_dp_replicate("auto", world=gpus, local_world=gpn,
+                                             fits=lambda r: mem(sp0, r).total <= budget)
+        sharding = {"recipe": p.dp_replicate, "resolved": rep0, "resolved_why": rep_why, "nodes": nodes,
+                    "plain": mode(1), "hybrid": mode(hyb) if hyb > 1 else None,
+                    "suggestion": {"dp_replicate": auto, "why": auto_why}}
     return Plan(
         recipe=recipe.source_path or recipe.run.name, gpus=gpus,
         gpu={"key": gpu, **asdict(g), "mfu_assumed": mfu, "gpus_per_node": gpn},
@@ -115,7 +134,7 @@ def make_plan(recipe: Any, gpus: int, gpu: str = "h100", interconnect: str = "ib
                 "tokens_per_step": (gpus // sp0) * t.micro_batch * t.grad_accum * seq},
         memory_gib=to_gib, step_time=[asdict(x) for x in st], candidates=cands,
         suggestion={"sp": pick["sp"], "sp_impl": pick["best_impl"], "why": why,
-                    "memory_gib": pick["memory_gib"], "tokens_per_s": pick["tokens_per_s"]})
+                    "memory_gib": pick["memory_gib"], "tokens_per_s": pick["tokens_per_s"]}, sharding=sharding)
 
 
 def longest_fitting_seq(total_bytes, budget: float, multiple: int, cap: int = 2**26) -> int:
@@ -225,6 +244,8 @@ def format_plan(pl: Plan) -> str:
     for c in pl.candidates:
         out.append(f"  {c['sp']:<5}{c['dp']:<5}{c['memory_gib']:10.1f}   {'yes' if c['fits'] else 'no ':<5}"
                    f"{c['best_impl']:<16}{c['step_s']:7.2f}s {c['tokens_per_s']:11,.0f}")
+    if pl.sharding:
+        out += _format_sharding(pl)
     sg = pl.suggestion
     out.append("")
     for n in pl.notes:
@@ -232,6 +253,29 @@ def format_plan(pl: Plan) -> str:
     out.append(f"suggestion: sp={sg['sp']} {sg['sp_impl']} ({sg['why']}): {sg['memory_gib']:.1f} GiB per GPU, "
                f"~{sg['tokens_per_s']:,.0f} tokens/s")
     return "\n".join(out) + "\n"
+
+
+def _format_sharding(pl: Plan) -> list[str]:
+    """The FSDP2 section: plain vs hybrid bytes per GPU per step, by link, and the dp_replicate to use."""
+    sh, gpn = pl.sharding, pl.gpu["gpus_per_node"]
+    out = ["", f"FSDP2 sharding at sp={pl.layout['sp']} (bytes each GPU sends per step: parameter all-gathers "
+           "fwd+bwd per micro-batch, gradient reduce-scatter; hybrid adds the all-reduce of each rank's gradient "
+           "shard across replicas)",
+           "  mode                       shard group  intra-node GB  inter-node GB   dp comm  memory GiB  fits"]
+    for key in ("plain", "hybrid"):
+        x = sh[key]
+        if x is None:
+            continue
+        name = (f"plain over {pl.gpus} GPUs" if key == "plain" else
+                f"hybrid {x['dp_replicate']} x {x['shard_group']}")
+        out.append(f"  {name:<27}{x['shard_group']:>11}{x['intra_node_gb']:15.2f}{x['inter_node_gb']:15.2f}"
+                   f"{x['dp_comm_s']:9.2f}s{x['memory_gib']:12.1f}  {'yes' if x['fits'] else 'no'}")
+    if sh["hybrid"] is None:
+        out.append(f"  (one node of {gpn} GPUs: hybrid sharding would only replicate inside the node)")
+    sg = sh["suggestion"]
+    out.append(f"  recipe parallel.dp_replicate = {sh['recipe']!r} -> {sh['resolved']} here ({sh['resolved_why']}); "
+               f"suggested: {sg['dp_replicate']} ({sg['why']})")
+    return out
 
 
 def _parser() -> argparse.ArgumentParser:

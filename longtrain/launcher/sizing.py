@@ -1,13 +1,14 @@
 """The analytic model behind `longtrain plan`: memory per GPU (parameters, optimizer, gradients,
 activations per checkpointing policy, loss and MLP working sets), FLOPs per token, sequence-parallel
 traffic per implementation and the step time that follows, for the GPUs and interconnects listed
-here. No torch import: the planner runs before any process starts. Measured against CPU peaks in
-docs/memory.md (`longtrain bench memory --grid full`)."""
+here, and the rule behind parallel.dp_replicate = "auto". No torch import: the planner runs before any
+process starts (resolve_dp_replicate, called inside a training process, imports torch lazily).
+Measured against CPU peaks in docs/memory.md (`longtrain bench memory --grid full`)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 from longtrain.errors import ConfigError
 from longtrain.parallel.rules import default_ulysses_degree, ulysses_heads_ok
@@ -47,6 +48,96 @@ INTERCONNECTS: dict[str, tuple[float, str]] = {
     "nvlink": (450.0, "one NVLink domain across nodes (NVL72-style)"),
 }
 
+
+
+# ---- hybrid sharding (parallel.dp_replicate): one rule for config, planner and runtime ---------------
+
+def check_dp_replicate(value: int | str, engine: str) -> None:
+    """What the recipe alone can check: an integer >= 1 or "auto", and hybrid only with FSDP2
+    (divisibility of the world is checked at launch, parallel/engines.py: check_replicate)."""
+    if value != "auto" and (isinstance(value, str) or value < 1):
+        raise ConfigError(f"'parallel.dp_replicate' must be an integer >= 1 or \"auto\", got {value!r}")
+    if value != 1 and engine != "fsdp2":
+        raise ConfigError(f"'parallel.dp_replicate' = {value!r} (hybrid sharding) needs parallel.dp_engine = "
+                          f"\"fsdp2\", got {engine!r}")
+
+
+def choose_dp_replicate(value: int | str, *, world: int, local_world: int,
+                        fits: Callable[[int], bool]) -> tuple[int, str]:
+    """Replica groups for FSDP2 and why. An integer is taken as is. "auto": the number of nodes
+    (world // local_world) when the run spans nodes and `fits(nodes)` (the step's memory per GPU with
+    the state sharded over one node's ranks fits the device), else 1 (plain FSDP2 over all ranks)."""
+    if value != "auto":
+        return int(value), "set in the recipe"
+    nodes = world // local_world if 0 < local_world < world and world % local_world == 0 else 1
+    if nodes == 1:
+        return 1, "auto: one node"
+    if not fits(nodes):
+        return 1, f"auto: sharded over one node ({local_world} ranks) it would not fit; sharding over all {world}"
+    return nodes, f"auto: {nodes} nodes, sharded within each node of {local_world} ranks"
+
+
+def fsdp_traffic(n_params: float, *, world: int, replicate: int, gpus_per_node: int, param_bytes: int,
+                 grad_accum: int = 1) -> dict[str, float]:
+    """FSDP2 bytes each GPU sends per optimizer step, split into intra-node and inter-node.
+
+    Per micro-batch the layers' parameters are all-gathered for forward and again for backward
+    (param_bytes each, (g-1)/g of them sent over a group of g); once per step the fp32 gradients
+    are reduce-scattered over the group (4 bytes, (g-1)/g). Plain (replicate = 1): g = world, and a
+    group spanning nodes runs at the inter-node link. Hybrid (replicate R): g = world / R inside a
+    node, plus an all-reduce of each rank's 1/g fp32 gradient shard across the R replicas
+    (2 x 4 P/g x (R-1)/R) between nodes."""
+    P, g = n_params, world // replicate
+    shard = (2 * grad_accum * param_bytes + 4) * P * (g - 1) / g if g > 1 else 0.0
+    across = 2 * 4 * (P / g) * (replicate - 1) / replicate if replicate > 1 else 0.0
+    if world <= gpus_per_node:  # one node: everything on the intra-node link
+        return {"group": g, "intra_bytes": shard + across, "inter_bytes": 0.0}
+    inside = g <= gpus_per_node
+    return {"group": g, "intra_bytes": shard if inside else 0.0, "inter_bytes": (0.0 if inside else shard) + across}
+
+
+def recipe_memory(recipe: Any, cfg: Any, *, world: int, sp: int | None = None, seq_len: int | None = None,
+                  replicate: int = 1) -> Memory:
+    """memory_per_gpu for a recipe (its longest stage unless `seq_len`; its sp unless `sp`)."""
+    t, p = recipe.training, recipe.parallel
+    seq = seq_len or max([recipe.data.seq_len] + [s.seq_len or 0 for s in recipe.stages])
+    return memory_per_gpu(cfg, world=world, sp=sp or p.sp, micro_batch=t.micro_batch, seq_len=seq, dtype=t.dtype,
+                          engine=p.dp_engine, zero_stage=p.zero_stage, checkpointing=t.activation_checkpointing,
+                          mesa=recipe.mesa.enabled, loss_chunk=t.loss_chunk, mlp_chunk=t.mlp_chunk,
+                          replicate=replicate)
+
+
+def resolve_dp_replicate(recipe: Any, cfg: Any, device: Any) -> int:
+    """In a training process: parallel.dp_replicate as a number of replica groups ("auto" resolved with
+    choose_dp_replicate against 90% of the device's memory: a GPU's, or on CPU the host's share per
+    local rank), logged once on rank 0. torch is imported here only."""
+    import logging
+    import os
+
+    import torch.distributed as dist
+
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    local = int(os.environ.get("LOCAL_WORLD_SIZE") or world)
+    value = recipe.parallel.dp_replicate
+
+    def fits(r: int) -> bool:  # only asked for "auto" on several nodes
+        if device.type == "cuda":
+            import torch
+
+            budget = 0.9 * torch.cuda.get_device_properties(device).total_memory
+        else:
+            budget = 0.9 * os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / max(1, local)
+        return recipe_memory(recipe, cfg, world=world, replicate=r).total <= budget
+
+    replicate, why = choose_dp_replicate(value, world=world, local_world=local, fits=fits)
+    from longtrain.parallel.engines import check_replicate
+
+    check_replicate(world, replicate)  # one line naming both numbers, before anything is built
+    if value != 1 and (not dist.is_initialized() or dist.get_rank() == 0):
+        logging.getLogger("longtrain").info("FSDP2 sharding: %s (%s)", f"hybrid, {replicate} replicas x "
+                                            f"{world // replicate} ranks" if replicate > 1 else
+                                            f"plain over all {world} ranks", why)
+    return replicate
 
 
 # ---- memory ----------------------------------------------------------------------------------
@@ -136,11 +227,12 @@ class Memory:
 
 def memory_per_gpu(cfg: Any, *, world: int, sp: int, micro_batch: int, seq_len: int, dtype: str, engine: str,
                    zero_stage: int, checkpointing: bool | str, mesa: bool, loss_chunk: int | str = 0,
-                   mlp_chunk: int | str = 0) -> Memory:
+                   mlp_chunk: int | str = 0, replicate: int = 1) -> Memory:
     """Bytes per GPU for one training step of the recipe's shape (peak = persistent + live activations).
 
     `loss_chunk` / `mlp_chunk` as in [training] ('auto', 0 or tokens); the defaults here (0) are
-    the unchunked paths. `host_offload` is host memory, not part of `total`."""
+    the unchunked paths. FSDP2 shards parameters, gradients and AdamW state over world / `replicate`
+    ranks (parallel.dp_replicate; 1 = all). `host_offload` is host memory, not part of `total`."""
     from longtrain.models.memory import checkpoint_policy, mlp_chunk_tokens
 
     P = cfg.n_params
@@ -150,7 +242,7 @@ def memory_per_gpu(cfg: Any, *, world: int, sp: int, micro_batch: int, seq_len: 
     g_bytes = 4
     shard_p = shard_g = shard_o = 1
     if engine == "fsdp2":
-        shard_p = shard_g = shard_o = world
+        shard_p = shard_g = shard_o = world // replicate
     elif engine == "deepspeed":
         shard_o = world if zero_stage >= 1 else 1
         shard_g = world if zero_stage >= 2 else 1
@@ -210,7 +302,7 @@ def memory_per_gpu(cfg: Any, *, world: int, sp: int, micro_batch: int, seq_len: 
     # loading: FSDP2 builds on the meta device and reads only its shards (plus one whole tensor at a
     # time, the largest being the embedding); DDP / DeepSpeed hold the whole model on every rank
     largest = 4 * cfg.vocab_size * cfg.dim
-    loading = (P * 4 / world + largest) if engine == "fsdp2" else P * 4 + largest
+    loading = (P * 4 / shard_p + largest) if engine == "fsdp2" else P * 4 + largest
     return Memory(params, grads, optimizer, act, table[(False, False)], table[(False, True)], table[(True, False)],
                   table[(True, True)], logits, transient, total, host, mlp_tile, loading, per_token, fixed)
 
@@ -310,7 +402,7 @@ class StepTime:
 def step_time(cfg: Any, gpu: GPU, inter_gbs: float, *, world: int, sp: int, impl: str, micro_batch: int,
               grad_accum: int, seq_len: int, dtype: str, engine: str, checkpointing: bool | str, mfu: float,
               gpus_per_node: int, ulysses_degree: int = 0, zero_stage: int = 0, loss_chunk: int | str = 0,
-              mlp_chunk: int | str = 0) -> StepTime:
+              mlp_chunk: int | str = 0, replicate: int = 1) -> StepTime:
     """Seconds per optimizer step on each GPU and global tokens per second."""
     tokens_local = micro_batch * seq_len / sp
     from longtrain.models.memory import loss_chunk_tokens, mlp_chunk_tokens
@@ -344,9 +436,13 @@ def step_time(cfg: Any, gpu: GPU, inter_gbs: float, *, world: int, sp: int, impl
     # grads; DDP / ZeRO-1/2 all-reduce grads (2x); ring algorithms send (n-1)/n of it.
     P = cfg.n_params
     n = world
-    if n > 1:
+    if engine == "fsdp2":  # plain or hybrid (fsdp_traffic): intra- and inter-node parts at their links
+        tr = fsdp_traffic(P, world=world, replicate=replicate, gpus_per_node=gpus_per_node, param_bytes=a,
+                          grad_accum=grad_accum)
+        dp_s = tr["intra_bytes"] / (gpu.intra_gbs * 1e9) + tr["inter_bytes"] / (inter_gbs * 1e9)
+    elif n > 1:
         w = 2 if dtype == "bf16" else 4
-        if engine == "fsdp2" or (engine == "deepspeed" and zero_stage >= 3):
+        if engine == "deepspeed" and zero_stage >= 3:
             dp_bytes = (2 * w + 4) * P * (n - 1) / n
         else:
             dp_bytes = 2 * 4 * P * (n - 1) / n

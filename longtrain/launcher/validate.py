@@ -69,7 +69,9 @@ def validate(r: Any) -> None:
     _choice("parallel.sp_layout", p.sp_layout, SP_LAYOUTS)
     _choice("parallel.dp_engine", p.dp_engine, ("fsdp2", "ddp", "deepspeed"))
     _positive("parallel.ulysses_degree", p.ulysses_degree, allow_zero=True)
+    from longtrain.launcher.sizing import check_dp_replicate  # hybrid sharding: one rule for config, plan, run
 
+    check_dp_replicate(p.dp_replicate, p.dp_engine)
     if p.zero_stage not in (0, 1, 2, 3):
         raise ConfigError(f"'parallel.zero_stage' must be 0, 1, 2 or 3, got {p.zero_stage}")
     _positive("checkpoint.interval", c.interval)

@@ -1,4 +1,4 @@
-"""Data-parallel engines behind one interface: FSDP2 (fully_shard), DDP, DeepSpeed ZeRO (deepspeed_engine.py).
+"""Data-parallel engines behind one interface: FSDP2 (fully_shard; plain or hybrid), DDP, DeepSpeed ZeRO (deepspeed_engine.py).
 
 Gradients are averaged over ALL ranks (dp x sp): sequence-parallel ranks hold different tokens of
 the same samples, so their parameter gradients must be summed too. The trainer scales each rank's
@@ -21,6 +21,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from longtrain.errors import LaunchError
+
 ENGINES = ("fsdp2", "ddp", "deepspeed")
 
 
@@ -34,19 +36,39 @@ def adamw(model: nn.Module, lr: float, betas: tuple[float, float], weight_decay:
                              lr=lr, betas=betas, eps=1e-8, foreach=foreach)
 
 
-def shard_fsdp2(model: nn.Module, device: torch.device, dtype: torch.dtype = torch.float32) -> nn.Module:
-    """fully_shard every block, then the root, over the default group (in place; the model may be on
-    the meta device: then `to_empty` and fill each rank's shards, see place_local)."""
+def shard_fsdp2(model: nn.Module, device: torch.device, dtype: torch.dtype = torch.float32,
+                replicate: int = 1) -> nn.Module:
+    """fully_shard every block, then the root (in place; the model may be on the meta device: then
+    `to_empty` and fill each rank's shards, see place_local).
+
+    replicate = 1: plain FSDP2, every parameter sharded over all `world` ranks.
+    replicate = R > 1: hybrid sharding (HSDP) over the 2-D mesh (replicate R, shard world/R): each
+    parameter is sharded over a group of world/R consecutive ranks (one node when R = number of
+    nodes) and replicated over the R groups; replica i = ranks [i*world/R, (i+1)*world/R).
+    Gradients are reduce-scattered inside a group and all-reduced across replicas: either way the
+    average over all world ranks, as the trainer's loss scaling expects.
+    Raises LaunchError when `replicate` does not divide the world size."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     world = dist.get_world_size() if dist.is_initialized() else 1
-    mesh = init_device_mesh(device.type, (world,), mesh_dim_names=("fsdp",))
+    check_replicate(world, replicate)
+    if replicate > 1:
+        mesh = init_device_mesh(device.type, (replicate, world // replicate), mesh_dim_names=("replicate", "shard"))
+    else:
+        mesh = init_device_mesh(device.type, (world,), mesh_dim_names=("fsdp",))
     mp = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32)
     for layer in model.layers:
         fully_shard(layer, mesh=mesh, mp_policy=mp)
     fully_shard(model, mesh=mesh, mp_policy=mp)
     return model
+
+
+def check_replicate(world: int, replicate: int) -> None:
+    """parallel.dp_replicate must divide the world size (LaunchError naming both numbers)."""
+    if replicate < 1 or world % replicate:
+        raise LaunchError(f"world size {world} is not divisible by parallel.dp_replicate = {replicate} "
+                          f"(hybrid sharding needs {replicate} equal replica groups)")
 
 
 def wrap_ddp(model: nn.Module, device: torch.device) -> nn.Module:
