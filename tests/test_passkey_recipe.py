@@ -27,7 +27,8 @@ SAMPLES = 40  # prompts per depth: 200 in all, so one unlucky prompt moves the p
 EXTEND = REPO / "recipes" / "passkey-extend-cpu.toml"
 EXTEND_STEPS = 250  # of the recipe's 1000, at 4096 tokens each (the recipe: 8192): 74 s on the 2-core box
 EXTEND_SAMPLES = 8  # prompts per depth at 1024 tokens (40 in all)
-EXTEND_MARGIN = 50.0  # points over the base at 1024; measured: extended 85.0%, base 0.0% (docs/context-extension.md)
+EXTEND_MARGIN = 30.0  # points over the base at 1024; measured with linear PI (the recipe): extended 47.5%, base
+#                       0.0% (θ 100k, shipped before: 85.0%; PI relearns every position, so 250 steps get less far)
 
 
 def _run(cmd: list[str], timeout: int) -> subprocess.CompletedProcess:
@@ -116,7 +117,7 @@ def test_passkey_recipe_learns_retrieval_with_sp2(base_run, tmp_path):
 
 @pytest.mark.slow
 def test_context_extension_beats_the_base_at_1024(base_run, tmp_path):
-    """A shortened passkey-extend-cpu run (EXTEND_STEPS steps at 1024 tokens, θ 10k -> 100k, sp = 2,
+    """A shortened passkey-extend-cpu run (EXTEND_STEPS steps at 1024 tokens, linear PI x8, sp = 2,
     init_from = the base run folder) retrieves at 1024 where the base model cannot."""
     base, _, _ = base_run
     ext = tmp_path / "extend"
@@ -131,7 +132,8 @@ def test_context_extension_beats_the_base_at_1024(base_run, tmp_path):
     train_s = time.perf_counter() - t0
     assert "sp 2" in proc.stdout and "1024 tokens" in proc.stdout, proc.stdout[-2000:]
     meta = json.loads((ext / "checkpoints" / f"step_{EXTEND_STEPS:08d}" / "meta.json").read_text())
-    assert meta["model"]["rope_theta"] == 100000.0 and meta["seq_len"] == 1024
+    assert meta["model"]["rope_theta"] == 10000.0 and meta["seq_len"] == 1024
+    assert meta["model"]["rope_scaling"] == {"type": "linear", "factor": 8.0}
     assert meta["model"]["dim"] == 128 and meta["model"]["n_layers"] == 2  # the base model's shape, not the preset's
 
     ours = _eval(ext, tmp_path / "e-ext", "--lengths", "1024", samples=EXTEND_SAMPLES)

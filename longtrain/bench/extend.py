@@ -5,10 +5,10 @@
 
 1. base: `recipes/passkey-cpu.toml` (2 processes, sp = 2), unless --base names a finished run.
 2. each variant: `recipes/passkey-extend-cpu.toml` with `model.init_from` = the base run and
-       theta      model.rope_theta = 100000 (raise θ, EasyContext; the recipe as shipped)
-       pi         rope_theta 10000, model.rope_scaling = {type = "linear", factor = 8} (position interpolation)
-       none       rope_theta 10000, no scaling (RoPE unchanged)
-       masformer  as theta, model.attention = ["full", "window:128"] (only layer 1 sees the whole context)
+       theta      model.rope_theta = 100000, rope_scaling = {} (raise θ, EasyContext; no scaling)
+       pi         rope_theta 10000, model.rope_scaling = {type = "linear", factor = 8} (the recipe as shipped)
+       none       rope_theta 10000, rope_scaling = {} (RoPE unchanged)
+       masformer  as pi, model.attention = ["full", "window:128"] (only layer 1 sees the whole context)
    all with the same step budget.
 3. every model: `longtrain eval passkey` and `longtrain eval ppl` at 128, 256, 512, 1024 tokens.
 
@@ -36,10 +36,11 @@ EXTEND_RECIPE = "passkey-extend-cpu.toml"
 LENGTHS = (128, 256, 512, 1024)
 
 VARIANTS: dict[str, list[str]] = {
-    "theta": ["model.rope_theta=100000.0"],
-    "pi": ["model.rope_theta=10000.0", 'model.rope_scaling={type="linear", factor=8.0}'],
-    "none": ["model.rope_theta=10000.0"],
-    "masformer": ["model.rope_theta=100000.0", 'model.attention=["full", "window:128"]'],
+    "theta": ["model.rope_theta=100000.0", "model.rope_scaling={}"],  # {}: explicitly no scaling
+    "pi": ["model.rope_theta=10000.0", 'model.rope_scaling={type="linear", factor=8.0}'],  # the recipe as shipped
+    "none": ["model.rope_theta=10000.0", "model.rope_scaling={}"],
+    "masformer": ["model.rope_theta=10000.0", 'model.rope_scaling={type="linear", factor=8.0}',
+                  'model.attention=["full", "window:128"]'],
 }
 LABELS = {"base": "base (128)", "theta": "θ 10k→100k", "pi": "linear PI ×8", "none": "RoPE unchanged",
           "masformer": "MASFormer (full, window:128), θ 100k"}
