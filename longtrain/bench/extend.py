@@ -43,7 +43,7 @@ VARIANTS: dict[str, list[str]] = {
                   'model.attention=["full", "window:128"]'],
 }
 LABELS = {"base": "base (128)", "theta": "θ 10k→100k", "pi": "linear PI ×8", "none": "RoPE unchanged",
-          "masformer": "MASFormer (full, window:128), θ 100k"}
+          "masformer": "MASFormer (full, window:128), PI ×8"}
 
 
 def _recipe(name: str) -> Path:
