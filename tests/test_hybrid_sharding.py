@@ -71,9 +71,11 @@ def _emulated_nodes(out, *sets: str, nodes: int = 2, per_node: int = 2) -> list[
     cmd = train_cmd(out, *sets)
     del cmd[cmd.index("--nproc"):cmd.index("--nproc") + 2]
     port, world = str(free_port()), nodes * per_node
+    # TORCHELASTIC_RUN_ID: end like torchrun's workers (cli._worker_exit), not through the interpreter's
+    # teardown, which now and then aborts in a torch C++ thread ("terminate called without an active exception")
     procs = [subprocess.Popen(cmd, env=cli_env(RANK=str(r), WORLD_SIZE=str(world), LOCAL_RANK=str(r % per_node),
                                                LOCAL_WORLD_SIZE=str(per_node), MASTER_ADDR="127.0.0.1",
-                                               MASTER_PORT=port),
+                                               MASTER_PORT=port, TORCHELASTIC_RUN_ID="emulated"),
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO)
              for r in range(world)]
     done = []
