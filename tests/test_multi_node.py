@@ -132,6 +132,26 @@ def test_multi_node_slurm_template_trains(cluster2, jobs2, baseline, mode):
     assert f"({cluster2.addr('n1')}:" in log or f"at {cluster2.addr('n1')}:" in log, log[:1000]
 
 
+def test_multi_node_hung_rank_is_one_block(cluster2, tmp_path):
+    """slurm/torchrun.sbatch on 2 nodes, 1 process each; rank 1 (on n2) stops at step 5: the launcher on
+    n1 (`longtrain train --torchrun`) prints the one block, the one on n2 stays quiet, the job fails
+    with exit status 1 within training.collective_timeout_s + 30 s. (Both nodes share one kernel here,
+    so rank 0 can SIGKILL rank 1 itself; on separate machines srun's step teardown ends it.)"""
+    out = tmp_path / "hang"
+    job = cluster2.submit(out, "torchrun", "training.steps=6", "training.collective_timeout_s=30", nodes=2, procs=1,
+                          extra=(*IFACE, "--env", "LONGTRAIN_FAULT=hang:5:1"))
+    log = _log(out, job)
+    info = cluster2.ended(job, log, timeout=420)
+    text = log.read_text()
+    lines = [x for x in text.splitlines() if x.startswith("longtrain")]
+    took = log.stat().st_mtime - (out / "metrics.jsonl").stat().st_mtime
+    print(f"2-node torchrun template: hang -> end of job step {took:.1f} s, {len(lines)} longtrain lines")
+    assert info["JobState"] == "FAILED" and info["ExitCode"] == "1:0", (info, text[-3000:])
+    assert len(lines) == 3 and "Traceback" not in text and took < 30 + 30, text[-3000:]
+    assert "rank 1 on n2 stopped making progress during step 5" in lines[0], lines[0]
+    assert "step_00000003" in lines[1] and lines[2].startswith("longtrain: resume with the same command: sbatch ")
+
+
 def test_multi_node_requeue_resumes_on_both_nodes(cluster2, jobs2, baseline):
     out, job = jobs2["preempt"]
     text = preempt_and_finish(cluster2, job, out)

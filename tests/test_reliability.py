@@ -253,3 +253,49 @@ def test_twenty_crashes_always_leave_a_complete_checkpoint(tmp_path):
     print(f"20 SIGKILLs, {during_save} while a checkpoint was being written, {resumed} starts resumed")
     # how many kills land mid-save depends on the machine's load; the invariant above is the test
     assert resumed >= 5 and during_save >= 1
+
+
+def _hang_run(out: Path, *sets: str, fault: str, nproc: int = 2) -> tuple[subprocess.CompletedProcess, float]:
+    """Start `longtrain train --nproc` with LONGTRAIN_FAULT=`fault` ('hang:5:R': rank R stops itself at
+    the start of step 5); returns the finished process and the seconds from the hang to its exit (the
+    hang: rank 0 has logged step 4, after which it goes straight into step 5)."""
+    import time
+
+    from helpers import REPO, cli_env, train_cmd
+
+    proc = subprocess.Popen(train_cmd(out, *sets, nproc=nproc), env=cli_env(LONGTRAIN_FAULT=fault), cwd=REPO,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    deadline = time.time() + 240
+    while not (out / "metrics.jsonl").is_file() or len((out / "metrics.jsonl").read_text().splitlines()) < 4:
+        assert time.time() < deadline and proc.poll() is None, proc.communicate()
+        time.sleep(0.05)
+    t0 = time.time()
+    stdout, stderr = proc.communicate(timeout=180)
+    return subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr), time.time() - t0
+
+
+def test_a_hung_rank_is_killed_and_reported_once(tmp_path):
+    """Rank 1 stops (SIGSTOP, as a rank stuck in a kernel stops making progress) at step 5 of a run
+    with training.collective_timeout_s = 30: rank 0's collective times out, rank 0 names rank 1 and
+    SIGKILLs it (torchrun would wait 30 s more after its SIGTERM), and the job exits 1 within the
+    timeout + 30 s with one block and no traceback. The newest checkpoint is intact and the same
+    command resumes from it."""
+    from longtrain.launcher.checkpoint import check_checkpoint
+
+    out = tmp_path / "run"
+    sets = ["training.steps=6", "checkpoint.interval=3", "training.collective_timeout_s=30"]
+    proc, took = _hang_run(out, *sets, fault="hang:5:1")
+    lines = [line for line in proc.stderr.strip().splitlines() if line.strip()]
+    print(f"torchrun: hang -> exit {took:.1f} s, {len(lines)} lines on stderr")
+    assert proc.returncode == 1 and took < 30 + 30, (proc.returncode, took, proc.stderr[-3000:])
+    assert "Traceback" not in proc.stderr and "ChildFailedError" not in proc.stderr, proc.stderr[-3000:]
+    assert len(lines) == 3 and all(line.startswith("longtrain: ") for line in lines), proc.stderr[-3000:]
+    assert "rank 1 on " in lines[0] and "stopped making progress during step 5" in lines[0], lines[0]
+    assert "no answer for 30 s" in lines[0] and "killed (SIGKILL)" in lines[0], lines[0]
+    assert "newest usable checkpoint: " in lines[1] and "step_00000003" in lines[1], lines[1]
+    assert lines[2].startswith("longtrain: resume with the same command: longtrain train "), lines[2]
+    ck = out / "checkpoints"
+    assert (ck / "latest").read_text().strip() == "step_00000003" and check_checkpoint(ck / "step_00000003") == []
+    again = run_train(out, *sets)
+    assert "resumed from" in again.stdout and "step_00000003" in again.stdout
+    assert sorted(losses(out)) == list(range(1, 7))

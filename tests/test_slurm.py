@@ -60,6 +60,16 @@ class Cluster:
         proc = subprocess.run(["scontrol", "show", "job", "-o", job_id], env=self.env, capture_output=True, text=True)
         return dict(re.findall(r"(\w+)=(\S*)", proc.stdout))
 
+    def ended(self, job_id: str, log: Path, timeout: float = 300) -> dict[str, str]:
+        """Wait for the job to end, however it ends."""
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            info = self.job(job_id)
+            if info.get("JobState") in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL"):
+                return info
+            time.sleep(1)
+        raise AssertionError(f"job {job_id} did not end in {timeout}s: {self.job(job_id)}\n{_tail(log)}")
+
     def wait(self, job_id: str, log: Path, timeout: float = 300) -> dict[str, str]:
         deadline = time.time() + timeout
         while time.time() < deadline:
@@ -83,7 +93,7 @@ def _log(out: Path, job_id: str) -> Path:
 def cluster(tmp_path_factory):
     _ensure_slurm()
     root = tmp_path_factory.mktemp("slurm")
-    proc = subprocess.run(["bash", str(SCRIPT), "start", str(root), "6"], capture_output=True, text=True, timeout=180)
+    proc = subprocess.run(["bash", str(SCRIPT), "start", str(root), "8"], capture_output=True, text=True, timeout=180)
     try:
         assert proc.returncode == 0, f"local Slurm did not start: {proc.stderr}"
         yield Cluster(root)
@@ -109,6 +119,22 @@ def first_jobs(cluster, tmp_path_factory):
     pre_t = runs / "preempt-torchrun"
     jobs["preempt-torchrun"] = (pre_t, cluster.submit(pre_t, "torchrun", "training.steps=6",
                                                       extra=("--env", "LONGTRAIN_FAULT=pause_after_save:3")))
+    return jobs
+
+
+@pytest.fixture(scope="module")
+def fault_jobs(cluster, tmp_path_factory):
+    """Submitted together once the jobs above are through (the paused preemption jobs hold CPUs until
+    their test): a rank that stops at step 5 (both templates), a rank of 3 that dies at step 4 (srun)."""
+    runs = tmp_path_factory.mktemp("faults")
+    jobs = {}
+    for mode in ("srun", "torchrun"):
+        out = runs / f"hang-{mode}"
+        jobs[f"hang-{mode}"] = (out, cluster.submit(out, mode, "training.steps=6", "training.collective_timeout_s=30",
+                                                    extra=("--env", "LONGTRAIN_FAULT=hang:5:1")))
+    dead = runs / "dead-srun"
+    jobs["dead-srun"] = (dead, cluster.submit(dead, "srun", "training.steps=6", procs=3,
+                                              extra=("--env", "LONGTRAIN_FAULT=die:4:2")))
     return jobs
 
 
@@ -272,3 +298,59 @@ def test_submit_without_sbatch(capsys, monkeypatch, tmp_path):
     rc, out, err = _slurm_cli(capsys, "--nodes", "1", "--gpus-per-node", "0", "--procs-per-node", "2", "--submit",
                               "--set", f"run.output_dir={tmp_path / 'run'}")
     assert rc == 2 and "needs sbatch on PATH" in err, err
+
+
+def _failed_job(cluster: Cluster, fault_jobs, which: str) -> tuple[Path, str, list[str], float]:
+    """A job that failed: its run folder, log text, the log's `longtrain:` lines and the seconds from the
+    last metrics record (step 4, just before the fault of step 5) to the job's last log line."""
+    out, job = fault_jobs[which]
+    log = _log(out, job)
+    info = cluster.ended(job, log, timeout=420)
+    assert info["JobState"] == "FAILED" and info["ExitCode"] == "1:0", (info, _tail(log))
+    text = log.read_text()
+    took = log.stat().st_mtime - (out / "metrics.jsonl").stat().st_mtime
+    return out, text, [x for x in text.splitlines() if x.startswith("longtrain")], took
+
+
+@pytest.mark.parametrize("mode", ["srun", "torchrun"])
+def test_hung_rank_is_reported_once(cluster, fault_jobs, mode):
+    """Rank 1 stops (SIGSTOP) at step 5 with training.collective_timeout_s = 30: the job fails with exit
+    status 1 within the timeout + 30 s; its log has one block naming rank 1 and its node, the step, the
+    intact newest checkpoint and the command that resumes (`sbatch SCRIPT`), and no traceback. srun
+    template: the first survivor to ask reports, srun's step teardown (SIGCONT, SIGTERM) lets the stopped rank
+    go, and it stops without a report; torchrun template: `longtrain train --torchrun` reports, the
+    survivor SIGKILLs the stopped rank. Running the printed command resumes from the checkpoint."""
+    from longtrain.launcher.checkpoint import check_checkpoint
+
+    out, text, lines, took = _failed_job(cluster, fault_jobs, f"hang-{mode}")
+    print(f"{mode} template: hang -> end of job step {took:.1f} s, {len(lines)} longtrain lines")
+    assert took < 30 + 30 and "Traceback" not in text, text[-3000:]
+    assert len(lines) == 3, text[-3000:]
+    assert "rank 1 on " in lines[0] and "stopped making progress during step 5: no answer for 30 s" in lines[0]
+    assert "step_00000003" in lines[1] and check_checkpoint(out / "checkpoints" / "step_00000003") == []
+    m = re.fullmatch(r"longtrain: resume with the same command: sbatch (\S+\.sbatch)", lines[2])
+    assert m and Path(m.group(1)).is_file(), lines[2]
+    if mode == "srun":  # the printed command resumes (once the fault is taken out of the script)
+        script = Path(m.group(1))
+        script.write_text(script.read_text().replace("export LONGTRAIN_FAULT=hang:5:1", ""))
+        proc = subprocess.run(["sbatch", "--parsable", m.group(1)], env=cluster.env, capture_output=True, text=True)
+        job = proc.stdout.strip().split(";")[0]
+        cluster.wait(job, _log(out, job))
+        log = _log(out, job).read_text()
+        assert re.search(r"resumed from \S+step_00000003 at step 3", log) and "done: 6 steps" in log, log[-3000:]
+
+
+def test_dead_rank_is_one_block_under_srun(cluster, fault_jobs):
+    """3 tasks, rank 2 dies (SIGKILL) at step 4: only the first survivor to notice reports (the other
+    may be blocked on it: gloo notices a dead peer only on the connections to it; the responder threads
+    of the survivors answer for them), in one block; the job fails."""
+    out, job = fault_jobs["dead-srun"]
+    log = _log(out, job)
+    info = cluster.ended(job, log, timeout=420)
+    assert info["JobState"] == "FAILED", (info, _tail(log))
+    text = log.read_text()
+    lines = [x for x in text.splitlines() if x.startswith("longtrain")]
+    print(f"srun template: a dead rank of 3 -> {len(lines)} longtrain lines")
+    assert len(lines) == 3 and "Traceback" not in text, text[-3000:]
+    assert "rank 2 on " in lines[0] and "died during step 4" in lines[0], lines[0]
+    assert "step_00000003" in lines[1] and lines[2].startswith("longtrain: resume with the same command: sbatch ")

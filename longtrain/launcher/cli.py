@@ -34,11 +34,18 @@ def _train_parser(sub) -> None:
     p.add_argument("--nproc", type=int, default=None,
                    help="processes to start on this machine when not already under torchrun/Slurm/MPI")
     p.add_argument("--dry-run", action="store_true", help="validate recipe, mesh, data and model; do not train")
+    p.add_argument("--torchrun", dest="torchrun_args", default=None, metavar="ARGS",
+                   help="torchrun arguments for a multi-node rendezvous instead of --standalone, e.g. "
+                        "'--nnodes=2 --rdzv-backend=c10d --rdzv-endpoint=HOST:PORT' (slurm/torchrun.sbatch)")
+    p.add_argument("--mpirun", dest="mpirun_args", default=None, metavar="ARGS",
+                   help="start the ranks with `mpirun ARGS` (e.g. '-n 8 --hostfile hosts'); a SIGTERM then saves "
+                        "a checkpoint (sent on to mpirun as SIGUSR1: mpirun ends its ranks 0.5 s after a SIGTERM)")
 
 
 def _spawn_torchrun(args: argparse.Namespace, recipe=None) -> int:
     n = args.nproc
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={n}",
+    rdzv = shlex.split(args.torchrun_args) if args.torchrun_args else ["--standalone"]
+    cmd = [sys.executable, "-m", "torch.distributed.run", *rdzv, f"--nproc-per-node={n}",
            "--module", "longtrain.launcher.cli", "train", args.recipe]
     for o in args.overrides:
         cmd += ["--set", o]
@@ -49,11 +56,50 @@ def _spawn_torchrun(args: argparse.Namespace, recipe=None) -> int:
     env.setdefault("TORCHELASTIC_ERROR_FILE", "")
     run = None
     if recipe is not None:
-        run = RunInfo(Path(recipe.output_dir), Path(recipe.checkpoint_dir),
-                      shlex.join(["longtrain", *sys.argv[1:]]) if sys.argv[1:] else "longtrain train ...")
+        run = RunInfo(Path(recipe.output_dir), Path(recipe.checkpoint_dir), _resume_command())
+    nodes = re.search(r"--nnodes[= ](\d+)", args.torchrun_args or "")
     with tempfile.TemporaryDirectory(prefix="longtrain-errors-") as errdir:
         env[ERROR_DIR_ENV] = errdir
-        return _run_reporting(cmd, env, Path(errdir), run)
+        return _run_reporting(cmd, env, Path(errdir), run, multi_node=bool(nodes and int(nodes.group(1)) > 1))
+
+
+MPIRUN_WRAPPER_ENV = "LONGTRAIN_MPIRUN_WRAPPER"
+
+
+def _spawn_mpirun(args: argparse.Namespace, recipe) -> int:
+    """`longtrain train RECIPE --mpirun ARGS`: `mpirun ARGS python -m longtrain.launcher.cli train RECIPE
+    ...`, run by signals.run_mpirun (a SIGTERM saves a checkpoint; mpirun's own notices are dropped). A
+    stuck rank is reported by the first survivor; a dead one here, from mpirun's notice (mpirun ends the
+    survivors 0.5 s after a death, which can be before they know who died)."""
+    import shutil
+
+    from longtrain.launcher.signals import run_mpirun
+
+    mpirun = shutil.which("mpirun", path=str(Path(sys.executable).parent)) or shutil.which("mpirun") or "mpirun"
+    cmd = [mpirun, *shlex.split(args.mpirun_args), sys.executable, "-m", "longtrain.launcher.cli", "train", args.recipe]
+    for o in args.overrides:
+        cmd += ["--set", o]
+    env = dict(os.environ)
+    env.setdefault("LONGTRAIN_RESUME_COMMAND", _resume_command())
+    env[MPIRUN_WRAPPER_ENV] = "1"  # the ranks leave the report of a dead rank to this process
+    rc, deaths = run_mpirun(cmd, env)
+    if rc != 0 and deaths:
+        run = RunInfo.of(recipe)
+        rank, node, how = deaths[0]
+        print("\n".join([f"longtrain: rank {rank} on {node} died ({how}) during step {run.step_in_flight()}.",
+                         *run.footer()]), file=sys.stderr, flush=True)
+        return 1
+    return rc
+
+
+def _resume_command(source: str = "") -> str:
+    """The command that resumes this run: LONGTRAIN_RESUME_COMMAND (the sbatch templates set it to
+    `sbatch SCRIPT`), else this process's command line (behind `mpirun -n N` / `srun -n N`)."""
+    if os.environ.get("LONGTRAIN_RESUME_COMMAND"):
+        return os.environ["LONGTRAIN_RESUME_COMMAND"]
+    cmd = shlex.join(["longtrain", *sys.argv[1:]]) if sys.argv[1:] else "longtrain train ..."
+    world = os.environ.get("WORLD_SIZE", "?")
+    return {"mpi": f"mpirun -n {world} {cmd}", "slurm": f"srun -n {world} {cmd}"}.get(source, cmd)
 
 
 ERROR_DIR_ENV = "LONGTRAIN_ERROR_DIR"
@@ -62,10 +108,13 @@ ERROR_DIR_ENV = "LONGTRAIN_ERROR_DIR"
 _TORCHRUN_LOG = re.compile(r"^[EWI]\d{4} \S+ \d+ \S*torch/distributed/")  # torchrun's own log lines
 
 
-def death_report(torchrun_stderr: list[str], lost: list[str], run: "RunInfo | None") -> str | None:
-    """The short block printed when a training process died (or hung): which rank, on which host, how,
-    at which step, the newest usable checkpoint and the command that resumes. None when torchrun's
-    report names no process killed by a signal and no survivor reported a lost peer."""
+def death_report(torchrun_stderr: list[str], lost: list[str], run: "RunInfo | None",
+                 diagnosis: str | None = None) -> str | None:
+    """The short block printed when a training process died or hung: which rank, on which host, how,
+    at which step, the newest usable checkpoint and the command that resumes. `diagnosis` is the
+    survivors' line naming the rank they lost (faults.peer_lost_error): a hang is that line alone, a
+    death takes the signal from torchrun's report when the dead rank was one of its workers. None when
+    torchrun's report names no process killed by a signal and no survivor reported a lost peer."""
     failures, cur = [], None
     for line in torchrun_stderr:
         m = re.match(r"\s*(time|host|rank|exitcode)\s*:\s*(.*)", line)
@@ -81,10 +130,14 @@ def death_report(torchrun_stderr: list[str], lost: list[str], run: "RunInfo | No
         if code and int(code.group(1)) < 0 and not (sig and sig.group(1) == "SIGTERM"):
             dead = f
             break
-    if dead is None and not lost:
+    if dead is None and not lost and not diagnosis:
         return None
     lines = []
-    if dead is not None:
+    if diagnosis and (dead is None or "stopped making progress" in diagnosis):
+        lines.append(f"longtrain: {diagnosis}")
+        if "stopped making progress" in diagnosis:
+            lost = []
+    elif dead is not None:
         rank = dead.get("rank", "?").split()[0]
         how = re.search(r"\((SIG\w+)\)", dead.get("exitcode", ""))
         lines.append(f"longtrain: rank {rank} on {dead.get('host', '?')} died "
@@ -93,10 +146,7 @@ def death_report(torchrun_stderr: list[str], lost: list[str], run: "RunInfo | No
     if lost:
         lines.append(f"longtrain: the other processes stopped: {lost[0]}")
     if run:
-        ck = run.newest_checkpoint()
-        lines.append(f"longtrain: newest usable checkpoint: {ck}" if ck else
-                     "longtrain: no checkpoint was written yet: the run restarts from step 0")
-        lines.append(f"longtrain: resume with the same command: {run.command}")
+        lines += run.footer()
     return "\n".join(lines)
 
 
@@ -105,6 +155,17 @@ class RunInfo:
 
     def __init__(self, output_dir: Path, checkpoint_dir: Path, command: str) -> None:
         self.output_dir, self.checkpoint_dir, self.command = output_dir, checkpoint_dir, command
+
+    @classmethod
+    def of(cls, recipe, source: str = "") -> "RunInfo":
+        return cls(Path(recipe.output_dir), Path(recipe.checkpoint_dir), _resume_command(source))
+
+    def footer(self) -> list[str]:
+        """The last lines of a failure report: where to resume from, and how."""
+        ck = self.newest_checkpoint()
+        return [f"longtrain: newest usable checkpoint: {ck}" if ck else
+                "longtrain: no checkpoint was written yet: the run restarts from step 0",
+                f"longtrain: resume with the same command: {self.command}"]
 
     def step_in_flight(self) -> int:
         last = 0
@@ -117,19 +178,32 @@ class RunInfo:
         return last + 1
 
     def newest_checkpoint(self) -> str | None:
-        from longtrain.launcher.checkpoint import Checkpointer
-
-        p = Checkpointer(self.checkpoint_dir).latest()
+        """Checkpointer.latest() without importing torch (which the launcher never loads; importing
+        it here cost ~6 s at the end of a failed job on a busy machine): the folder that `latest`
+        names if it is complete (.metadata and meta.json), else the newest complete step_N."""
+        root = self.checkpoint_dir
+        done = lambda p: (p / ".metadata").is_file() and (p / "meta.json").is_file()  # noqa: E731
+        try:
+            p = root / (root / "latest").read_text().strip()
+        except OSError:
+            p = root
+        if p == root or not done(p):
+            steps = sorted((q for q in root.glob("step_*") if re.fullmatch(r"step_\d+", q.name) and done(q)),
+                           key=lambda q: int(q.name[5:])) if root.is_dir() else []
+            p = steps[-1] if steps else None
         return f"{p} (step {int(p.name.split('_')[1])})" if p else None
 
 
-def _run_reporting(cmd: list[str], env: dict[str, str], errdir: Path, run: RunInfo | None = None) -> int:
+def _run_reporting(cmd: list[str], env: dict[str, str], errdir: Path, run: RunInfo | None = None,
+                   multi_node: bool = False) -> int:
     """Run torchrun; a user error raised in the workers is reported once, exit 2.
 
     Workers write their `longtrain: error` line to errdir instead of printing it. From the
     moment one exists, the rest of stderr (torchrun's ChildFailedError report, the other
     ranks' broken-connection tracebacks) is held back and dropped if the job then fails;
-    a crash without such a file keeps all of its output.
+    a crash without such a file keeps all of its output. `multi_node`: one such launcher runs on
+    each node (slurm/torchrun.sbatch); a failed job is reported by the one whose worker reported
+    (faults.peer_lost_error: the first survivor to ask), the others stay quiet.
     """
     import signal
     import threading
@@ -168,8 +242,9 @@ def _run_reporting(cmd: list[str], env: dict[str, str], errdir: Path, run: RunIn
             signal.signal(s, h)
     t.join(timeout=10)
     preempted = errdir / "preempted.txt"
-    if preempted.is_file():
-        print(preempted.read_text().strip(), file=sys.stderr, flush=True)
+    if preempted.is_file() or (multi_node and any(errdir.glob("preempted-rank*.txt"))):
+        if preempted.is_file():
+            print(preempted.read_text().strip(), file=sys.stderr, flush=True)
         from longtrain.launcher.signals import PREEMPTED_EXIT
 
         return PREEMPTED_EXIT
@@ -178,7 +253,11 @@ def _run_reporting(cmd: list[str], env: dict[str, str], errdir: Path, run: RunIn
         print(errors[0].read_text().strip(), file=sys.stderr, flush=True)
         return 2
     if rc != 0:
-        report = death_report(held, [p.read_text().strip() for p in sorted(errdir.glob("lost-rank*.txt"))], run)
+        diagnosis = next((p.read_text().strip() for p in sorted(errdir.glob("peer-rank*.txt"))), None)
+        lost = [p.read_text().strip() for p in sorted(errdir.glob("lost-rank*.txt"))]
+        if multi_node and not (diagnosis or lost):
+            return 1  # the launcher on the node of the reporting survivor reports
+        report = death_report(held, lost, run, diagnosis)
         if report:
             print(report, file=sys.stderr, flush=True)
             return 1
@@ -188,14 +267,15 @@ def _run_reporting(cmd: list[str], env: dict[str, str], errdir: Path, run: RunIn
 
 def _report_worker_error(msg: str, name: str = "") -> bool:
     """In a worker started by `longtrain train --nproc`: hand the error line (or, with name
-    "preempted", the preemption line) to the launcher instead of printing it."""
+    "preempted", the preemption line; "lost-rankR"/"peer-rankR", a survivor's report) to the launcher
+    instead of printing it."""
     errdir = os.environ.get(ERROR_DIR_ENV)
     rank = os.environ.get("RANK")
     if not errdir or rank is None or not os.path.isdir(errdir):
         return False
     final = Path(errdir, f"{name}.txt" if name else f"rank{rank}.txt")
     tmp = final.with_name(f".{final.name}.tmp")
-    tmp.write_text(f"{msg}\n" if name.startswith("lost") else f"longtrain: {msg}\n" if name
+    tmp.write_text(f"{msg}\n" if name.startswith(("lost", "peer")) else f"longtrain: {msg}\n" if name
                    else f"longtrain: error: {msg}\n")
     os.replace(tmp, final)
     return True
@@ -212,17 +292,62 @@ def cmd_train(args: argparse.Namespace) -> int:
         from longtrain.launcher.checkpoint import read_meta
 
         read_meta(recipe.checkpoint.resume)
-    if not under_launcher() and args.nproc and args.nproc > 1:
-        if args.nproc % recipe.parallel.sp:
+    if args.mpirun_args is not None:
+        return _spawn_mpirun(args, recipe)
+    if args.torchrun_args is not None or (not under_launcher() and args.nproc and args.nproc > 1):
+        if args.nproc is None:
+            raise LongtrainError("--torchrun needs --nproc (training processes on this node)")
+        if args.torchrun_args is None and args.nproc % recipe.parallel.sp:
             raise LongtrainError(f"--nproc {args.nproc} is not divisible by parallel.sp = {recipe.parallel.sp}")
         from longtrain.launcher.devices import check_gpus
 
         check_gpus(args.nproc, recipe.training.device)
         return _spawn_torchrun(args, recipe)
+    from longtrain.errors import PeerLost
     from longtrain.launcher.trainer import train
 
-    train(recipe, dry_run=args.dry_run)
+    try:
+        train(recipe, dry_run=args.dry_run)
+    except PeerLost as e:
+        from longtrain.launcher.env import discover
+
+        e.run = RunInfo.of(recipe, discover().source)  # for the report of the reporting survivor
+        raise
     return 0
+
+
+_PEER_LOST: list[bool] = []  # set when this process stops over a lost peer: no MPI_Finalize then
+
+
+def _peer_lost(e: LongtrainError) -> int:
+    """A survivor of a dead or stuck rank. One survivor reports (faults.peer_lost_error): to the launcher
+    of `longtrain train --nproc` / slurm/torchrun.sbatch, which prints the block, else (srun, mpirun) the
+    block itself. The others stop quietly once the report is out (srun and mpirun end every task when
+    one exits non-zero; Open MPI within 0.5 s). Under `--mpirun` a dead rank is reported by longtrain's
+    mpirun parent, from mpirun's notice."""
+    import time
+
+    from longtrain.launcher.faults import reported
+
+    _PEER_LOST.append(True)  # MPI_Finalize would wait for the stuck (or dead) rank forever
+    rank, errdir = os.environ.get("RANK", "0"), os.environ.get(ERROR_DIR_ENV)
+    line, hung, frozen = getattr(e, "line", None), getattr(e, "hung", False), getattr(e, "frozen", False)
+    parent_reports = bool(os.environ.get(MPIRUN_WRAPPER_ENV)) and not hung
+    if parent_reports or not getattr(e, "reporter", True):
+        deadline = time.monotonic() + (0 if frozen else 8)  # (the stuck rank itself: nothing to wait for)
+        while errdir and time.monotonic() < deadline and not any(Path(errdir).glob("lost-rank*.txt")):
+            time.sleep(0.1)
+        if not (errdir or parent_reports or frozen):
+            reported(wait_s=8.0)
+        return 1
+    if line:
+        _report_worker_error(line, name=f"peer-rank{rank}")
+    if _report_worker_error(str(e), name=f"lost-rank{rank}"):
+        return 1
+    run = getattr(e, "run", None)
+    print("\n".join([f"longtrain: {line or e}", *(run.footer() if run else [])]), file=sys.stderr, flush=True)
+    reported()  # the other survivors may go now
+    return 1
 
 
 def cmd_bench(argv: list[str]) -> int:
@@ -324,10 +449,8 @@ def main(argv: list[str] | None = None) -> int:
     except LongtrainError as e:
         from longtrain.errors import PeerLost
 
-        if isinstance(e, PeerLost):  # the launcher reports which process died; this one just stops
-            if not _report_worker_error(str(e), name=f"lost-rank{os.environ.get('RANK', '0')}"):
-                print(f"longtrain: {e}", file=sys.stderr, flush=True)
-            return 1
+        if isinstance(e, PeerLost):  # one survivor reports which process died or hangs; the others stop
+            return _peer_lost(e)
         if _report_worker_error(str(e)):
             return 2
         return _error(str(e))
@@ -336,9 +459,12 @@ def main(argv: list[str] | None = None) -> int:
 
         if not isinstance(e, Preempted):
             raise
-        if os.environ.get("RANK", "0") == "0":
+        rank = os.environ.get("RANK", "0")
+        if rank == "0":
             if not _report_worker_error(str(e), name="preempted"):
                 print(f"longtrain: {e}", file=sys.stderr, flush=True)
+        else:  # for the launcher of another node (slurm/torchrun.sbatch): this one stopped on the signal too
+            _report_worker_error(str(e), name=f"preempted-rank{rank}")
         return PREEMPTED_EXIT
     except KeyboardInterrupt:
         return 130
@@ -365,6 +491,6 @@ if __name__ == "__main__":
     # torchrun workers, and srun tasks (the same teardown abort failed a 2-node srun job) unless they
     # are an MPI world (MPI_Finalize must run)
     if os.environ.get("TORCHELASTIC_RUN_ID") is not None or (
-            "SLURM_STEP_ID" in os.environ and "mpi4py.MPI" not in sys.modules):
+            "SLURM_STEP_ID" in os.environ and "mpi4py.MPI" not in sys.modules) or _PEER_LOST:
         _worker_exit(code)
     sys.exit(code)

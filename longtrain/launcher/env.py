@@ -34,6 +34,7 @@ import subprocess
 import sys
 from dataclasses import dataclass
 from datetime import timedelta
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 
@@ -426,12 +427,33 @@ def _node_name() -> str:
     return os.environ.get("SLURMD_NODENAME") or socket.gethostname()
 
 
+_PEERS: list[tuple[str, int, str]] = []
+
+
+def process_space() -> str:
+    """Which process table this process lives in (boot id + pid namespace): a pid names the same
+    process only within one (faults.py kills a stuck rank by pid only there)."""
+    try:
+        boot = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+        return f"{boot}:{os.stat('/proc/self/ns/pid').st_ino}"
+    except OSError:
+        return f"{socket.gethostname()}:?"
+
+
+def peers() -> list[tuple[str, int, str]]:
+    """(node name, pid, process_space) of every rank, gathered when the process group started."""
+    return _PEERS
+
+
 def _report_placement(env: DistEnv) -> None:
-    """Rank 0 prints which node each rank runs on when the ranks span several nodes."""
+    """Every rank learns where the others run (peers()); rank 0 prints which node each rank runs on
+    when the ranks span several nodes."""
     import torch.distributed as dist
 
-    names: list[str | None] = [None] * env.world_size
-    dist.all_gather_object(names, _node_name())
+    gathered: list = [None] * env.world_size
+    dist.all_gather_object(gathered, (_node_name(), os.getpid(), process_space()))
+    _PEERS[:] = [tuple(g) for g in gathered]
+    names = [g[0] for g in gathered]
     if env.rank != 0 or len(set(names)) < 2:
         return
     by_node: dict[str, list[int]] = {}

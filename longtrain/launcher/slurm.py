@@ -85,7 +85,10 @@ def _sbatch_lines(a: argparse.Namespace, job_name: str, procs: int, log_dir: Pat
 
 def _env_lines(a: argparse.Namespace, procs: int, log_dir: Path) -> list[str]:
     threads = max(1, (a.cpus_per_node or procs) // procs)
-    out = [f"export OMP_NUM_THREADS=${{OMP_NUM_THREADS:-{threads}}}"]
+    out = [f"export OMP_NUM_THREADS=${{OMP_NUM_THREADS:-{threads}}}",
+           "# named by the report of a failed run (a dead or stuck rank) as the command that resumes it",
+           "JOB_SCRIPT=$(scontrol show job -o \"$SLURM_JOB_ID\" 2>/dev/null | sed -n 's/.* Command=\\([^ ]*\\).*/\\1/p')",
+           'export LONGTRAIN_RESUME_COMMAND=${LONGTRAIN_RESUME_COMMAND:-"sbatch ${JOB_SCRIPT:-THIS_JOB_SCRIPT}"}']
     if a.gpus_per_node:
         out += ["export NCCL_DEBUG=${NCCL_DEBUG:-WARN}",
                 "export TORCH_NCCL_ASYNC_ERROR_HANDLING=${TORCH_NCCL_ASYNC_ERROR_HANDLING:-1}",

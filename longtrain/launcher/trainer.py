@@ -27,7 +27,7 @@ from longtrain.launcher.data.corpus import corpus_tokenizer
 from longtrain.launcher.data.tokenizers import build_tokenizer
 from longtrain.launcher.devices import set_tf32
 from longtrain.launcher.env import init_distributed
-from longtrain.launcher.faults import fault_nan, fault_slow, first_error, peer_lost, peer_lost_error
+from longtrain.launcher.faults import fault_nan, first_error, peer_lost, peer_lost_error, step_begins
 from longtrain.launcher.feed import TrainingData
 from longtrain.launcher.metrics import (Metrics, memory_mb, peak_flops, setup_logging, tensorboard_hint,
                                         train_flops_per_token)
@@ -138,7 +138,7 @@ class Trainer:
         if self.mesa is not None:  # stochastic rounding too
             self.mesa.reseed(step_seed * 1_000_003 + 17)
         self._apply_stage()
-        fault_slow()
+        step_begins(self.step + 1)  # fault hooks (LONGTRAIN_FAULT)
         micro = [self._shard(b) for b in self.data.micro_batches(self.step)]
         local_count = sum(int((b["labels"] != -100).sum()) for b in micro)
         # on the training device: NCCL has no CPU tensors (make gpu-check found this on its first run)
@@ -232,7 +232,7 @@ class Trainer:
         except (RuntimeError, dist.DistError) as e:
             if not peer_lost(e):
                 raise
-            raise peer_lost_error(e, self.step + 1) from None
+            raise peer_lost_error(e, self.step + 1, r.training.collective_timeout_s) from None
         finally:
             self.data.close()
             self.metrics.close()
