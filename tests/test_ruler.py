@@ -341,3 +341,27 @@ def test_run_ruler_real_generate(docs):
     rep = run_ruler(m, BYTES, lengths=[300], tasks=["niah_single_1", "vt"], samples=2, seed=0, haystack_docs=docs)
     assert all(0.0 <= rep["scores"][t][300] <= 100.0 for t in ("niah_single_1", "vt"))
     assert len(rep["samples"]) == 4 and m.training
+
+
+def test_run_ruler_skips_a_length_too_short_for_a_task(monkeypatch, docs, tmp_path):
+    """cwe cannot fit its word list in 384 byte tokens: that cell is skipped with its reason (None in the
+    scores, n/a in the table and heat map), every other cell is still measured; none fitting is one error."""
+    from longtrain.launcher.eval.report import plot_ruler, ruler_table
+
+    truth = {tuple(s.tokens.tolist()): s for t in ("niah_single_1", "cwe") for L in (384, 1024)
+             for s in (rt.ruler_samples(t, BYTES, L, 2, seed=1, docs=docs) if (t, L) != ("cwe", 384) else [])}
+    _fake_generate(monkeypatch, lambda row: truth[row].answer_text)
+    rep = run_ruler(_Fake(), BYTES, lengths=[384, 1024], tasks=["niah_single_1", "cwe"], samples=2, seed=1,
+                    haystack_docs=docs)
+    assert rep["scores"] == {"niah_single_1": {384: 100.0, 1024: 100.0}, "cwe": {384: None, 1024: 100.0}}
+    assert rep["average"] == {384: 100.0, 1024: 100.0}
+    assert list(rep["skipped"]) == ["cwe"] and "needs more room" in rep["skipped"]["cwe"][384]
+    assert {(r["task"], r["length"]) for r in rep["samples"]} == {("niah_single_1", 384), ("niah_single_1", 1024),
+                                                                  ("cwe", 1024)}
+    table = ruler_table({**rep, "lengths": [384, 1024]})
+    assert table.splitlines()[3].split("|")[1].strip() == "n/a" and "n/a: the length" in table
+    plot_ruler({**rep, "lengths": [384, 1024], "samples_per_cell": 2}, tmp_path / "r.png", "skip")
+    assert (tmp_path / "r.png").stat().st_size > 0
+    json.dumps(rep)
+    with pytest.raises(ConfigError, match="no RULER task fits the given lengths: cwe @ 300: "):
+        run_ruler(_Fake(), BYTES, lengths=[300], tasks=["cwe"], samples=1, seed=0, haystack_docs=docs)

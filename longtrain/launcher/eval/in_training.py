@@ -105,4 +105,5 @@ def _ruler_scores(trainer: Any, lengths: list[int], filler_docs: list[str] | Non
     res = run_ruler(trainer.model, trainer.tokenizer, lengths=lengths, tasks=list(r.eval.ruler_tasks),
                     samples=max(1, r.eval.ruler_samples), seed=r.run.seed, device=trainer.device,
                     haystack_docs=filler_docs or "stdlib", batch_size=max(1, r.training.micro_batch))
-    return {f"eval/ruler/{task}@{L}": float(v) for task, by_len in res["scores"].items() for L, v in by_len.items()}
+    return {f"eval/ruler/{task}@{L}": float(v) for task, by_len in res["scores"].items() for L, v in by_len.items()
+            if v is not None}

@@ -36,7 +36,8 @@ def plot_passkey(res: dict[str, Any], path: Path, title: str) -> None:
     ax.set_ylabel("passkey depth (fraction of context)")
     for y in range(acc.shape[0]):
         for x in range(acc.shape[1]):
-            ax.text(x, y, f"{acc[y, x]:.0f}", ha="center", va="center", fontsize=9, color="black")
+            ax.text(x, y, "n/a" if np.isnan(acc[y, x]) else f"{acc[y, x]:.0f}", ha="center", va="center", fontsize=9,
+                    color="black")
     cb = fig.colorbar(im, ax=ax)
     cb.set_label("accuracy (%)")
     wrapped = "\n".join(textwrap.wrap(title, width=int(width * 9)))
@@ -159,16 +160,23 @@ def ruler_table(res: dict[str, Any]) -> str:
     head = f"{'task':>16} | " + " | ".join(f"{fmt_length(L):>6}" for L in lengths)
     lines = [head, "-" * len(head)]
     for task, by_len in res["scores"].items():
-        lines.append(f"{task:>16} | " + " | ".join(f"{by_len[L]:>6.1f}" for L in lengths))
-    lines.append(f"{'average':>16} | " + " | ".join(f"{res['average'][L]:>6.1f}" for L in lengths))
+        lines.append(f"{task:>16} | " + " | ".join(_cell(by_len[L]) for L in lengths))
+    lines.append(f"{'average':>16} | " + " | ".join(_cell(res['average'][L]) for L in lengths))
+    if res.get("skipped"):
+        lines.append("n/a: the length cannot hold the task (see 'skipped' in ruler.json)")
     return "\n".join(lines)
+
+
+def _cell(v: float | None) -> str:
+    return f"{'n/a':>6}" if v is None else f"{v:>6.1f}"
 
 
 def plot_ruler(res: dict[str, Any], path: Path, title: str) -> None:
     """Heat map: x context length (tokens), y task, colour score (0..100)."""
     plt = _pyplot()
     tasks, lengths = list(res["scores"]), res["lengths"]
-    acc = np.array([[res["scores"][t][L] for L in lengths] for t in tasks])
+    acc = np.array([[np.nan if res["scores"][t][L] is None else res["scores"][t][L] for L in lengths] for t in tasks],
+                   dtype=float)
     width = max(5.2, 2.6 + 1.1 * len(lengths))
     fig, ax = plt.subplots(figsize=(width, 1.6 + 0.45 * len(tasks)), dpi=110)
     im = ax.imshow(acc, vmin=0, vmax=100, cmap="RdYlGn", aspect="auto", origin="upper")
@@ -177,7 +185,8 @@ def plot_ruler(res: dict[str, Any], path: Path, title: str) -> None:
     ax.set_xlabel("context length (tokens)")
     for y in range(acc.shape[0]):
         for x in range(acc.shape[1]):
-            ax.text(x, y, f"{acc[y, x]:.0f}", ha="center", va="center", fontsize=9, color="black")
+            ax.text(x, y, "n/a" if np.isnan(acc[y, x]) else f"{acc[y, x]:.0f}", ha="center", va="center", fontsize=9,
+                    color="black")
     fig.colorbar(im, ax=ax).set_label("score (0..100)")
     wrapped = "\n".join(textwrap.wrap(title, width=int(width * 9)))
     ax.set_title(f"{wrapped}\n({res['samples_per_cell']} samples per cell)", fontsize=9)

@@ -65,9 +65,12 @@ def run_ruler(model: nn.Module, tokenizer, *, lengths: Sequence[int], tasks: Seq
     Generation is greedy (`longtrain.models.generate.generate`), `batch_size` prompts at a time, up to the
     task's answer budget, stopping at the tokenizer's EOS.
 
-    Returns {"scores": {task: {length: 0..100}}, "average": {length: mean over tasks}, "metrics": {task:
+    A (task, length) too short to hold its task is skipped (score None, reason in "skipped", a warning);
+    ConfigError when none fits.
+
+    Returns {"scores": {task: {length: 0..100 | None}}, "average": {length: mean over scored tasks}, "metrics": {task:
     metric}, "answer_tokens": {task: {length: B}}, "samples": [{task, length, index, answers, prediction,
-    score}], "template", "seed", "options"}; the length keys are ints.
+    score}], "template", "seed", "options", "skipped": {task: {length: reason}}}; the length keys are ints.
     """
     from longtrain.launcher.data.tokenizers import build_tokenizer
     from longtrain.models.generate import generate  # imported here: only the runner needs the model side
@@ -102,30 +105,47 @@ def run_ruler(model: nn.Module, tokenizer, *, lengths: Sequence[int], tasks: Seq
         p = next(iter(model.parameters()), None)
         device = p.device if p is not None else torch.device("cpu")
     eos = getattr(tok, "eos_id", None)
-    scores: dict[str, dict[int, float]] = {t: {} for t in tasks}
+    scores: dict[str, dict[int, float | None]] = {t: {int(n): None for n in lengths} for t in tasks}
     budgets: dict[str, dict[int, int]] = {t: {} for t in tasks}
     rows: list[dict[str, Any]] = []
+    # every prompt is built before any generation: a (task, length) that cannot hold its task (cwe's word
+    # list at a short length) is skipped with its reason, and the rest of the table is still measured
+    batches: dict[tuple[str, int], list[RulerSample]] = {}
+    skipped: dict[str, dict[int, str]] = {}
+    for task in tasks:
+        for n in lengths:
+            try:
+                batches[task, int(n)] = ruler_samples(task, tok, int(n), samples, seed=seed, docs=haystack_docs,
+                                                      options=opts, chat=chat)
+            except ConfigError as e:
+                skipped.setdefault(task, {})[int(n)] = str(e)
+    if not batches:
+        raise ConfigError("no RULER task fits the given lengths: " + "; ".join(
+            f"{t} @ {n}: {why}" for t, by_n in skipped.items() for n, why in by_n.items()))
+    for task, by_n in skipped.items():
+        for n, why in by_n.items():
+            log.warning("ruler %s @ %d: skipped (%s)", task, n, why)
     was_training = model.training
     model.eval()
     try:
-        for task in tasks:
-            for n in lengths:
-                batch = ruler_samples(task, tok, int(n), samples, seed=seed, docs=haystack_docs, options=opts,
-                                      chat=chat)
-                preds = _generate_all(generate, model, tok, batch, device, batch_size, eos, ctx)
-                refs = [s.answers for s in batch]
-                scores[task][int(n)] = score_task(task, preds, refs)
-                budgets[task][int(n)] = batch[0].max_new_tokens
-                for s, p in zip(batch, preds):
-                    rows.append({"task": task, "length": int(n), "index": s.index, "answers": s.answers,
-                                 "prediction": postprocess(p), "score": score_task(task, [p], [s.answers])})
-                log.info("ruler %s @ %d: %.1f", task, n, scores[task][int(n)])
+        for (task, n), batch in batches.items():
+            preds = _generate_all(generate, model, tok, batch, device, batch_size, eos, ctx)
+            refs = [s.answers for s in batch]
+            scores[task][int(n)] = score_task(task, preds, refs)
+            budgets[task][int(n)] = batch[0].max_new_tokens
+            for s, p in zip(batch, preds):
+                rows.append({"task": task, "length": int(n), "index": s.index, "answers": s.answers,
+                             "prediction": postprocess(p), "score": score_task(task, [p], [s.answers])})
+            log.info("ruler %s @ %d: %.1f", task, n, scores[task][int(n)])
     finally:
         model.train(was_training)
-    average = {int(n): round(float(np.mean([scores[t][int(n)] for t in tasks])), 2) for n in lengths}
+    average = {}
+    for n in lengths:
+        done = [scores[t][int(n)] for t in tasks if scores[t][int(n)] is not None]
+        average[int(n)] = round(float(np.mean(done)), 2) if done else None
     return {"scores": scores, "average": average, "metrics": {t: METRICS[t] for t in tasks},
             "answer_tokens": budgets, "samples": rows, "template": template, "seed": seed,
-            "options": dict(vars(opts))}
+            "options": dict(vars(opts)), "skipped": skipped}
 
 
 def _generate_all(generate, model: nn.Module, tok, batch: list[RulerSample], device, batch_size: int,
