@@ -66,3 +66,25 @@ def test_eval_ruler_and_generate_on_a_run(tmp_path):
     proc = _cli("generate", str(out), "--prompt", "def main(", "--max-new-tokens", "8")
     assert proc.returncode == 0 and "tokens/s" in proc.stderr, proc.stderr[-2000:]
     _one_line(_cli("generate", str(out), "--prompt", "x" * 600, "--max-new-tokens", "4"), "exceeds")
+
+
+def test_ruler_recipe_chain_validates(hf_dir):
+    """recipes/ruler-base-cpu.toml -> ruler-extend-cpu.toml (measured in docs/evaluation.md): each starts from
+    the run before it, both validate (RULER kinds, eval tasks) and PI maps 1024 positions into the base's
+    length."""
+    import tomllib
+
+    from longtrain.launcher.config import recipe_from_dict
+
+    names = ("ruler-base-cpu", "ruler-extend-cpu")
+    raw = {n: tomllib.loads((REPO / "recipes" / f"{n}.toml").read_text()) for n in names}
+    assert raw["ruler-base-cpu"]["model"]["init_from"] == "runs/passkey-cpu"
+    assert raw["ruler-extend-cpu"]["model"]["init_from"] == "runs/ruler-base-cpu"
+    for d in raw.values():  # the chain's folders exist only after training: stand in a tiny HF folder
+        d["model"]["init_from"] = str(hf_dir)
+    base, ext = (recipe_from_dict(d, n) for n, d in raw.items())
+    assert base.data.ruler_fraction > 0 and ext.data.ruler_fraction > 0
+    assert ext.data.seq_len == 1024 and ext.model.rope_scaling["type"] == "linear"
+    assert ext.data.seq_len <= base.data.seq_len * ext.model.rope_scaling["factor"]
+    for r in (base, ext):
+        assert set(r.eval.ruler_tasks) <= set(r.data.ruler_options["kinds"]), r.eval.ruler_tasks
