@@ -26,7 +26,7 @@ demo: $(STAMP)
 	@echo "TensorBoard (every run under runs/, by name): $(VENV)/bin/tensorboard --logdir runs"
 
 test: $(STAMP)
-	$(PY) -m pytest -q -p no:cacheprovider --timeout=900 --durations=25 $(PYTEST_ARGS) tests
+	$(PY) -m pytest -q -p no:cacheprovider --timeout=900 --durations=50 $(PYTEST_ARGS) tests
 
 bench: $(STAMP)
 	$(VENV)/bin/longtrain bench step

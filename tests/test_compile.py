@@ -1,11 +1,10 @@
-"""training.compile: every transformer block compiled (attention kept outside, see trainer.compile_blocks)
+"""training.compile: every transformer block compiled (attention kept outside, see launcher/build.compile_blocks)
 trains the same as eager: per-step losses within 1e-4 relative over 20 fp32 steps, on one model with
-every kind of layer (MoH softmax attention over full and windowed spans, lightning), sp = 1 and sp = 2.
-Speed is measured by `longtrain bench step --compile`, not here."""
+every kind of layer (MoH softmax attention over full and windowed spans, lightning), on 2 ranks with
+sp = 2 (sp = 1 compiles the same blocks: attention, the only part that differs, runs outside the compiled
+graphs; it was dropped to save CI time). Speed is measured by `longtrain bench step --compile`, not here."""
 
 from __future__ import annotations
-
-import pytest
 
 from helpers import losses, run_train
 
@@ -17,8 +16,8 @@ MODEL = ["model.attention=['full','window:48','lightning','window:17']",
          "training.lr=5e-4", "training.warmup=20"]
 
 
-@pytest.mark.parametrize("sp", [1, 2])
-def test_compiled_training_equals_eager(sp, tmp_path):
+def test_compiled_training_equals_eager(tmp_path):
+    sp = 2
     eager, compiled = tmp_path / "eager", tmp_path / "compiled"
     run_train(eager, *MODEL, f"parallel.sp={sp}", nproc=sp)
     run_train(compiled, *MODEL, f"parallel.sp={sp}", "training.compile=true", nproc=sp, timeout=600)

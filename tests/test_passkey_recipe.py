@@ -5,7 +5,7 @@ at chance; the same checkpoint scores identically on 1 process, on 2 ranks with 
 exported Hugging Face folder; the GPU recipe validates.
 
 Context extension (recipes/passkey-extend-cpu.toml, shortened): the same base checkpoint, continue-tuned
-to 1024 tokens (8x) through `model.init_from` with RoPE θ raised, sp = 2, must beat the base model at
+to 1024 tokens (8x) through `model.init_from` with linear PI x8, sp = 2, must beat the base model at
 1024 tokens by a measured margin (staged training, RoPE changes and init_from in one check)."""
 
 from __future__ import annotations
