@@ -48,7 +48,8 @@ def _worker(rank: int, world_size: int, port: int, fn: Callable, args: tuple, qu
         queue.put((rank, "error", traceback.format_exc()))
     finally:
         if dist.is_initialized():
-            dist.destroy_process_group()
+            from longtrain.parallel.comm import close_process_groups
+            close_process_groups()
 
 
 def run_distributed(fn: Callable, world_size: int, *args: Any, threads: int = 1,

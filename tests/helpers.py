@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -33,10 +35,56 @@ def train_cmd(out: Path, *sets: str, nproc: int = 2, recipe: Path = TINY) -> lis
     return cmd
 
 
+def _process_tree(root: int) -> list[int]:
+    """`root` and every process below it (torchrun and its workers run in sessions of their own)."""
+    children: dict[int, list[int]] = {}
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit():
+            try:
+                ppid = int((d / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            children.setdefault(ppid, []).append(int(d.name))
+    out, todo = [], [root]
+    while todo:
+        pid = todo.pop()
+        out.append(pid)
+        todo += children.get(pid, [])
+    return out
+
+
+def run_cli(cmd: list[str], timeout: float, env: dict[str, str]) -> subprocess.CompletedProcess:
+    """subprocess.run(cmd) with output captured. A run past `timeout` s fails with every longtrain
+    process's thread stacks (SIGUSR2: faulthandler, see cli.main), and its whole tree is killed (not
+    only the launcher: torchrun and the workers would outlive it)."""
+    with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                          cwd=REPO) as p:
+        try:
+            out, err = p.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            tree = _process_tree(p.pid)
+            for pid in tree:
+                try:
+                    cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ")
+                    if b"longtrain.launcher.cli" in cmdline and b"torch.distributed.run" not in cmdline:
+                        os.kill(pid, signal.SIGUSR2)
+                except OSError:
+                    pass
+            time.sleep(3.0)
+            for pid in tree:
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except OSError:
+                    pass
+            out, err = p.communicate()
+            raise AssertionError(f"timed out after {timeout} s: {' '.join(cmd[2:6])} ...\n{out[-3000:]}\n"
+                                 f"--- stderr with the stacks of every process:\n{err[-20000:]}") from None
+    return subprocess.CompletedProcess(cmd, p.returncode, out, err)
+
+
 def run_train(out: Path, *sets: str, nproc: int = 2, timeout: int = 300, check: bool = True,
               recipe: Path = TINY, **env: str) -> subprocess.CompletedProcess:
-    proc = subprocess.run(train_cmd(out, *sets, nproc=nproc, recipe=recipe), capture_output=True, text=True,
-                          timeout=timeout, env=cli_env(**env), cwd=REPO)
+    proc = run_cli(train_cmd(out, *sets, nproc=nproc, recipe=recipe), timeout, cli_env(**env))
     if check and proc.returncode != 0:
         raise AssertionError(f"training failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
     return proc

@@ -267,3 +267,30 @@ def test_the_launcher_reads_a_recipe_without_importing_torch():
 
     with pytest.raises(AttributeError):
         M.no_such_name  # noqa: B018
+
+
+def test_closing_the_process_groups_keeps_them_until_the_next_close():
+    """close_process_groups shuts the groups down but keeps them referenced (their C++ destructor
+    joins gloo's workers under the GIL: a teardown deadlock, once in ~40 two-rank DDP runs); the
+    next close releases the previous ones."""
+    import torch.distributed as dist
+
+    from longtrain.parallel import comm
+    from longtrain.testing import free_port
+
+    first: list = []
+    for round_ in range(2):
+        store = dist.TCPStore("127.0.0.1", free_port(), 1, True)
+        dist.init_process_group("gloo", rank=0, world_size=1, store=store)
+        sub = dist.new_group([0])
+        x = torch.ones(4)
+        dist.all_reduce(x, group=sub)
+        groups = [dist.group.WORLD, sub]
+        comm.close_process_groups()
+        assert not dist.is_initialized()
+        assert all(any(g is r for r in comm._RETIRED) for g in groups), "closed groups must stay referenced"
+        if round_ == 0:
+            first = groups
+        else:
+            assert not any(g is r for g in first for r in comm._RETIRED), "the previous groups are released"
+    comm.close_process_groups()  # nothing initialised: a no-op

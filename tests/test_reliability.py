@@ -299,3 +299,26 @@ def test_a_hung_rank_is_killed_and_reported_once(tmp_path):
     again = run_train(out, *sets)
     assert "resumed from" in again.stdout and "step_00000003" in again.stdout
     assert sorted(losses(out)) == list(range(1, 7))
+
+
+def test_sigusr2_prints_every_threads_stack_and_the_run_goes_on(tmp_path):
+    """`kill -USR2 PID` on a longtrain process: each thread's Python stack on stderr (where a hung run
+    waits), and training continues to the end."""
+    import signal
+    import subprocess
+    import time
+
+    from helpers import REPO, cli_env, train_cmd
+
+    out = tmp_path / "run"
+    proc = subprocess.Popen(train_cmd(out, "training.steps=3", nproc=1), env=cli_env(LONGTRAIN_FAULT="slow_steps:0.5"),
+                            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while not (out / "metrics.jsonl").is_file() or not (out / "metrics.jsonl").read_text().strip():
+        assert time.time() < deadline and proc.poll() is None, proc.communicate()
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGUSR2)  # during step 2
+    stdout, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 0, stderr[-3000:]
+    assert "in _loop" in stderr and "in cmd_train" in stderr, stderr[-3000:]
+    assert max(losses(out)) == 3 and "done: 3 steps" in stdout

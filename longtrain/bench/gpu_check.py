@@ -339,7 +339,8 @@ def section_d(dev: torch.device) -> None:
         p2p.start().wait()
         _row("d", "P2P of a non-contiguous view", float((buf - nc).abs().max()), 0.0, ok=bool(torch.equal(buf, nc)))
     finally:
-        dist.destroy_process_group()
+        from longtrain.parallel.comm import close_process_groups
+        close_process_groups()
 
 
 # ----------------------------------------------------------------------------- e: training

@@ -300,7 +300,8 @@ def _worker(rank: int, world: int, port: int, phase: str, opts: dict, queue: Any
             queue.join_thread()  # the report is in the pipe before the hard exit
             os._exit(0)  # a drill's communicator is broken: no orderly teardown
         if dist.is_initialized():
-            dist.destroy_process_group()
+            from longtrain.parallel.comm import close_process_groups
+            close_process_groups()
 
 
 # ----------------------------------------------------------------------------- driver side

@@ -201,7 +201,8 @@ def _netns_worker(rank, world, ns, master, ifname, port, threads, cfg, queue):
         queue.put((rank, "error", traceback.format_exc()))
     finally:
         if dist.is_initialized():
-            dist.destroy_process_group()
+            from longtrain.parallel.comm import close_process_groups
+            close_process_groups()
 
 
 def _run_netns(world: int, cfg: dict, topology: str, rate: str, burst: str, threads: int) -> list[dict]:

@@ -127,7 +127,8 @@ def main(argv: list[str] | None = None) -> int:
     import torch.distributed as dist
 
     if dist.is_initialized():
-        dist.destroy_process_group()
+        from longtrain.parallel.comm import close_process_groups
+        close_process_groups()
     return 0
 
 

@@ -409,6 +409,11 @@ def _sub_main(module: str, argv: list[str]) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    if argv is None:  # a program: `kill -USR2 PID` prints each thread's stack, the run goes on
+        import faulthandler
+        import signal
+
+        faulthandler.register(signal.SIGUSR2, all_threads=True)  # where a hung run waits
     argv = list(sys.argv[1:] if argv is None else argv)
     # sub-tools with their own argument parsers
     passthrough = {"bench": None, "prepare": "longtrain.launcher.data.prepare", "plan": "longtrain.launcher.plan", "slurm": "longtrain.launcher.slurm",
@@ -488,8 +493,7 @@ def _worker_exit(rc: int) -> None:
 
 if __name__ == "__main__":
     code = main()
-    # torchrun workers, and srun tasks (the same teardown abort failed a 2-node srun job) unless they
-    # are an MPI world (MPI_Finalize must run)
+    # torchrun workers, srun tasks (a teardown abort failed a 2-node job) unless MPI (MPI_Finalize)
     if os.environ.get("TORCHELASTIC_RUN_ID") is not None or (
             "SLURM_STEP_ID" in os.environ and "mpi4py.MPI" not in sys.modules) or _PEER_LOST:
         _worker_exit(code)

@@ -332,7 +332,8 @@ def train(recipe: Recipe, dry_run: bool = False) -> dict[str, Any]:
         return result
     finally:
         if dist.is_initialized():
-            dist.destroy_process_group()
+            from longtrain.parallel.comm import close_process_groups
+            close_process_groups()
 
 
 def _print_result(trainer: Trainer, result: dict[str, Any]) -> None:

@@ -177,3 +177,26 @@ def warm_up(group: dist.ProcessGroup | None, device: torch.device, *, one_commun
         COUNTERS.bytes_recv.pop(d, None)
         COUNTERS.bytes_sent.pop(d, None)
         COUNTERS.bytes_by_kind.pop(d, None)
+
+
+_RETIRED: list = []  # the process groups of the last close_process_groups(), kept alive on purpose
+
+
+def close_process_groups() -> None:
+    """dist.destroy_process_group() without gloo's teardown deadlock.
+
+    A gloo group's C++ destructor joins its worker threads while the caller holds the GIL; a worker
+    that is just then releasing its last collective's tensor (one whose Python object went away
+    first) waits for the GIL, and the process hangs for good (seen once in ~40 two-rank DDP runs:
+    ~ProcessGroupGloo in std::thread::join, the worker in gil_scoped_acquire under ~AsyncWork).
+    So the groups are kept referenced past destroy_process_group (it only shuts them down), and
+    the previous call's groups, idle since then, are the ones released. Groups still alive at exit
+    go with the process (torchrun workers end with os._exit) or the interpreter's teardown.
+    """
+    if not dist.is_initialized():
+        return
+    world = dist.distributed_c10d._world
+    groups = list(getattr(world, "pg_map", {}))
+    _RETIRED.clear()  # idle since the last run ended
+    dist.destroy_process_group()
+    _RETIRED.extend(groups)

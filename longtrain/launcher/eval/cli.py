@@ -251,5 +251,6 @@ def _run(args, lengths: list[int], info: Loaded, tokenizer) -> int:
         return 0
     finally:
         if dist.is_initialized():
-            dist.destroy_process_group()
+            from longtrain.parallel.comm import close_process_groups
+            close_process_groups()
 
