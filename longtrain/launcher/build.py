@@ -54,8 +54,7 @@ def build_sharded_model(recipe: Recipe, tokenizer_vocab: int, device: torch.devi
     source = init_from_source(recipe) if recipe.model.init_from else None
     cfg = source[2] if source is not None else recipe.model_config()
     _check_vocab(cfg, tokenizer_vocab)
-    with torch.device("meta"):
-        model = Transformer(cfg)
+    model = Transformer.on_meta(cfg)
     configure_memory(model, recipe)
     if recipe.training.compile:
         compile_blocks(model, recipe.mesa.enabled)
@@ -85,13 +84,17 @@ def compile_blocks(model: Transformer, mesa: bool) -> None:
     """training.compile: torch.compile every transformer block in place, as torchtitan does.
 
     Attention (softmax, sequence-parallel, lightning) runs outside the compiled graphs: the
-    AttentionOps methods are marked torch.compiler.disable, so the block compiles around them;
+    AttentionOps methods are marked @outside_compile (torch.compiler.disable, applied here by
+    mark_compile_boundaries), so the block compiles around them;
     fused kernels do that work anyway. Mesa's saved-tensor hooks cannot be traced, so the two
     are refused together rather than silently running eager.
     """
     if mesa:
         raise ConfigError("training.compile = true with mesa.enabled = true is not supported (Mesa's "
                           "saved-tensor hooks cannot be compiled); turn one of them off")
+    from longtrain.models.ops import mark_compile_boundaries
+
+    mark_compile_boundaries()
     for block in model.layers:
         block.compile()
 

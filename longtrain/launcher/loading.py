@@ -198,8 +198,7 @@ def _load_dcp_weights(cfg, p: Path, dtype: torch.dtype) -> nn.Module:
     from longtrain.launcher.checkpoint import safe_load
     from longtrain.models import Transformer
 
-    with torch.device("meta"):
-        model = Transformer(cfg)
+    model = Transformer.on_meta(cfg)
     model.to_empty(device="cpu")
     if cfg.tie_embeddings:
         model.output.weight = model.tok_embeddings.weight
@@ -370,8 +369,7 @@ def load_init_from(recipe) -> nn.Module:
         return _load_dcp_weights(cfg, p, torch.float32)
     from longtrain.models import Transformer
 
-    with torch.device("meta"):
-        model = Transformer(cfg)
+    model = Transformer.on_meta(cfg)
     model.to_empty(device="cpu")
     if cfg.tie_embeddings:
         model.output.weight = model.tok_embeddings.weight

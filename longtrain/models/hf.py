@@ -233,8 +233,7 @@ def load_hf_checkpoint(path: str | Path, *, moh: MoHConfig | None = None, dtype:
     path = Path(path)
     hf = read_hf_config(path)
     cfg = hf_model_config(hf, moh=moh, attention=attention)
-    with torch.device("meta"):
-        model = Transformer(cfg)
+    model = Transformer.on_meta(cfg)
     model.to_empty(device="cpu")
     model.to(dtype)
     if cfg.tie_embeddings:

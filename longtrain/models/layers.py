@@ -23,8 +23,10 @@ class RMSNorm(nn.Module):
 
 
 def rope_inv_freq(head_dim: int, theta: float, scaling: dict[str, Any] | None = None) -> Tensor:
-    """Inverse frequencies [head_dim/2] (fp32), with HF-style 'linear' or 'llama3' scaling."""
-    inv = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim))
+    """Inverse frequencies [head_dim/2] (fp32, on the CPU), with HF-style 'linear' or 'llama3' scaling."""
+    # on the CPU even while a model is built on the meta device (its buffers are recomputed after
+    # to_empty): meta arithmetic runs through torch._refs, which imports torch._dynamo (~1 s)
+    inv = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64, device="cpu") / head_dim))
     if scaling:
         kind = scaling.get("rope_type", scaling.get("type", "default"))
         factor = float(scaling.get("factor", 1.0))

@@ -107,6 +107,22 @@ class Block(nn.Module):
             return x + self.mlp(self.mlp_norm(x))
 
 
+class _SkipInitOnMeta(torch.overrides.TorchFunctionMode):
+    """nn.Linear / nn.Embedding initialisers return at once on meta tensors: there are no values to
+    draw, and their meta path (torch._refs) imports torch._dynamo, about 1 s in every process."""
+
+    _INITIALISERS = frozenset({"normal_", "uniform_", "trunc_normal_", "kaiming_uniform_", "kaiming_normal_",
+                               "xavier_uniform_", "xavier_normal_"})
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if getattr(func, "__name__", "") in self._INITIALISERS:
+            t = args[0] if args else kwargs.get("tensor")
+            if isinstance(t, Tensor) and t.is_meta:
+                return t
+        return func(*args, **kwargs)
+
+
 class Transformer(nn.Module):
     """Decoder-only LM.
 
@@ -134,7 +150,15 @@ class Transformer(nn.Module):
         self.activation_checkpointing: bool | str = False
         self.loss_chunk: int | str = "auto"
         self.offload_store: Any = None  # kernels.offload.OffloadStore, made on first 'offload' forward
-        self.init_weights()
+        if not self.output.weight.is_meta:  # meta holds no values: whoever materialises it fills them
+            self.init_weights()
+
+    @classmethod
+    def on_meta(cls, cfg: ModelConfig) -> "Transformer":
+        """The model on the meta device (shapes only, no memory): give it memory with `to_empty`,
+        then values (init_weights / a checkpoint) and `reset_buffers`."""
+        with torch.device("meta"), _SkipInitOnMeta():
+            return cls(cfg)
 
     def init_weights(self, seed: int | None = None,
                      write: Callable[[Tensor, Tensor], None] | None = None) -> None:

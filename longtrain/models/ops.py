@@ -8,12 +8,42 @@ the same two methods.
 
 from __future__ import annotations
 
-from typing import Protocol, Sequence
+from typing import Any, Callable, Protocol, Sequence
 
 import torch
 from torch import Tensor
 
 from longtrain.kernels.documents import DocBounds, as_doc_bounds
+
+
+_UNMARKED: list[tuple[type, str]] = []  # @outside_compile methods not yet wrapped in torch.compiler.disable
+_MARKING = {"on": False}
+
+
+class outside_compile:  # noqa: N801 - used as a decorator
+    """Method decorator: the method runs outside torch.compile graphs (fused kernels, communication),
+    so a compiled block breaks its graph around it.
+
+    torch.compiler.disable imports torch._dynamo, 1.3 s in every process: the mark is applied by
+    mark_compile_boundaries(), which compile paths call first, so a run that compiles nothing never
+    imports it. The class attribute stays the plain function until then.
+    """
+
+    def __init__(self, fn: Callable[..., Any]) -> None:
+        self.fn = fn
+
+    def __set_name__(self, owner: type, name: str) -> None:
+        setattr(owner, name, torch.compiler.disable(self.fn) if _MARKING["on"] else self.fn)
+        if not _MARKING["on"]:
+            _UNMARKED.append((owner, name))
+
+
+def mark_compile_boundaries() -> None:
+    """Wrap every @outside_compile method (also of classes defined later) in torch.compiler.disable."""
+    _MARKING["on"] = True
+    while _UNMARKED:
+        owner, name = _UNMARKED.pop()
+        setattr(owner, name, torch.compiler.disable(getattr(owner, name)))
 
 
 class AttentionOps(Protocol):
@@ -37,7 +67,7 @@ class LocalAttention:
     def __init__(self, cu_seqlens: Tensor | Sequence[int] | None = None) -> None:
         self.cu_seqlens: DocBounds | None = as_doc_bounds(cu_seqlens)
 
-    @torch.compiler.disable  # fused kernels / communication: outside compiled graphs (training.compile)
+    @outside_compile  # fused kernels: outside compiled graphs (training.compile)
     def softmax(self, q: Tensor, k: Tensor, v: Tensor, *, window: int | None = None,
                 softmax_scale: float | None = None) -> Tensor:
         from longtrain.kernels import attention_block
@@ -46,7 +76,7 @@ class LocalAttention:
                                  cu_seqlens=self.cu_seqlens)
         return out
 
-    @torch.compiler.disable
+    @outside_compile
     def linear(self, q: Tensor, k: Tensor, v: Tensor, decay: Tensor) -> Tensor:
         from longtrain.kernels import lightning_attention
 
@@ -57,4 +87,4 @@ def default_ops() -> AttentionOps:
     return LocalAttention()
 
 
-__all__ = ["AttentionOps", "LocalAttention", "default_ops"]
+__all__ = ["AttentionOps", "LocalAttention", "default_ops", "mark_compile_boundaries", "outside_compile"]

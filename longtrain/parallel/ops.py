@@ -4,11 +4,11 @@ from __future__ import annotations
 
 from typing import Sequence
 
-import torch
 import torch.distributed as dist
 from torch import Tensor
 
 from longtrain.kernels.documents import DocBounds, as_doc_bounds
+from longtrain.models.ops import outside_compile
 from longtrain.parallel.rules import resolve_sp_impl
 
 
@@ -27,7 +27,7 @@ class SequenceParallelOps:
         self.ulysses_degree = ulysses_degree or None
         self.one_communicator = one_communicator
 
-    @torch.compiler.disable  # fused kernels / communication: outside compiled graphs (training.compile)
+    @outside_compile  # fused kernels / communication: outside compiled graphs (training.compile)
     def softmax(self, q: Tensor, k: Tensor, v: Tensor, *, window: int | None = None,
                 softmax_scale: float | None = None) -> Tensor:
         from longtrain.parallel.sp_attention import sequence_parallel_attention
@@ -38,7 +38,7 @@ class SequenceParallelOps:
                                            cu_seqlens=self.cu_seqlens, ulysses_degree=self.ulysses_degree,
                                            one_communicator=self.one_communicator)
 
-    @torch.compiler.disable
+    @outside_compile
     def linear(self, q: Tensor, k: Tensor, v: Tensor, decay: Tensor) -> Tensor:
         from longtrain.parallel.linear_sp import linear_sp_attention
 
