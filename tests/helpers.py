@@ -12,6 +12,10 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 TINY = REPO / "recipes" / "tiny-cpu.toml"
 
+# training.collective_timeout_s of the hang drills (a rank stops; a survivor reports): long enough for
+# the start-up collectives of a loaded 2-core machine, short enough not to dominate the suite
+HANG_S = 15
+
 # small, fast settings for CLI runs in tests
 FAST = ["data.max_documents=60", "data.seq_len=64", "training.micro_batch=2", "training.warmup=2",
         "metrics.log_every=1", "model.max_seq_len=512"]

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import FAST, REPO, TINY, cli_env, losses, run_train
+from helpers import FAST, HANG_S, REPO, TINY, cli_env, losses, run_train
 
 pytest.importorskip("mpi4py")
 MPIRUN = shutil.which("mpirun", path=str(Path(sys.executable).parent)) or shutil.which("mpirun")
@@ -100,7 +100,7 @@ def _longtrain_lines(stderr: str) -> list[str]:
 
 def test_mpirun_hung_rank_is_reported_once(tmp_path):
     """Rank 0 (which also serves the rendezvous store under mpirun) stops at step 5: rank 1's collective
-    times out after training.collective_timeout_s = 30 s, the store does not answer either, so rank 1
+    times out after training.collective_timeout_s = HANG_S, the store does not answer either, so rank 1
     names rank 0 and exits 1; mpirun then ends rank 0. One block (mpirun adds its own notice of the
     non-zero exit), no traceback, exit 1, within the timeout + 30 s."""
     import time
@@ -110,7 +110,7 @@ def test_mpirun_hung_rank_is_reported_once(tmp_path):
     for v in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(v, None)
     cmd = [MPIRUN, "--allow-run-as-root", "--oversubscribe", "-n", "2", "-x", "LONGTRAIN_FAULT",
-           *_train_args(out, *SETS, "training.collective_timeout_s=30")]
+           *_train_args(out, *SETS, f"training.collective_timeout_s={HANG_S}")]
     proc = subprocess.Popen(cmd, env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     t0 = _wait_for_steps(out, proc, 4)
     stdout, stderr = proc.communicate(timeout=180)
@@ -118,7 +118,7 @@ def test_mpirun_hung_rank_is_reported_once(tmp_path):
     lines = _longtrain_lines(stderr)
     print(f"mpirun: hang -> exit {took:.1f} s, {len(lines)} longtrain lines, "
           f"{len([x for x in stderr.splitlines() if x.strip()])} lines on stderr")
-    assert proc.returncode == 1 and took < 30 + 30, (proc.returncode, took, stderr[-3000:])
+    assert proc.returncode == 1 and took < HANG_S + 30, (proc.returncode, took, stderr[-3000:])
     assert "Traceback" not in stderr, stderr[-3000:]
     assert len(lines) == 3, stderr[-3000:]
     assert "rank 0 on " in lines[0] and "stopped making progress during step 5" in lines[0], lines[0]

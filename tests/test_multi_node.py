@@ -33,7 +33,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import FAST, REPO, TINY, cli_env, losses, run_train
+from helpers import FAST, HANG_S, REPO, TINY, cli_env, losses, run_train
 from test_slurm import SCRIPT, Cluster, _ensure_slurm, _log, _tail, preempt_and_finish
 
 pytestmark = pytest.mark.slurm
@@ -138,7 +138,7 @@ def test_multi_node_hung_rank_is_one_block(cluster2, tmp_path):
     with exit status 1 within training.collective_timeout_s + 30 s. (Both nodes share one kernel here,
     so rank 0 can SIGKILL rank 1 itself; on separate machines srun's step teardown ends it.)"""
     out = tmp_path / "hang"
-    job = cluster2.submit(out, "torchrun", "training.steps=6", "training.collective_timeout_s=30", nodes=2, procs=1,
+    job = cluster2.submit(out, "torchrun", "training.steps=6", f"training.collective_timeout_s={HANG_S}", nodes=2, procs=1,
                           extra=(*IFACE, "--env", "LONGTRAIN_FAULT=hang:5:1"))
     log = _log(out, job)
     info = cluster2.ended(job, log, timeout=420)
@@ -147,7 +147,7 @@ def test_multi_node_hung_rank_is_one_block(cluster2, tmp_path):
     took = log.stat().st_mtime - (out / "metrics.jsonl").stat().st_mtime
     print(f"2-node torchrun template: hang -> end of job step {took:.1f} s, {len(lines)} longtrain lines")
     assert info["JobState"] == "FAILED" and info["ExitCode"] == "1:0", (info, text[-3000:])
-    assert len(lines) == 3 and "Traceback" not in text and took < 30 + 30, text[-3000:]
+    assert len(lines) == 3 and "Traceback" not in text and took < HANG_S + 30, text[-3000:]
     assert "rank 1 on n2 stopped making progress during step 5" in lines[0], lines[0]
     assert "step_00000003" in lines[1] and lines[2].startswith("longtrain: resume with the same command: sbatch ")
 

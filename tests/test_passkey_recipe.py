@@ -1,4 +1,6 @@
-"""End to end: recipes/passkey-cpu.toml, run exactly as shipped (2 processes, sp = 2, in-training eval),
+"""`make test-recipes` (not in `make test`: ~9 minutes of a 35-minute CI budget).
+
+recipes/passkey-cpu.toml, run exactly as shipped (2 processes, sp = 2, in-training eval),
 trains a byte-level model that retrieves the passkey at its trained length: >= 95% over all depths
 (pooled, 40 prompts per depth) and no depth below 85%, while an untrained model of the same shape is
 at chance; the same checkpoint scores identically on 1 process, on 2 ranks with sp=2, and as an
@@ -64,6 +66,7 @@ def base_run(tmp_path_factory) -> tuple[Path, str, float]:
 
 
 @pytest.mark.slow
+@pytest.mark.recipe
 def test_passkey_recipe_learns_retrieval_with_sp2(base_run, tmp_path):
     recipe = load_recipe(RECIPE)
     steps, L = recipe.training.steps, str(recipe.data.seq_len)
@@ -116,6 +119,7 @@ def test_passkey_recipe_learns_retrieval_with_sp2(base_run, tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.recipe
 def test_context_extension_beats_the_base_at_1024(base_run, tmp_path):
     """A shortened passkey-extend-cpu run (EXTEND_STEPS steps at 1024 tokens, linear PI x8, sp = 2,
     init_from = the base run folder) retrieves at 1024 where the base model cannot."""

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import losses, run_train
+from helpers import HANG_S, losses, run_train
 
 N, EVERY = 8, 2
 # constant schedule: a run stopped at step 6 follows the same lr as one planned for 8
@@ -42,10 +42,20 @@ def _damage(ck: Path, kind: str) -> str:
     return shard.name
 
 
-@pytest.mark.parametrize("kind", ["truncated shard", "zeroed shard", "missing meta.json", "missing shard"])
-def test_damaged_newest_checkpoint_falls_back(kind, straight, tmp_path):
-    out = tmp_path / "run"
+@pytest.fixture(scope="module")
+def six_steps(tmp_path_factory) -> Path:
+    """A run stopped after step 6 (checkpoints at 2, 4, 6), trained once; each test damages a copy."""
+    out = tmp_path_factory.mktemp("six") / "run"
     run_train(out, "training.steps=6", *COMMON)
+    return out
+
+
+@pytest.mark.parametrize("kind", ["truncated shard", "zeroed shard", "missing meta.json", "missing shard"])
+def test_damaged_newest_checkpoint_falls_back(kind, straight, six_steps, tmp_path):
+    import shutil
+
+    out = tmp_path / "run"
+    shutil.copytree(six_steps, out)
     ck = out / "checkpoints"
     meta = json.loads((ck / "step_00000006" / "meta.json").read_text())
     assert meta["files"] and all({"size", "crc32"} <= set(v) for v in meta["files"].values())
@@ -237,11 +247,19 @@ def test_twenty_crashes_always_leave_a_complete_checkpoint(tmp_path):
     during_save = resumed = 0
     for i in range(20):
         mode = "true" if i % 2 else "false"
+        log = out / "metrics.jsonl"
+        size0 = log.stat().st_size if log.is_file() else 0
         proc = subprocess.Popen(train_cmd(out, "training.steps=1000", "checkpoint.interval=1", "checkpoint.keep_last=2",
                                           f"checkpoint.async={mode}", nproc=1),
                                 env=cli_env(), cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                                 start_new_session=True)
-        time.sleep(rng.uniform(3.0, 6.0))  # start-up takes ~2.5 s on a quiet machine; then a save every ~0.2 s
+        t0 = time.time()
+        if i % 5 == 4:  # now and then during start-up (a resume, a first save)
+            time.sleep(rng.uniform(0.5, 3.0))
+        else:  # else once this start trains (a save every ~0.2 s): waiting for that, not a blind sleep
+            while not (log.is_file() and log.stat().st_size > size0) and time.time() - t0 < 60:
+                time.sleep(0.02)
+            time.sleep(rng.uniform(0.0, 1.5))
         if any((out / "checkpoints").glob("*.tmp")):
             during_save += 1
         os.killpg(proc.pid, signal.SIGKILL)
@@ -276,22 +294,22 @@ def _hang_run(out: Path, *sets: str, fault: str, nproc: int = 2) -> tuple[subpro
 
 def test_a_hung_rank_is_killed_and_reported_once(tmp_path):
     """Rank 1 stops (SIGSTOP, as a rank stuck in a kernel stops making progress) at step 5 of a run
-    with training.collective_timeout_s = 30: rank 0's collective times out, rank 0 names rank 1 and
+    with training.collective_timeout_s = HANG_S: rank 0's collective times out, rank 0 names rank 1 and
     SIGKILLs it (torchrun would wait 30 s more after its SIGTERM), and the job exits 1 within the
     timeout + 30 s with one block and no traceback. The newest checkpoint is intact and the same
     command resumes from it."""
     from longtrain.launcher.checkpoint import check_checkpoint
 
     out = tmp_path / "run"
-    sets = ["training.steps=6", "checkpoint.interval=3", "training.collective_timeout_s=30"]
+    sets = ["training.steps=6", "checkpoint.interval=3", f"training.collective_timeout_s={HANG_S}"]
     proc, took = _hang_run(out, *sets, fault="hang:5:1")
     lines = [line for line in proc.stderr.strip().splitlines() if line.strip()]
     print(f"torchrun: hang -> exit {took:.1f} s, {len(lines)} lines on stderr")
-    assert proc.returncode == 1 and took < 30 + 30, (proc.returncode, took, proc.stderr[-3000:])
+    assert proc.returncode == 1 and took < HANG_S + 30, (proc.returncode, took, proc.stderr[-3000:])
     assert "Traceback" not in proc.stderr and "ChildFailedError" not in proc.stderr, proc.stderr[-3000:]
     assert len(lines) == 3 and all(line.startswith("longtrain: ") for line in lines), proc.stderr[-3000:]
     assert "rank 1 on " in lines[0] and "stopped making progress during step 5" in lines[0], lines[0]
-    assert "no answer for 30 s" in lines[0] and "killed (SIGKILL)" in lines[0], lines[0]
+    assert f"no answer for {HANG_S} s" in lines[0] and "killed (SIGKILL)" in lines[0], lines[0]
     assert "newest usable checkpoint: " in lines[1] and "step_00000003" in lines[1], lines[1]
     assert lines[2].startswith("longtrain: resume with the same command: longtrain train "), lines[2]
     ck = out / "checkpoints"

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import FAST, REPO, TINY, cli_env, losses
+from helpers import FAST, HANG_S, REPO, TINY, cli_env, losses
 
 pytestmark = pytest.mark.slurm
 SCRIPT = REPO / "slurm" / "local-cluster.sh"
@@ -130,7 +130,7 @@ def fault_jobs(cluster, tmp_path_factory):
     jobs = {}
     for mode in ("srun", "torchrun"):
         out = runs / f"hang-{mode}"
-        jobs[f"hang-{mode}"] = (out, cluster.submit(out, mode, "training.steps=6", "training.collective_timeout_s=30",
+        jobs[f"hang-{mode}"] = (out, cluster.submit(out, mode, "training.steps=6", f"training.collective_timeout_s={HANG_S}",
                                                     extra=("--env", "LONGTRAIN_FAULT=hang:5:1")))
     dead = runs / "dead-srun"
     jobs["dead-srun"] = (dead, cluster.submit(dead, "srun", "training.steps=6", procs=3,
@@ -314,7 +314,7 @@ def _failed_job(cluster: Cluster, fault_jobs, which: str) -> tuple[Path, str, li
 
 @pytest.mark.parametrize("mode", ["srun", "torchrun"])
 def test_hung_rank_is_reported_once(cluster, fault_jobs, mode):
-    """Rank 1 stops (SIGSTOP) at step 5 with training.collective_timeout_s = 30: the job fails with exit
+    """Rank 1 stops (SIGSTOP) at step 5 with training.collective_timeout_s = HANG_S: the job fails with exit
     status 1 within the timeout + 30 s; its log has one block naming rank 1 and its node, the step, the
     intact newest checkpoint and the command that resumes (`sbatch SCRIPT`), and no traceback. srun
     template: the first survivor to ask reports, srun's step teardown (SIGCONT, SIGTERM) lets the stopped rank
@@ -324,9 +324,9 @@ def test_hung_rank_is_reported_once(cluster, fault_jobs, mode):
 
     out, text, lines, took = _failed_job(cluster, fault_jobs, f"hang-{mode}")
     print(f"{mode} template: hang -> end of job step {took:.1f} s, {len(lines)} longtrain lines")
-    assert took < 30 + 30 and "Traceback" not in text, text[-3000:]
+    assert took < HANG_S + 30 and "Traceback" not in text, text[-3000:]
     assert len(lines) == 3, text[-3000:]
-    assert "rank 1 on " in lines[0] and "stopped making progress during step 5: no answer for 30 s" in lines[0]
+    assert "rank 1 on " in lines[0] and f"stopped making progress during step 5: no answer for {HANG_S} s" in lines[0]
     assert "step_00000003" in lines[1] and check_checkpoint(out / "checkpoints" / "step_00000003") == []
     m = re.fullmatch(r"longtrain: resume with the same command: sbatch (\S+\.sbatch)", lines[2])
     assert m and Path(m.group(1)).is_file(), lines[2]
