@@ -39,24 +39,6 @@ def train_cmd(out: Path, *sets: str, nproc: int = 2, recipe: Path = TINY) -> lis
     return cmd
 
 
-def _process_tree(root: int) -> list[int]:
-    """`root` and every process below it (torchrun and its workers run in sessions of their own)."""
-    children: dict[int, list[int]] = {}
-    for d in Path("/proc").iterdir():
-        if d.name.isdigit():
-            try:
-                ppid = int((d / "stat").read_text().rsplit(")", 1)[1].split()[1])
-            except (OSError, IndexError, ValueError):
-                continue
-            children.setdefault(ppid, []).append(int(d.name))
-    out, todo = [], [root]
-    while todo:
-        pid = todo.pop()
-        out.append(pid)
-        todo += children.get(pid, [])
-    return out
-
-
 def run_cli(cmd: list[str], timeout: float, env: dict[str, str]) -> subprocess.CompletedProcess:
     """subprocess.run(cmd) with output captured. A run past `timeout` s fails with every longtrain
     process's thread stacks (SIGUSR2: faulthandler, see cli.main), and its whole tree is killed (not
@@ -66,7 +48,9 @@ def run_cli(cmd: list[str], timeout: float, env: dict[str, str]) -> subprocess.C
         try:
             out, err = p.communicate(timeout=timeout)
         except subprocess.TimeoutExpired:
-            tree = _process_tree(p.pid)
+            from longtrain.launcher.faults import process_tree
+
+            tree = process_tree(p.pid)
             for pid in tree:
                 try:
                     cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ")

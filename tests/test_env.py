@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -294,3 +295,23 @@ def test_closing_the_process_groups_keeps_them_until_the_next_close():
         else:
             assert not any(g is r for g in first for r in comm._RETIRED), "the previous groups are released"
     comm.close_process_groups()  # nothing initialised: a no-op
+
+
+def test_process_tree_reaches_grandchildren_in_sessions_of_their_own():
+    """What the test helpers kill on a timeout (and bench data measures): every process below a root."""
+    import time
+
+    from longtrain.launcher.faults import process_tree
+
+    proc = subprocess.Popen(["bash", "-c", "setsid sleep 30 & wait"])
+    try:
+        deadline = time.time() + 10
+        while len(process_tree(proc.pid)) < 2 and time.time() < deadline:
+            time.sleep(0.05)
+        tree = process_tree(proc.pid)
+        assert tree[0] == proc.pid and len(tree) == 2, tree
+        assert b"sleep" in Path(f"/proc/{tree[1]}/cmdline").read_bytes()
+    finally:
+        for pid in process_tree(proc.pid)[::-1]:
+            os.kill(pid, 9)
+        proc.wait()

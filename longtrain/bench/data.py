@@ -66,24 +66,15 @@ def _rss_anon_kb(pid: int) -> int:
 
 def _workers(root: int) -> list[int]:
     """Descendant processes of `root` that are training ranks (RANK in their environment)."""
-    children: dict[int, list[int]] = {}
-    for d in Path("/proc").iterdir():
-        if d.name.isdigit():
-            try:
-                ppid = int((d / "stat").read_text().rsplit(")", 1)[1].split()[1])
-            except (OSError, IndexError, ValueError):
-                continue
-            children.setdefault(ppid, []).append(int(d.name))
-    out, todo = [], [root]
-    while todo:
-        p = todo.pop()
-        for c in children.get(p, []):
-            todo.append(c)
-            try:
-                if b"\0RANK=" in b"\0" + Path(f"/proc/{c}/environ").read_bytes():
-                    out.append(c)
-            except OSError:
-                pass
+    from longtrain.launcher.faults import process_tree
+
+    out = []
+    for c in process_tree(root)[1:]:
+        try:
+            if b"\0RANK=" in b"\0" + Path(f"/proc/{c}/environ").read_bytes():
+                out.append(c)
+        except OSError:
+            pass
     return out
 
 

@@ -190,6 +190,25 @@ def _kill(peer: tuple | None) -> bool:
         return False
 
 
+def process_tree(root: int) -> list[int]:
+    """`root` and every process below it, read from /proc (torchrun's workers run in sessions of
+    their own, so a process group does not reach them)."""
+    children: dict[int, list[int]] = {}
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit():
+            try:
+                ppid = int((d / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            children.setdefault(ppid, []).append(int(d.name))
+    out, todo = [], [root]
+    while todo:
+        pid = todo.pop()
+        out.append(pid)
+        todo += children.get(pid, [])
+    return out
+
+
 def _running_here(peer: tuple | None) -> bool:
     """Whether a rank that did not answer is a live process of this process table (a survivor blocked
     on another survivor), not a dead one."""
