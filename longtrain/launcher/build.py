@@ -67,7 +67,8 @@ def build_sharded_model(recipe: Recipe, tokenizer_vocab: int, device: torch.devi
 
 
 def enable_mesa(model: Transformer, recipe: Recipe) -> Any:
-    """Make every block save 8-bit activations (kernels/mesa); returns the Mesa state module or None."""
+    """Make every block save 8-bit activations (kernels/mesa), and checkpointed layers store their
+    inputs in 8 bits; returns the Mesa state module or None."""
     if not recipe.mesa.enabled:
         return None
     from longtrain.kernels.mesa import attach_mesa
@@ -77,7 +78,11 @@ def enable_mesa(model: Transformer, recipe: Recipe) -> Any:
         log.warning("mesa.bits = %d: saved activations take %d/8 of the 8-bit size, but gradients are much "
                     "noisier (tiny model: worst parameter cosine vs exact 0.86 at 4 bits, 0.28 at 2, against "
                     "0.9994 at 8; docs/mesa.md). Only 8 bits is validated for training quality.", m.bits, m.bits)
-    return attach_mesa(model, m.kernel_config())
+    from longtrain.models.memory import checkpoint_policy
+
+    # checkpointed layers ('full', 'offload', 'every:N') store their inputs in 8 bits too
+    inputs = checkpoint_policy(recipe.training.activation_checkpointing) != "none"
+    return attach_mesa(model, m.kernel_config(), inputs=inputs)
 
 
 def compile_blocks(model: Transformer, mesa: bool) -> None:

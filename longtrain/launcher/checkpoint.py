@@ -108,7 +108,21 @@ class SafeReader(FileSystemReader):
 
 
 class SafeLoadPlanner(DefaultLoadPlanner):
-    """Non-tensor entries (optimizer hyper-parameters) are read with torch.load(weights_only=True)."""
+    """Non-tensor entries (optimizer hyper-parameters) are read with torch.load(weights_only=True).
+
+    Mesa's running estimates of checkpointed inputs (`mesa.ranges.input<i>`) that a checkpoint
+    lacks (saved without activation checkpointing, or before 8-bit inputs existed) start fresh
+    instead of failing the load; every other missing key still fails it."""
+
+    OPTIONAL = ".mesa.ranges.input"
+
+    def set_up_planner(self, state_dict, metadata=None, is_coordinator: bool = False) -> None:
+        super().set_up_planner(state_dict, metadata, is_coordinator)
+        if metadata is None:
+            return
+        have = metadata.state_dict_metadata
+        for k in [k for k in self.state_dict if self.OPTIONAL in k and k not in have]:
+            del self.state_dict[k]
 
     def load_bytes(self, read_item, value) -> None:
         obj = torch.load(value, weights_only=True)

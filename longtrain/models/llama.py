@@ -149,7 +149,8 @@ class Transformer(nn.Module):
                              persistent=False)
         self.activation_checkpointing: bool | str = False
         self.loss_chunk: int | str = "auto"
-        self.offload_store: Any = None  # kernels.offload.OffloadStore, made on first 'offload' forward
+        self.input_codec: Any = None  # kernels.offload.InputCodec: 8-bit checkpointed inputs (set by Mesa)
+        self.input_stores: dict[str, Any] = {}  # kernels.offload.InputStore per place, made on first use
         if not self.output.weight.is_meta:  # meta holds no values: whoever materialises it fills them
             self.init_weights()
 
@@ -210,21 +211,31 @@ class Transformer(nn.Module):
             return "full" if i % int(policy[6:]) == 0 else "none"
         return policy
 
-    def _offloaded(self, i: int, layer: nn.Module, h: Tensor, rope: tuple[Tensor, Tensor],
-                   ops: AttentionOps) -> Tensor:
-        """Checkpointed layer whose input waits in host memory (kernels/offload.py) until backward."""
-        if self.offload_store is None:
-            from longtrain.kernels.offload import OffloadStore
+    @property
+    def offload_store(self) -> Any:
+        """The host store of 'offload' (None before the first offloaded forward)."""
+        return self.input_stores.get("host")
 
-            self.offload_store = OffloadStore()
-        store, device = self.offload_store, h.device
-        h_host = store.put(i, h)
+    def _input_store(self, place: str) -> Any:
+        store = self.input_stores.get(place)
+        if store is None or store.codec is not self.input_codec:
+            from longtrain.kernels.offload import InputStore
+
+            store = self.input_stores[place] = InputStore(place, self.input_codec)
+        return store
+
+    def _stored(self, i: int, layer: nn.Module, h: Tensor, rope: tuple[Tensor, Tensor],
+                ops: AttentionOps, place: str) -> Tensor:
+        """Checkpointed layer whose input waits in an InputStore (kernels/offload.py) until backward:
+        in host memory ('offload') and/or as 8-bit codes (`input_codec`)."""
+        store, device = self._input_store(place), h.device
+        held = store.put(i, h)
 
         def run(hh: Tensor, rope_: tuple[Tensor, Tensor], ops_: AttentionOps) -> Tensor:
-            # forward: the device tensor itself; recompute: its copy back (prefetching layer i-1's)
+            # forward: the device tensor itself; recompute: rebuilt from the store (prefetching layer i-1's)
             return layer(store.take(i, hh, device, prefetch=i - 1 if i > 0 else None), rope_, ops_)
 
-        return checkpoint(run, h_host, rope, ops, use_reentrant=False)
+        return checkpoint(run, held, rope, ops, use_reentrant=False)
 
     def forward(self, tokens: Tensor, positions: Tensor | None = None, ops: AttentionOps | None = None,
                 labels: Tensor | None = None, reduction: str = "sum",
@@ -240,10 +251,10 @@ class Transformer(nn.Module):
         grad = self.training and torch.is_grad_enabled()
         for i, layer in enumerate(self.layers):
             kind = self._layer_checkpointing(i) if grad else "none"
-            if kind == "full":
+            if kind == "full" and self.input_codec is None:
                 h = checkpoint(layer, h, rope, ops, use_reentrant=False)
-            elif kind == "offload":
-                h = self._offloaded(i, layer, h, rope, ops)
+            elif kind in ("full", "offload"):
+                h = self._stored(i, layer, h, rope, ops, "host" if kind == "offload" else "device")
             else:
                 h = layer(h, rope, ops)
         if labels is None and logits == "last":

@@ -39,10 +39,11 @@ stream saturated in the first 10 steps and per-parameter gradient cosines fell t
 
 Activation checkpointing (torch.utils.checkpoint, non-reentrant): when the scope
 opens inside a checkpointed function (its hooks are the innermost ones), it
-steps aside. The checkpointed block then keeps nothing for backward except its
-inputs (held by checkpoint, exact) and recomputes its activations in backward
-exactly; nothing of that block is quantized. Layers that are not checkpointed
-are quantized as usual.
+steps aside: the block keeps nothing for backward but its input and recomputes its
+activations in backward from it. With `enable_mesa(..., inputs=True)` that input is
+stored in 8 bits (`MesaInputCodec`, on the device or offloaded to host memory,
+kernels/offload.py) and decoded before the recompute; without, checkpoint holds it
+exactly. Layers that are not checkpointed are quantized as usual.
 """
 
 from __future__ import annotations
@@ -541,11 +542,13 @@ def mesa_scope(state: MesaState | None, layer: int | str) -> Iterator[Any]:
         run.close()
 
 
-def enable_mesa(model: nn.Module, config: MesaConfig) -> MesaState | None:
+def enable_mesa(model: nn.Module, config: MesaConfig, inputs: bool = False) -> MesaState | None:
     """Attach Mesa to every block of `model` that has a `mesa_scope` attribute.
 
     Registers the state as `model.mesa` (so its buffers are in model.state_dict())
     and sets `block.mesa_scope = partial(mesa_scope, state, block.layer_idx)`.
+    With `inputs` (the run checkpoints layers) the inputs of checkpointed layers are stored in
+    8 bits too: running estimates `input<i>` per block and `model.input_codec` (MesaInputCodec).
     Returns the state, or None (and detaches) when config.enabled is False.
     """
     blocks = [m for m in model.modules() if hasattr(m, "mesa_scope") and m is not model]
@@ -554,9 +557,12 @@ def enable_mesa(model: nn.Module, config: MesaConfig) -> MesaState | None:
             b.mesa_scope = None
         if hasattr(model, "mesa"):
             del model.mesa
+        if hasattr(model, "input_codec"):
+            model.input_codec = None
         return None
     ids = [getattr(b, "layer_idx", i) for i, b in enumerate(blocks)]
-    state = MesaState(config, ids)
+    state = MesaState(config, ids + ([input_key(i) for i in ids] if inputs else []))
+    state.n_layers = len(ids)
     try:
         dev = next(model.parameters()).device
         state.to(dev)
@@ -565,7 +571,64 @@ def enable_mesa(model: nn.Module, config: MesaConfig) -> MesaState | None:
     model.mesa = state
     for b, i in zip(blocks, ids):
         b.mesa_scope = functools.partial(mesa_scope, state, i)
+    if hasattr(model, "input_codec"):
+        model.input_codec = MesaInputCodec(state) if inputs else None
     return state
 
 # the launcher imports this name
 attach_mesa = enable_mesa
+
+
+# --------------------------------------------------------------------------- checkpointed inputs
+
+
+def input_key(layer: int | str) -> str:
+    """The MesaState id of the running estimates for layer `layer`'s checkpointed input."""
+    return f"input{layer}"
+
+
+class MesaInputCodec:
+    """8-bit codes for the input [B, S, dim] of a checkpointed layer (kernels/offload.InputCodec).
+
+    The input is the residual stream. It is stored as each token's absmax (bf16, 2 bytes per
+    token: LLM residual streams have tokens orders of magnitude larger than others) and, of the
+    row-scaled values, `bits`-bit codes per chunk of `group_size` channels with Mesa's running
+    range (slot 0 of `input_key(layer)`, range_mode as configured) and its stochastic rounding.
+    Backward recomputes the layer from the decoded input: the forward stays exact, the saved
+    activations and gradients of that layer are those at the decoded input."""
+
+    def __init__(self, state: MesaState) -> None:
+        self.state, self.cfg = state, state.config
+
+    def encode(self, key: int, x: Tensor) -> tuple[dict[str, Tensor], Any]:
+        cfg = self.cfg
+        if x.dim() < 2 or not x.is_floating_point():
+            raise ValueError(f"mesa input codec: expected a floating [..., dim] tensor, got {tuple(x.shape)} {x.dtype}")
+        if self.state.is_skipped(key):  # mesa.skip_layers: this layer's input stays exact
+            return {"x": x}, None
+        x = x.contiguous()
+        c = x.shape[-1]
+        g = _largest_divisor_at_most(c, min(cfg.max_groups, max(1, c // cfg.group_size)))
+        rows = x.abs().amax(dim=-1, keepdim=True).to(torch.bfloat16).clamp_min(1e-30)
+        y = x.float() / rows.float()
+        x3 = y.view(group_layout(y.shape, g, -1))
+        mn, mx = x3.amin(dim=(0, 2)), x3.amax(dim=(0, 2))
+        ranges = self.state.layer_ranges(input_key(key))
+        shift, span = ranges.estimate(0, mn, mx, float(cfg.ema_decay), self.state.training)
+        if cfg.range_mode == "cover":
+            lo = torch.minimum(shift, mn)
+            shift, span = lo, torch.maximum(shift + span, mx) - lo
+        elif cfg.range_mode == "current":
+            shift, span = mn, mx - mn
+        q = quantize(x3, g, dim=1, shift=shift, span=span, bits=cfg.bits, stochastic=cfg.stochastic,
+                     backend=cfg.backend, generator=self.state.generator(x.device))
+        payload = {"codes": q.codes, "shift": q.shift, "span": q.span, "rows": rows}
+        return payload, (q.groups, q.inner, q.shape, x.shape, x.dtype, q.bits)
+
+    def decode(self, payload: dict[str, Tensor], meta: Any) -> Tensor:
+        if meta is None:
+            return payload["x"]
+        groups, inner, qshape, shape, dtype, bits = meta
+        q = QTensor(payload["codes"], payload["shift"], payload["span"], groups, inner, qshape, torch.float32, bits)
+        y = dequantize(q, dtype=torch.float32, backend=self.cfg.backend).view(shape)
+        return (y * payload["rows"].float()).to(dtype)
