@@ -10,7 +10,9 @@ Three parts (each a table, all in one JSON):
               from the planner, and the planner checked by a measured step at that length (or at
               --verify-max tokens when longer: attention on CPU is quadratic);
   grid        planner vs measured peak on S x V x ffn x checkpointing x Mesa (--grid full: the
-              48 points of issue 21; default: a quick subset).
+              48 points of issue 21; default: a quick subset);
+  inputs      (--inputs) checkpointed layer inputs exact vs Mesa 8-bit, 'full' and 'offload':
+              measured peak growth per token beside the planner's, and the offload store's bytes.
 
 Measuring a peak (`measure_peak`): a fresh single-threaded process with
 MALLOC_MMAP_THRESHOLD_=65536 (every tensor buffer is its own mmap, so freed memory leaves the
@@ -57,7 +59,7 @@ def run(seq, measure):
     model.set_mlp_chunk(a["mlp_chunk"])
     if a["mesa"]:
         from longtrain.kernels.mesa import MesaConfig, attach_mesa
-        attach_mesa(model, MesaConfig(enabled=True))
+        attach_mesa(model, MesaConfig(enabled=True), inputs=a["checkpointing"] not in ("none", False))
     model.train()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3, foreach=True)
     g = torch.Generator().manual_seed(0)
@@ -70,11 +72,13 @@ def run(seq, measure):
         model(tok, labels=lab).backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
-    return status("VmHWM") - base
+    store = model.offload_store  # host bytes held for offloaded inputs, read from the store
+    return status("VmHWM") - base, store.host_bytes if store is not None else 0
 
 run(64, False)  # warm-up: page in the kernels this variant uses
 gc.collect()
-print(json.dumps({"peak": run(a["seq"], True)}))
+peak, host = run(a["seq"], True)
+print(json.dumps({"peak": peak, "host_store": host}))
 """
 
 
@@ -86,14 +90,50 @@ def point(model: dict[str, Any], seq: int, *, checkpointing: str = "none", mesa:
             "mesa": mesa, "loss_chunk": loss_chunk, "mlp_chunk": mlp_chunk}
 
 
-def measure_peak(p: dict[str, Any], timeout: int = 900) -> int:
-    """Measured peak bytes of one steady-state training step for point `p` (see module doc)."""
+def measure(p: dict[str, Any], timeout: int = 900) -> dict[str, int]:
+    """One steady-state training step for point `p` (see module doc): {"peak": bytes, "host_store":
+    bytes the offload store holds after it}."""
     env = dict(os.environ, OMP_NUM_THREADS="1", MALLOC_MMAP_THRESHOLD_="65536")
     proc = subprocess.run([sys.executable, "-c", MEASURE, json.dumps(p)], capture_output=True, text=True,
                           timeout=timeout, env=env)
     if proc.returncode != 0:
         raise RuntimeError(f"measurement failed for {p}: {proc.stderr[-2000:]}")
-    return int(json.loads(proc.stdout.strip().splitlines()[-1])["peak"])
+    return {k: int(v) for k, v in json.loads(proc.stdout.strip().splitlines()[-1]).items()}
+
+
+def measure_peak(p: dict[str, Any], timeout: int = 900) -> int:
+    """Measured peak bytes of one steady-state training step for point `p`."""
+    return measure(p, timeout)["peak"]
+
+
+# Mesa on the checkpointed path: more layers than LLAMA3_SMALL so the stored inputs are a real share
+LLAMA3_DEEP = dict(LLAMA3_SMALL, n_layers=16)
+INPUT_VARIANTS = [("full", False), ("full", True), ("offload", False), ("offload", True)]
+
+
+def stored_inputs(model: dict[str, Any], seqs: tuple[int, int], mlp_chunk: int | str,
+                  jobs: int = 2) -> list[dict[str, Any]]:
+    """Checkpointed inputs exact vs 8-bit (Mesa): measured peak growth per token between the two
+    lengths, beside the planner's, and the host bytes the offload store holds at the longer one."""
+    pts = [(ck, m, s) for ck, m in INPUT_VARIANTS for s in seqs]
+
+    def one(key):
+        ck, m, s = key
+        p = point(model, s, preset=None, checkpointing=ck, mesa=m, loss_chunk="auto", mlp_chunk=mlp_chunk)
+        return key, measure(p), predicted_total(p)
+
+    with ThreadPoolExecutor(jobs) as pool:
+        got = {k: (r, pred) for k, r, pred in pool.map(one, pts)}
+    rows, dt = [], seqs[1] - seqs[0]
+    for ck, m in INPUT_VARIANTS:
+        (r0, p0), (r1, p1) = got[(ck, m, seqs[0])], got[(ck, m, seqs[1])]
+        rows.append({"ckpt": ck, "mesa": m, "measured KiB/tok": round((r1["peak"] - r0["peak"]) / dt / 1024, 2),
+                     "planner KiB/tok": round((p1 - p0) / dt / 1024, 2),
+                     f"host store MiB at {seqs[1]}": round(r1["host_store"] / MiB, 2)})
+    for ck in ("full", "offload"):
+        exact, q = (next(r for r in rows if r["ckpt"] == ck and r["mesa"] == m) for m in (False, True))
+        q["vs exact"] = round(q["measured KiB/tok"] / exact["measured KiB/tok"], 3)
+    return rows
 
 
 def predict(p: dict[str, Any]):
@@ -200,6 +240,10 @@ def main(argv: list[str]) -> int:
                     help="measure at the longest length, or at this many tokens if that is longer (CPU "
                          "attention is quadratic)")
     ap.add_argument("--jobs", type=int, default=2, help="measurements at once (each one thread)")
+    ap.add_argument("--inputs", action="store_true",
+                    help="also measure checkpointed inputs exact vs Mesa 8-bit (full / offload)")
+    ap.add_argument("--inputs-seq", type=int, default=2048, help="the shorter length of --inputs (x2 the other)")
+    ap.add_argument("--inputs-mlp-chunk", type=int, default=256, help="training.mlp_chunk of --inputs")
     ap.add_argument("--out", default=None)
     a = ap.parse_args(argv)
     if a.seq <= 0 or a.cap_gib <= 0 or a.jobs <= 0:
@@ -215,6 +259,14 @@ def main(argv: list[str]) -> int:
     print(f"longest sequence within {a.cap_gib:g} GiB (planner), and one measured step at that length "
           f"(or at --verify-max {a.verify_max:,} when longer)")
     print_table(lng)
+    inputs = []
+    if a.inputs:
+        print()
+        seqs = (a.inputs_seq, 2 * a.inputs_seq)
+        inputs = stored_inputs(dict(LLAMA3_DEEP), seqs, a.inputs_mlp_chunk, a.jobs)
+        print(f"checkpointed inputs exact vs Mesa 8-bit: {LLAMA3_DEEP['n_layers']} layers, mlp_chunk "
+              f"{a.inputs_mlp_chunk}, growth per token between S = {seqs[0]:,} and {seqs[1]:,}")
+        print_table(inputs)
     grid = []
     if a.grid != "none":
         print()
@@ -224,7 +276,7 @@ def main(argv: list[str]) -> int:
         worst = max(abs(r["ratio"] - 1) for r in grid)
         print(f"worst |predicted/measured - 1| = {worst:.3f}")
     write_json("memory", {"model": LLAMA3_SMALL, "components": comp, "longest": lng, "cap_gib": a.cap_gib,
-                          "grid": grid}, a.out)
+                          "grid": grid, "stored_inputs": inputs}, a.out)
     return 0
 
 
