@@ -108,7 +108,8 @@ def test_cli_table_and_json(capsys):
     assert main([str(TINY), "--gpus", "64", *LONG]) == 0
     text = capsys.readouterr().out
     for needle in ("memory per GPU", "activations, Mesa + checkpointed", "output projection + loss", "tokenring",
-                   "ulysses", "suggestion: sp=", "longest seq that fits"):
+                   "ulysses", "suggestion: sp=", "longest seq that fits", "host memory per node: ",
+                   "GiB of 2048 GiB (fits)"):
         assert needle in text, text
     proc = _cli(str(TINY), "--gpus", "64", "--gpu", "a100", "--interconnect", "ib-hdr", "--json", *LONG)
     assert proc.returncode == 0, proc.stderr
@@ -117,6 +118,8 @@ def test_cli_table_and_json(capsys):
     assert {s["impl"] for s in pl["step_time"]} == {"ring", "tokenring", "ulysses", "hybrid", "hybrid-tokenring"}
     assert [c["sp"] for c in pl["candidates"]] == [1, 2, 4, 8, 16, 32, 64]
     assert pl["suggestion"]["sp"] in (1, 2, 4, 8, 16, 32, 64)
+    # host memory: per GPU in memory_gib, per node against the A100 node's default (2 TiB)
+    assert pl["memory_gib"]["host_total"] > 0 and pl["host"]["node_gib"] == 2048 and pl["host"]["fits"]
 
 
 @pytest.mark.parametrize("args,needle", [

@@ -24,18 +24,27 @@ class GPU:
     tf32_tflops: float
     intra_gbs: float  # GPU-to-GPU bandwidth inside a node, GB/s per direction per GPU
     intra_link: str
+    host_memory_gib: float  # host memory of the kind's usual node (one node of --gpus-per-node GPUs)
 
 
+# host_memory_gib, the kind's usual node (`longtrain plan --host-memory` overrides it): 2 TiB for 8-GPU SXM nodes
+# (DGX H100 / H200 / B200, DGX A100 640GB); 1 TiB for H100 PCIe, A100 40GB (DGX A100 320GB) and L40S
+# servers, their common configuration; 768 GiB for A10 (AWS g5.48xlarge, 8 x A10G).
 GPUS: dict[str, GPU] = {
-    "h100": GPU("H100 SXM 80GB", 80, 989, 494, 450, "NVLink4"),
-    "h100-pcie": GPU("H100 PCIe 80GB", 80, 756, 378, 64, "PCIe5"),
-    "h200": GPU("H200 SXM 141GB", 141, 989, 494, 450, "NVLink4"),
-    "b200": GPU("B200 192GB", 180, 2250, 1100, 900, "NVLink5"),
-    "a100": GPU("A100 SXM 80GB", 80, 312, 156, 300, "NVLink3"),
-    "a100-40g": GPU("A100 SXM 40GB", 40, 312, 156, 300, "NVLink3"),
-    "l40s": GPU("L40S 48GB", 48, 362, 183, 32, "PCIe4"),
-    "a10": GPU("A10 24GB", 24, 125, 62.5, 16, "PCIe4"),
+    "h100": GPU("H100 SXM 80GB", 80, 989, 494, 450, "NVLink4", 2048),
+    "h100-pcie": GPU("H100 PCIe 80GB", 80, 756, 378, 64, "PCIe5", 1024),
+    "h200": GPU("H200 SXM 141GB", 141, 989, 494, 450, "NVLink4", 2048),
+    "b200": GPU("B200 192GB", 180, 2250, 1100, 900, "NVLink5", 2048),
+    "a100": GPU("A100 SXM 80GB", 80, 312, 156, 300, "NVLink3", 2048),
+    "a100-40g": GPU("A100 SXM 40GB", 40, 312, 156, 300, "NVLink3", 1024),
+    "l40s": GPU("L40S 48GB", 48, 362, 183, 32, "PCIe4", 1024),
+    "a10": GPU("A10 24GB", 24, 125, 62.5, 16, "PCIe4", 768),
 }
+
+# Host memory each training process holds whatever the recipe: CUDA context and host-side mappings, torch /
+# NCCL libraries and buffers, the Python heap, the data loader, the pinned allocator's rounding slack. A round
+# upper figure per rank (a bare CUDA context alone takes a few hundred MiB to ~1 GiB of host memory).
+HOST_BASELINE_BYTES = 4 * GiB
 
 # inter-node bandwidth per GPU, GB/s per direction (one NIC per GPU unless stated)
 INTERCONNECTS: dict[str, tuple[float, str]] = {
@@ -47,7 +56,6 @@ INTERCONNECTS: dict[str, tuple[float, str]] = {
     "ethernet": (3.125, "Ethernet 100 Gb/s per node of 8 GPUs"),
     "nvlink": (450.0, "one NVLink domain across nodes (NVL72-style)"),
 }
-
 
 
 # ---- hybrid sharding (parallel.dp_replicate): one rule for config, planner and runtime ---------------
@@ -104,7 +112,7 @@ def recipe_memory(recipe: Any, cfg: Any, *, world: int, sp: int | None = None, s
     return memory_per_gpu(cfg, world=world, sp=sp or p.sp, micro_batch=t.micro_batch, seq_len=seq, dtype=t.dtype,
                           engine=p.dp_engine, zero_stage=p.zero_stage, checkpointing=t.activation_checkpointing,
                           mesa=recipe.mesa.enabled, loss_chunk=t.loss_chunk, mlp_chunk=t.mlp_chunk,
-                          replicate=replicate)
+                          replicate=replicate, optimizer_offload=bool(getattr(t, "optimizer_offload", False)))
 
 
 def resolve_dp_replicate(recipe: Any, cfg: Any, device: Any) -> int:
@@ -155,7 +163,9 @@ def activation_bytes_per_token(cfg: Any, act_bytes: int, *, mesa: bool = False, 
     attention tensors shrink accordingly. Mesa keeps these tensors in 8 bits (about half of bf16,
     a quarter of fp32; norm statistics stay fp32). A checkpointed layer ('full', 'offload',
     'every:N') keeps only its input (a*d; in host memory with 'offload': `host`) and is recomputed
-    one layer at a time during backward (Mesa steps aside inside it).
+    one layer at a time during backward, exactly (the recomputed layer's tensors are not 8-bit).
+    With Mesa the checkpointed input is stored as uint8 codes, 1 byte per element (its scales, a bf16
+    per token and per-channel-group ranges, are < 0.1% at d = 4096, not counted): `inputs` = n_ck * d.
     """
     from longtrain.models.memory import checkpoint_policy, checkpointed_layers
 
@@ -169,13 +179,20 @@ def activation_bytes_per_token(cfg: Any, act_bytes: int, *, mesa: bool = False, 
     policy = checkpoint_policy(checkpointing)
     n_ck = checkpointed_layers(policy, L)
     layer = plain_layer * (1.0 / act_bytes) if mesa else plain_layer  # 8-bit copies (fp32 norm inputs too)
-    inputs = n_ck * act_bytes * d
+    input_bytes = 1 if mesa else act_bytes  # Mesa: a checkpointed input is kept as uint8 codes
+    inputs = n_ck * input_bytes * d
     host = inputs if policy == "offload" else 0.0
     device_inputs = inputs - host
     recompute = plain_layer if n_ck else 0.0  # one checkpointed layer recomputed at a time, exactly
     total = device_inputs + (L - n_ck) * layer + recompute
     return {"per_layer": layer, "plain_layer": plain_layer, "total": total, "inputs": inputs, "host": host,
             "kept_layers": (L - n_ck) * layer, "recompute": recompute}
+
+
+def _attention_fraction(cfg: Any) -> float:
+    """The fraction of heads computed per token (MoH: shared + routed of all; 1 otherwise)."""
+    moh = getattr(cfg, "moh", None)
+    return 1.0 if moh is None else (moh.shared_heads + moh.routed_heads) / cfg.n_heads
 
 
 def logits_bytes_per_token(cfg: Any) -> float:
@@ -218,28 +235,24 @@ class Memory:
     logits: float
     transient: float  # gathered layers (FSDP2 / ZeRO-3) and foreach optimizer temporaries
     total: float
-    host_offload: float = 0.0  # checkpointed layer inputs in host memory ('offload'), per GPU
+    host_offload: float = 0.0  # checkpointed layer inputs in host memory ('offload'), per GPU, as stored
     mlp_tile: float = 0.0  # one MLP tile's intermediates and their gradients during recompute
     loading_peak: float = 0.0  # host memory per rank while the model is built and loaded
     per_token: dict = field(default_factory=dict)  # bytes per (local) token that grow with the sequence
     fixed: float = 0.0  # bytes that do not (weights, grads, AdamW, temporaries, chunks)
+    host_optimizer: float = 0.0  # optimizer state + fp32 master + grads on the host (optimizer_offload)
+    host_ckpt: float = 0.0  # host bytes of offloaded inputs under this policy without Mesa ('offload')
+    host_mesa_ckpt: float = 0.0  # ... and with Mesa (8-bit codes)
+    host_total: float = 0.0  # every host byte of this rank at its peak (memory_per_gpu's docstring)
 
 
-def memory_per_gpu(cfg: Any, *, world: int, sp: int, micro_batch: int, seq_len: int, dtype: str, engine: str,
-                   zero_stage: int, checkpointing: bool | str, mesa: bool, loss_chunk: int | str = 0,
-                   mlp_chunk: int | str = 0, replicate: int = 1) -> Memory:
-    """Bytes per GPU for one training step of the recipe's shape (peak = persistent + live activations).
-
-    `loss_chunk` / `mlp_chunk` as in [training] ('auto', 0 or tokens); the defaults here (0) are
-    the unchunked paths. FSDP2 shards parameters, gradients and AdamW state over world / `replicate`
-    ranks (parallel.dp_replicate; 1 = all). `host_offload` is host memory, not part of `total`."""
-    from longtrain.models.memory import checkpoint_policy, mlp_chunk_tokens
-
+def _model_state(cfg: Any, *, world: int, engine: str, zero_stage: int, bf16: bool, replicate: int,
+                 optimizer_offload: bool) -> dict[str, float]:
+    """Device bytes of weights, gradients, AdamW state, gathered layers, optimizer temporaries; host bytes of
+    the optimizer state moved there by `optimizer_offload` and of the loading peak."""
     P = cfg.n_params
     per_layer_params = (P - cfg.vocab_size * cfg.dim * (1 if cfg.tie_embeddings else 2)) / cfg.n_layers
-    bf16 = dtype == "bf16"
-    w_bytes = 4  # fp32 master weights in every engine (FSDP2 mixed precision keeps sharded fp32)
-    g_bytes = 4
+    w_bytes = g_bytes = 4  # fp32 master weights in every engine (FSDP2 mixed precision keeps sharded fp32)
     shard_p = shard_g = shard_o = 1
     if engine == "fsdp2":
         shard_p = shard_g = shard_o = world // replicate
@@ -257,12 +270,50 @@ def memory_per_gpu(cfg: Any, *, world: int, sp: int, micro_batch: int, seq_len: 
     if engine == "fsdp2" or (engine == "deepspeed" and zero_stage >= 3):
         gathered = 2 * per_layer_params * (2 if bf16 else 4) * 2  # two gathered layers (prefetch) + their grads
     opt_temp = P * 4 / shard_o  # foreach AdamW temporaries (about one fp32 copy of the local shard)
+    host_opt = 0.0
+    if optimizer_offload:  # a hook: the runtime does not offload the optimizer yet (training.optimizer_offload)
+        if engine not in ("fsdp2", "deepspeed"):
+            raise ConfigError(f"optimizer offload is modelled for fsdp2 and deepspeed, not {engine!r}")
+        # AdamW m, v + fp32 master + fp32 grads of the local shard (16 bytes per parameter per shard) on the
+        # host, where the step runs; FSDP2 (CPUOffloadPolicy) keeps nothing of them on the device, DeepSpeed
+        # (ZeRO-Offload) keeps the module weights and its gradient partitions there
+        host_opt, optimizer, opt_temp = 16 * P / shard_o, 0.0, 0.0
+        params, grads = (0.0, 0.0) if engine == "fsdp2" else (P * (2 if bf16 else 4) / shard_p, grads)
+    # loading: FSDP2 builds on the meta device and reads only its shards (plus one whole tensor at a
+    # time, the largest being the embedding); DDP / DeepSpeed hold the whole model on every rank
+    largest = 4 * cfg.vocab_size * cfg.dim
+    loading = (P * 4 / shard_p + largest) if engine == "fsdp2" else P * 4 + largest
+    return {"params": params, "grads": grads, "optimizer": optimizer, "gathered": gathered, "opt_temp": opt_temp,
+            "host_optimizer": host_opt, "loading": loading}
+
+
+def memory_per_gpu(cfg: Any, *, world: int, sp: int, micro_batch: int, seq_len: int, dtype: str, engine: str,
+                   zero_stage: int, checkpointing: bool | str, mesa: bool, loss_chunk: int | str = 0,
+                   mlp_chunk: int | str = 0, replicate: int = 1, optimizer_offload: bool = False) -> Memory:
+    """Bytes per GPU for one training step of the recipe's shape (peak = persistent + live activations).
+
+    `loss_chunk` / `mlp_chunk` as in [training] ('auto', 0 or tokens); the defaults here (0) are
+    the unchunked paths. FSDP2 shards parameters, gradients and AdamW state over world / `replicate`
+    ranks (parallel.dp_replicate; 1 = all). `optimizer_offload` (a hook: not in the runtime yet) moves
+    AdamW m, v, the fp32 master and the gradients of the local shard (16 B/param/shard) to the host.
+
+    Host memory per GPU (one rank), not part of `total`:
+        host_total = HOST_BASELINE_BYTES + max(loading_peak, host_offload + host_optimizer)
+    host_offload: the offloaded checkpointed inputs at their stored width (a bytes per element, 1 with
+    Mesa); pinned staging adds nothing: the InputStore's host buffers (kernels/offload.py) are pinned and
+    are the store itself. host_optimizer: 0 unless `optimizer_offload`. loading_peak is a separate moment (the model is
+    built and read before the first step allocates anything), hence the max."""
+    from longtrain.models.memory import checkpoint_policy, mlp_chunk_tokens
+
+    bf16 = dtype == "bf16"
+    st = _model_state(cfg, world=world, engine=engine, zero_stage=zero_stage, bf16=bf16, replicate=replicate,
+                      optimizer_offload=optimizer_offload)
+    params, grads, optimizer, gathered, opt_temp = (st[k] for k in ("params", "grads", "optimizer", "gathered",
+                                                                    "opt_temp"))
     transient = gathered + opt_temp
     tokens = micro_batch * seq_len / sp
     a = 2 if bf16 else 4
-    att_frac = 1.0
-    if getattr(cfg, "moh", None) is not None:
-        att_frac = (cfg.moh.shared_heads + cfg.moh.routed_heads) / cfg.n_heads
+    att_frac = _attention_fraction(cfg)
     tile = mlp_chunk_tokens(mlp_chunk, cfg.ffn_dim, int(tokens), a)
     tiled = 0 < tile < tokens
     policy = checkpoint_policy(checkpointing)
@@ -274,6 +325,7 @@ def memory_per_gpu(cfg: Any, *, world: int, sp: int, micro_batch: int, seq_len: 
 
     ck_kind = policy if ckpt else "full"
     table = {(m, c): tokens * acts(m, ck_kind if c else "none")["total"] for m in (False, True) for c in (False, True)}
+    host_table = {m: tokens * acts(m, ck_kind)["host"] for m in (False, True)}
     mine = acts(mesa, policy)
     act = tokens * mine["total"]
     host = tokens * mine["host"]
@@ -281,12 +333,11 @@ def memory_per_gpu(cfg: Any, *, world: int, sp: int, micro_batch: int, seq_len: 
     logits = tokens * loss["per_token"] + loss["fixed"]
     layer_act = tokens * mine["per_layer"]
     mlp_tile = 8 * a * cfg.ffn_dim * tile if tiled else 0.0  # tile intermediates + their gradients
-    # Peak = what lives all step + the largest of three moments: the start of backward (all saved
-    # activations and the loss's working set; with Mesa also one layer dequantized), its end (all
-    # gradients, plus the recomputed last layer and the layer inputs with checkpointing, a tile) and
-    # the optimizer step (gradients + foreach temporaries).
-    # the MLP's backward holds gradients of two [tokens, ffn] intermediates (one tile's when tiled);
-    # the loss's backward ends before the first (recomputed) layer's begins, so they do not add up
+    # Peak = what lives all step + the largest of three moments: the start of backward (all saved activations
+    # and the loss's working set; with Mesa also one layer dequantized), its end (all gradients, plus the
+    # recomputed last layer and the layer inputs with checkpointing, a tile) and the optimizer step (gradients
+    # + foreach temporaries). The MLP's backward holds gradients of two [tokens, ffn] intermediates (one tile's
+    # when tiled); the loss's backward ends before the first (recomputed) layer's begins: they do not add up
     mlp_bwd = 0.0 if tiled else 2 * a * cfg.ffn_dim * tokens
     recompute = tokens * mine["recompute"]
     backward_start = act - recompute + max(logits, recompute + mlp_bwd) + gathered
@@ -299,12 +350,11 @@ def memory_per_gpu(cfg: Any, *, world: int, sp: int, micro_batch: int, seq_len: 
                  "recomputed layer": mine["recompute"], "loss": loss["per_token"],
                  "checkpointed inputs (host)": mine["host"]}
     fixed = params + optimizer + grads + transient + loss["fixed"] + mlp_tile
-    # loading: FSDP2 builds on the meta device and reads only its shards (plus one whole tensor at a
-    # time, the largest being the embedding); DDP / DeepSpeed hold the whole model on every rank
-    largest = 4 * cfg.vocab_size * cfg.dim
-    loading = (P * 4 / shard_p + largest) if engine == "fsdp2" else P * 4 + largest
+    host_total = HOST_BASELINE_BYTES + max(st["loading"], host + st["host_optimizer"])
     return Memory(params, grads, optimizer, act, table[(False, False)], table[(False, True)], table[(True, False)],
-                  table[(True, True)], logits, transient, total, host, mlp_tile, loading, per_token, fixed)
+                  table[(True, True)], logits, transient, total, host, mlp_tile, st["loading"], per_token, fixed,
+                  host_optimizer=st["host_optimizer"], host_ckpt=host_table[False], host_mesa_ckpt=host_table[True],
+                  host_total=host_total)
 
 
 # ---- time ------------------------------------------------------------------------------------
@@ -319,9 +369,7 @@ def flops_per_token(cfg: Any, seq_len: int, *, checkpointing: bool | str, mlp_ti
 
     emb = cfg.vocab_size * cfg.dim  # the input embedding is a lookup
     dense = 6 * (cfg.n_params - emb)
-    att_frac = 1.0
-    if getattr(cfg, "moh", None) is not None:
-        att_frac = (cfg.moh.shared_heads + cfg.moh.routed_heads) / cfg.n_heads
+    att_frac = _attention_fraction(cfg)
     attn = 0.0
     for span in layer_plan(cfg.attention, cfg.n_layers):
         if span.kind == "lightning":
@@ -434,18 +482,14 @@ def step_time(cfg: Any, gpu: GPU, inter_gbs: float, *, world: int, sp: int, impl
     exposed *= grad_accum
     # data parallel: FSDP2 / ZeRO-3 gather params fwd+bwd (bf16 or fp32) and reduce-scatter fp32
     # grads; DDP / ZeRO-1/2 all-reduce grads (2x); ring algorithms send (n-1)/n of it.
-    P = cfg.n_params
-    n = world
+    P, n = cfg.n_params, world
     if engine == "fsdp2":  # plain or hybrid (fsdp_traffic): intra- and inter-node parts at their links
         tr = fsdp_traffic(P, world=world, replicate=replicate, gpus_per_node=gpus_per_node, param_bytes=a,
                           grad_accum=grad_accum)
         dp_s = tr["intra_bytes"] / (gpu.intra_gbs * 1e9) + tr["inter_bytes"] / (inter_gbs * 1e9)
     elif n > 1:
-        w = 2 if dtype == "bf16" else 4
-        if engine == "deepspeed" and zero_stage >= 3:
-            dp_bytes = (2 * w + 4) * P * (n - 1) / n
-        else:
-            dp_bytes = 2 * 4 * P * (n - 1) / n
+        zero3 = engine == "deepspeed" and zero_stage >= 3
+        dp_bytes = ((2 * a + 4) if zero3 else 2 * 4) * P * (n - 1) / n
         dp_bw = (gpu.intra_gbs if world <= gpus_per_node else inter_gbs) * 1e9
         dp_s = dp_bytes / dp_bw
     else:
@@ -453,7 +497,3 @@ def step_time(cfg: Any, gpu: GPU, inter_gbs: float, *, world: int, sp: int, impl
     step = max(compute, dp_s) + exposed  # dp traffic overlaps with compute (FSDP prefetch, DDP buckets)
     tokens = (world // sp) * micro_batch * grad_accum * seq_len
     return StepTime(impl, compute, attention, sp_s, exposed, dp_s, step, tokens / step, feasible, note)
-
-
-# ---- the command -----------------------------------------------------------------------------
-
