@@ -60,3 +60,22 @@ def test_mesa_resume_is_exact(tmp_path):
     la, lb = losses(tmp_path / "a"), losses(tmp_path / "b")
 
     assert all(la[s] == lb[s] for s in range(1, 7)), (la, lb)
+
+
+def test_8bit_checkpointed_inputs_train_like_exact(tmp_path):
+    """Issue 34's quality bar, at CI size: every layer checkpointed ('full'), Mesa storing the layer
+    inputs in 8 bits vs exact checkpointing, 100 fp32 steps at lr 1e-3 on 2 processes: the final
+    loss within 1 % and no step's loss off by more than 3 %. (The 200-step run at the recipe's
+    seq_len 256 measured +0.02 % final, 0.50 % worst step; at lr 3e-3 the exact run's own grad-norm
+    spikes leave a 2-3 % offset either way: docs/mesa.md.)"""
+    common = ["training.steps=100", "checkpoint.interval=1000", "data.seq_len=128", "training.lr=1e-3",
+              "training.activation_checkpointing='full'"]
+    run_train(tmp_path / "exact", *common)
+    run_train(tmp_path / "mesa", *common, "mesa.enabled=true")
+    a, b = losses(tmp_path / "exact"), losses(tmp_path / "mesa")
+    assert sorted(a) == sorted(b) == list(range(1, 101))
+    assert a[1] == b[1]  # the forward is exact
+    assert abs(_window(b, 91, 100) - _window(a, 91, 100)) / _window(a, 91, 100) < 0.01
+    worst = max(abs(b[s] - a[s]) / a[s] for s in a)
+    assert 0 < worst < 0.03, worst
+    assert _window(a, 91, 100) < a[1] - 1.0
