@@ -104,8 +104,9 @@ def test_moh_llama3_8b_recipe(tmp_path):
 
 
 def test_llama3_long_recipe_fits_one_node(tmp_path):
-    """The long recipe's last stage fits 8 x H100 80 GB by the plan, at >= 512k tokens, and is the
-    longest length the plan allows at its layout (the next multiple of 2 x sp x 1024 does not fit)."""
+    """The long recipe's last stage fits 8 x H100 80 GB by the plan, at >= 512k tokens. (It was the
+    longest length the plan allowed until the RMSNorms stopped saving fp32 copies; the 7m recipe,
+    Mesa + offload, now holds that claim in tests/test_plan_host.py.)"""
     from longtrain.launcher.plan import make_plan
 
     r = load("llama3-8b-continue-4m", tmp_path)
@@ -115,7 +116,8 @@ def test_llama3_long_recipe_fits_one_node(tmp_path):
     seq = pl.layout["seq_len"]
     assert seq >= 524288 and seq == r.stages[-1].seq_len
     assert pl.memory_gib["total"] <= 0.9 * 80
-    assert pl.layout["longest_seq_fitting"] == seq
+    # the exact-inputs baseline; the longest length (Mesa + offload) is llama3-8b-continue-7m's (test_plan_host)
+    assert pl.layout["longest_seq_fitting"] >= seq
     assert all(s.seq_len % (2 * r.parallel.sp) == 0 for s in r.stages)
 
 

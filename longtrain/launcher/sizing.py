@@ -155,7 +155,7 @@ def activation_bytes_per_token(cfg: Any, act_bytes: int, *, mesa: bool = False, 
     """Bytes saved for backward per token, summed over layers, as this repository's model saves them.
 
     Per layer (d = dim, f = ffn_dim, q = n_heads*head_dim, kv = n_kv_heads*head_dim, a = act_bytes):
-      2 RMSNorms: fp32 input, fp32 normalised, output (input of the next linears)  2 * (4d + 4d + a*d)
+      2 RMSNorms: input (its dtype), fp32 rstd, output (input of the next linears)  2 * (a*d + 4 + a*d)
       attention: q and k after RoPE, v, out, o-proj input, lse (fp32)               a*(3q + 2kv) + 4*H
       SwiGLU: w1 out, silu out, w3 out, product (w2 input)                          4 a f
               (tiled, training.mlp_chunk: nothing beyond its input, the norm's output)
@@ -172,7 +172,7 @@ def activation_bytes_per_token(cfg: Any, act_bytes: int, *, mesa: bool = False, 
     d, f, L = cfg.dim, cfg.ffn_dim, cfg.n_layers
     q = cfg.n_heads * cfg.head_dim * attention_fraction
     kv = cfg.n_kv_heads * cfg.head_dim
-    norms = 2 * (4 * d + 4 * d + act_bytes * d)
+    norms = 2 * (2 * act_bytes * d + 4)  # models/layers.RMSNorm saves its input and rstd only
     attn = act_bytes * (3 * q + 2 * kv) + 4 * cfg.n_heads
     mlp = 0 if mlp_tiled else 4 * act_bytes * f
     plain_layer = norms + attn + mlp

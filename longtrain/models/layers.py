@@ -10,16 +10,48 @@ import torch
 from torch import Tensor, nn
 
 
+class _RMSNormFn(torch.autograd.Function):
+    """RMSNorm that saves only its input (in the input's dtype) and the fp32 rstd [..., 1] for
+    backward, instead of autograd's fp32 copy of the input and the fp32 normalised tensor: per
+    token 2 d + 4 bytes in bf16 instead of 8 d (the recomputed layer of LLaMA-3-8B: 108 -> 60 KiB
+    per token). The forward is the same operations in the same order (bitwise equal)."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, weight: Tensor, eps: float) -> Tensor:
+        xf = x.float()
+        rstd = torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+        ctx.save_for_backward(x, rstd, weight)
+        return (xf * rstd * weight.float()).to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        x, rstd, weight = ctx.saved_tensors
+        xf, g = x.float(), grad.float()
+        y = xf * rstd
+        dw = None
+        if ctx.needs_input_grad[1]:
+            dw = (g * y).reshape(-1, y.shape[-1]).sum(0).to(weight.dtype)
+        dx = None
+        if ctx.needs_input_grad[0]:
+            gy = g * weight.float()
+            # y = x r with r = (mean(x^2) + eps)^-1/2: dx = r gy - x r^3 mean(gy x)
+            dx = (rstd * gy - xf * rstd.pow(3) * (gy * xf).mean(-1, keepdim=True)).to(x.dtype)
+        return dx, dw, None
+
+
 class RMSNorm(nn.Module):
+    """x [..., dim] -> x / rms(x) * weight, computed in fp32, returned in x's dtype."""
+
     def __init__(self, dim: int, eps: float = 1e-5) -> None:
         super().__init__()
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: Tensor) -> Tensor:
+        if torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad):
+            return _RMSNormFn.apply(x, self.weight, self.eps)
         xf = x.float()
-        y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return (y * self.weight.float()).to(x.dtype)
+        return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps) * self.weight.float()).to(x.dtype)
 
 
 def rope_inv_freq(head_dim: int, theta: float, scaling: dict[str, Any] | None = None) -> Tensor:
