@@ -18,8 +18,13 @@ def test_mesa_loss_within_1pct_of_exact(tmp_path):
     With the running range alone (range_mode="ema") the residual stream saturated early in
     training; Mesa fell behind from about step 80 and ended 5.9 % worse (windows: +3.3 %, +4.7 %,
     +5.9 %). With the default range (running estimate widened to each tensor's min/max), seeds
-    0-3 measured within +0.62 % in every window (docs/mesa.md)."""
-    common = ["training.steps=150", "checkpoint.interval=1000", "data.seq_len=128", "training.lr=3e-3"]
+    0-3 measured within +0.62 % in every window (docs/mesa.md).
+
+    Trained at lr 1e-3 (was 3e-3): at 3e-3 both runs spike (grad norms 2-3.7 at steps 50-94), and
+    once RMSNorm saved its input instead of its fp32 intermediates (1e-8 gradient rounding, and
+    fewer tensors for Mesa) the two trajectories drifted 1-3 % apart in both directions (window
+    91-120: Mesa 1.9 % *lower*). At 1e-3 the windows measure +0.12 / +0.06 / +0.34 %."""
+    common = ["training.steps=150", "checkpoint.interval=1000", "data.seq_len=128", "training.lr=1e-3"]
     run_train(tmp_path / "exact", *common)
     run_train(tmp_path / "mesa", *common, "mesa.enabled=true")
     a, b = losses(tmp_path / "exact"), losses(tmp_path / "mesa")
