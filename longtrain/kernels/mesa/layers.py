@@ -332,6 +332,22 @@ def _largest_divisor_at_most(n: int, cap: int) -> int:
     return 1
 
 
+def channel_groups(cfg: MesaConfig, channels: int) -> int:
+    """Groups of about `group_size` channels (at most `max_groups`) that divide `channels`."""
+    return _largest_divisor_at_most(channels, min(cfg.max_groups, max(1, channels // cfg.group_size)))
+
+
+def quantization_range(cfg: MesaConfig, shift: Tensor, span: Tensor, mn: Tensor, mx: Tensor) -> tuple[Tensor, Tensor]:
+    """The (shift, span) a tensor is quantized with, from the running estimate and its own min/max
+    (range_mode: 'cover' widens the estimate to them, 'current' uses them, 'ema' the estimate)."""
+    if cfg.range_mode == "cover":
+        lo = torch.minimum(shift, mn)
+        return lo, torch.maximum(shift + span, mx) - lo
+    if cfg.range_mode == "current":
+        return mn, mx - mn
+    return shift, span
+
+
 class _Entry:
     """One quantized record; several saved tensors may point at it."""
 
@@ -466,7 +482,7 @@ class _ScopeRun:
             h = 2 if shape[2] <= shape[1] else 1  # heads are the smaller of dims 1 and 2
             return h, _largest_divisor_at_most(shape[h], cfg.max_groups)
         c = shape[-1]
-        return len(shape) - 1, _largest_divisor_at_most(c, min(cfg.max_groups, max(1, c // cfg.group_size)))
+        return len(shape) - 1, channel_groups(cfg, c)
 
     def _quantize(self, t: Tensor) -> _Saved:
         cfg = self.cfg
@@ -495,11 +511,7 @@ class _ScopeRun:
         with torch.no_grad():
             mn, mx = x3.amin(dim=(0, 2)).float(), x3.amax(dim=(0, 2)).float()
             shift, span = self.ranges.estimate(slot, mn, mx, float(cfg.ema_decay), self.state.training)
-            if cfg.range_mode == "cover":
-                lo = torch.minimum(shift, mn)
-                shift, span = lo, torch.maximum(shift + span, mx) - lo
-            elif cfg.range_mode == "current":
-                shift, span = mn, mx - mn
+            shift, span = quantization_range(cfg, shift, span, mn, mx)
             backend = cfg.backend
             q = quantize(x3, g, dim=1, shift=shift, span=span, bits=cfg.bits, stochastic=cfg.stochastic,
                          backend=backend, generator=self.state.generator(t.device))
@@ -608,18 +620,14 @@ class MesaInputCodec:
             return {"x": x}, None
         x = x.contiguous()
         c = x.shape[-1]
-        g = _largest_divisor_at_most(c, min(cfg.max_groups, max(1, c // cfg.group_size)))
+        g = channel_groups(cfg, c)
         rows = x.abs().amax(dim=-1, keepdim=True).to(torch.bfloat16).clamp_min(1e-30)
         y = x.float() / rows.float()
         x3 = y.view(group_layout(y.shape, g, -1))
         mn, mx = x3.amin(dim=(0, 2)), x3.amax(dim=(0, 2))
         ranges = self.state.layer_ranges(input_key(key))
-        shift, span = ranges.estimate(0, mn, mx, float(cfg.ema_decay), self.state.training)
-        if cfg.range_mode == "cover":
-            lo = torch.minimum(shift, mn)
-            shift, span = lo, torch.maximum(shift + span, mx) - lo
-        elif cfg.range_mode == "current":
-            shift, span = mn, mx - mn
+        shift, span = quantization_range(cfg, *ranges.estimate(0, mn, mx, float(cfg.ema_decay), self.state.training),
+                                         mn, mx)
         q = quantize(x3, g, dim=1, shift=shift, span=span, bits=cfg.bits, stochastic=cfg.stochastic,
                      backend=cfg.backend, generator=self.state.generator(x.device))
         payload = {"codes": q.codes, "shift": q.shift, "span": q.span, "rows": rows}
