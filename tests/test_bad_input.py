@@ -55,6 +55,11 @@ MEMORY_BAD = [
     (["training.activation_checkpointing='sometimes'"], ["activation_checkpointing", "offload", "every:N"]),
     (["training.activation_checkpointing='every:0'"], ["activation_checkpointing", "every:N"]),
     (["training.activation_checkpointing='offload'", "training.compile=true"], ["offload", "compile"]),
+    (["training.attn_head_chunk=-1"], ["training.attn_head_chunk", ">= 0"]),
+    (["training.attn_head_chunk=1.5"], ["training.attn_head_chunk", "whole number"]),
+    (["training.attn_head_chunk=3"], ["training.attn_head_chunk", "does not divide", "4 query heads"]),
+    (["parallel.sp=2", "parallel.sp_impl='ulysses'", "training.attn_head_chunk=1"],
+     ["training.attn_head_chunk", "Ulysses"]),
 ]
 
 

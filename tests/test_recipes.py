@@ -105,8 +105,8 @@ def test_moh_llama3_8b_recipe(tmp_path):
 
 def test_llama3_long_recipe_fits_one_node(tmp_path):
     """The long recipe's last stage fits 8 x H100 80 GB by the plan, at >= 512k tokens. (It was the
-    longest length the plan allowed until the RMSNorms stopped saving fp32 copies; the 7m recipe,
-    Mesa + offload, now holds that claim in tests/test_plan_host.py.)"""
+    longest length the plan allowed until the RMSNorms stopped saving fp32 copies; the 8m and 12m
+    recipes, Mesa + offload + head groups, now hold that claim in tests/test_plan_host.py.)"""
     from longtrain.launcher.plan import make_plan
 
     r = load("llama3-8b-continue-4m", tmp_path)
@@ -116,7 +116,7 @@ def test_llama3_long_recipe_fits_one_node(tmp_path):
     seq = pl.layout["seq_len"]
     assert seq >= 524288 and seq == r.stages[-1].seq_len
     assert pl.memory_gib["total"] <= 0.9 * 80
-    # the exact-inputs baseline; the longest length (Mesa + offload) is llama3-8b-continue-7m's (test_plan_host)
+    # the exact-inputs baseline; the longest lengths (Mesa + offload) are the 8m / 12m recipes' (test_plan_host)
     assert pl.layout["longest_seq_fitting"] >= seq
     assert all(s.seq_len % (2 * r.parallel.sp) == 0 for s in r.stages)
 

@@ -13,6 +13,9 @@ Three parts (each a table, all in one JSON):
               48 points of issue 21; default: a quick subset);
   inputs      (--inputs) checkpointed layer inputs exact vs Mesa 8-bit, 'full' and 'offload':
               measured peak growth per token beside the planner's, and the offload store's bytes.
+  heads       (--heads) attention in head groups (training.attn_head_chunk) on vs off, with
+              checkpointing none / full + Mesa / offload + Mesa: how much less a token costs,
+              measured beside the planner's figure.
 
 Measuring a peak (`measure_peak`): a fresh single-threaded process with
 MALLOC_MMAP_THRESHOLD_=65536 (every tensor buffer is its own mmap, so freed memory leaves the
@@ -57,6 +60,7 @@ def run(seq, measure):
     model.activation_checkpointing = a["checkpointing"]
     model.loss_chunk = a["loss_chunk"]
     model.set_mlp_chunk(a["mlp_chunk"])
+    model.set_attn_head_chunk(a.get("attn_head_chunk", 0))
     if a["mesa"]:
         from longtrain.kernels.mesa import MesaConfig, attach_mesa
         attach_mesa(model, MesaConfig(enabled=True), inputs=a["checkpointing"] not in ("none", False))
@@ -84,10 +88,10 @@ print(json.dumps({"peak": peak, "host_store": host}))
 
 def point(model: dict[str, Any], seq: int, *, checkpointing: str = "none", mesa: bool = False,
           loss_chunk: int | str = "auto", mlp_chunk: int | str = "auto", batch: int = 1,
-          preset: str | None = "tiny") -> dict[str, Any]:
+          preset: str | None = "tiny", attn_head_chunk: int | str = 0) -> dict[str, Any]:
     """One measurement's settings (JSON-able)."""
     return {"preset": preset, "model": dict(model), "seq": seq, "batch": batch, "checkpointing": checkpointing,
-            "mesa": mesa, "loss_chunk": loss_chunk, "mlp_chunk": mlp_chunk}
+            "mesa": mesa, "loss_chunk": loss_chunk, "mlp_chunk": mlp_chunk, "attn_head_chunk": attn_head_chunk}
 
 
 def measure(p: dict[str, Any], timeout: int = 900) -> dict[str, int]:
@@ -136,6 +140,37 @@ def stored_inputs(model: dict[str, Any], seqs: tuple[int, int], mlp_chunk: int |
     return rows
 
 
+HEAD_VARIANTS = [("none", False), ("full", True), ("offload", True)]
+
+
+def head_groups(model: dict[str, Any], seqs: tuple[int, int], mlp_chunk: int | str, heads: int,
+                jobs: int = 2) -> list[dict[str, Any]]:
+    """Attention in groups of `heads` query heads vs all at once: measured peak growth per token between
+    the two lengths with and without, and the drop beside the planner's."""
+    pts = [(ck, m, h, s) for ck, m in HEAD_VARIANTS for h in (0, heads) for s in seqs]
+
+    def one(key):
+        ck, m, h, s = key
+        p = point(model, s, preset=None, checkpointing=ck, mesa=m, loss_chunk="auto", mlp_chunk=mlp_chunk,
+                  attn_head_chunk=h)
+        return key, measure(p)["peak"], predicted_total(p)
+
+    with ThreadPoolExecutor(jobs) as pool:
+        got = {k: (r, pred) for k, r, pred in pool.map(one, pts)}
+    rows, dt = [], seqs[1] - seqs[0]
+
+    def growth(ck, m, h, i):
+        return (got[(ck, m, h, seqs[1])][i] - got[(ck, m, h, seqs[0])][i]) / dt / 1024
+
+    for ck, m in HEAD_VARIANTS:
+        off, on = growth(ck, m, 0, 0), growth(ck, m, heads, 0)
+        p_off, p_on = growth(ck, m, 0, 1), growth(ck, m, heads, 1)
+        rows.append({"ckpt": ck, "mesa": m, "KiB/tok whole": round(off, 2), f"KiB/tok groups of {heads}": round(on, 2),
+                     "measured drop": round(off - on, 2), "planner drop": round(p_off - p_on, 2),
+                     "drop / planned": round((off - on) / (p_off - p_on), 3) if p_off != p_on else None})
+    return rows
+
+
 def predict(p: dict[str, Any]):
     """The planner's Memory for point `p` on one CPU process (host copies count: one memory)."""
     from longtrain.launcher.sizing import memory_per_gpu
@@ -144,7 +179,8 @@ def predict(p: dict[str, Any]):
     cfg = model_config(p.get("preset"), max_seq_len=max(p["seq"], 64), **p["model"])
     return memory_per_gpu(cfg, world=1, sp=1, micro_batch=p["batch"], seq_len=p["seq"], dtype="fp32",
                           engine="ddp", zero_stage=0, checkpointing=p["checkpointing"], mesa=p["mesa"],
-                          loss_chunk=p["loss_chunk"], mlp_chunk=p["mlp_chunk"])
+                          loss_chunk=p["loss_chunk"], mlp_chunk=p["mlp_chunk"],
+                          attn_head_chunk=p.get("attn_head_chunk", 0))
 
 
 def predicted_total(p: dict[str, Any]) -> float:
@@ -154,7 +190,8 @@ def predicted_total(p: dict[str, Any]) -> float:
 
 def grid_points(full: bool) -> list[dict[str, Any]]:
     """Issue 21's grid: S in {2k, 8k}, V in {320, 128256}, ffn in {384, 1536}, checkpointing
-    none/full/offload, Mesa off/on (48 points); the quick subset keeps 8 of them."""
+    none/full/offload, Mesa off/on (48 points), plus issue 34's Mesa off/on x full/offload with attention
+    in head groups (attn_head_chunk 2 of the tiny model's 4 heads) at 8k; the quick subset keeps 9."""
     pts = []
     for seq in (2048, 8192):
         for vocab in (320, 128256):
@@ -162,13 +199,15 @@ def grid_points(full: bool) -> list[dict[str, Any]]:
                 for ck in ("none", "full", "offload"):
                     for mesa in (False, True):
                         pts.append(point({"vocab_size": vocab, "ffn_dim": ffn}, seq, checkpointing=ck, mesa=mesa))
+    heads = [point({"vocab_size": 128256, "ffn_dim": 1536}, 8192, checkpointing=ck, mesa=mesa, attn_head_chunk=2)
+             for ck in ("full", "offload") for mesa in (False, True)]
     if full:
-        return pts
+        return pts + heads
     keep = {(2048, 128256, 384, "none", False), (2048, 320, 1536, "full", False), (2048, 128256, 1536, "offload", False),
             (2048, 320, 384, "none", True), (8192, 320, 384, "none", False), (8192, 128256, 1536, "full", True),
             (8192, 320, 1536, "offload", True), (8192, 128256, 384, "none", True)}
     return [p for p in pts if (p["seq"], p["model"]["vocab_size"], p["model"]["ffn_dim"], p["checkpointing"],
-                               p["mesa"]) in keep]
+                               p["mesa"]) in keep] + heads[3:]
 
 
 SETTINGS = {
@@ -221,7 +260,8 @@ def run_grid(points: list[dict[str, Any]], jobs: int = 2) -> list[dict[str, Any]
         got = measure_peak(p)
         pred = predicted_total(p)
         return {"seq": p["seq"], "vocab": p["model"]["vocab_size"], "ffn": p["model"]["ffn_dim"],
-                "ckpt": p["checkpointing"], "mesa": p["mesa"], "predicted MiB": round(pred / MiB, 1),
+                "ckpt": p["checkpointing"], "mesa": p["mesa"], "heads": p["attn_head_chunk"] or "all",
+                "predicted MiB": round(pred / MiB, 1),
                 "measured MiB": round(got / MiB, 1), "ratio": round(pred / got, 3)}
 
     with ThreadPoolExecutor(jobs) as pool:  # single-threaded processes; resident sets are per process
@@ -243,11 +283,13 @@ def main(argv: list[str]) -> int:
     ap.add_argument("--inputs", action="store_true",
                     help="also measure checkpointed inputs exact vs Mesa 8-bit (full / offload)")
     ap.add_argument("--inputs-seq", type=int, default=2048, help="the shorter length of --inputs (x2 the other)")
-    ap.add_argument("--inputs-mlp-chunk", type=int, default=256, help="training.mlp_chunk of --inputs")
+    ap.add_argument("--inputs-mlp-chunk", type=int, default=256, help="training.mlp_chunk of --inputs / --heads")
+    ap.add_argument("--heads", type=int, default=0, metavar="N",
+                    help="also measure attention in groups of N query heads vs all at once (e.g. 2)")
     ap.add_argument("--out", default=None)
     a = ap.parse_args(argv)
-    if a.seq <= 0 or a.cap_gib <= 0 or a.jobs <= 0:
-        print("longtrain: error: --seq, --cap-gib and --jobs must be > 0", file=sys.stderr)
+    if a.seq <= 0 or a.cap_gib <= 0 or a.jobs <= 0 or a.heads < 0:
+        print("longtrain: error: --seq, --cap-gib and --jobs must be > 0 (--heads >= 0)", file=sys.stderr)
         return 2
     model = dict(LLAMA3_SMALL)
     print(f"model: LLaMA-3-shaped small {LLAMA3_SMALL}, fp32, micro_batch 1, one process\n")
@@ -267,6 +309,14 @@ def main(argv: list[str]) -> int:
         print(f"checkpointed inputs exact vs Mesa 8-bit: {LLAMA3_DEEP['n_layers']} layers, mlp_chunk "
               f"{a.inputs_mlp_chunk}, growth per token between S = {seqs[0]:,} and {seqs[1]:,}")
         print_table(inputs)
+    heads = []
+    if a.heads:
+        print()
+        seqs = (a.inputs_seq, 2 * a.inputs_seq)
+        heads = head_groups(dict(LLAMA3_DEEP), seqs, a.inputs_mlp_chunk, a.heads, a.jobs)
+        print(f"attention in groups of {a.heads} of {LLAMA3_DEEP['n_heads']} query heads vs all at once: "
+              f"{LLAMA3_DEEP['n_layers']} layers, growth per token between S = {seqs[0]:,} and {seqs[1]:,}")
+        print_table(heads)
     grid = []
     if a.grid != "none":
         print()
@@ -276,7 +326,7 @@ def main(argv: list[str]) -> int:
         worst = max(abs(r["ratio"] - 1) for r in grid)
         print(f"worst |predicted/measured - 1| = {worst:.3f}")
     write_json("memory", {"model": LLAMA3_SMALL, "components": comp, "longest": lng, "cap_gib": a.cap_gib,
-                          "grid": grid, "stored_inputs": inputs}, a.out)
+                          "grid": grid, "stored_inputs": inputs, "head_groups": heads}, a.out)
     return 0
 
 

@@ -11,6 +11,7 @@ import torch.distributed as dist
 
 from longtrain.errors import ConfigError
 from longtrain.launcher.config import Recipe
+from longtrain.parallel.rules import ulysses_split_degree
 from longtrain.models import Transformer
 
 log = logging.getLogger("longtrain")
@@ -22,11 +23,12 @@ def _check_vocab(cfg: Any, tokenizer_vocab: int) -> None:
 
 
 def configure_memory(model: Transformer, recipe: Recipe) -> None:
-    """The recipe's memory settings on the model: checkpointing policy, loss chunk, MLP tiles."""
-    t = recipe.training
+    """The recipe's memory settings on the model: checkpointing policy, loss chunk, MLP tiles, head groups."""
+    t, p = recipe.training, recipe.parallel
     model.activation_checkpointing = t.activation_checkpointing
     model.loss_chunk = t.loss_chunk  # output + loss in token chunks: no [S, vocab] tensor
     model.set_mlp_chunk(t.mlp_chunk)
+    model.set_attn_head_chunk(t.attn_head_chunk, ulysses_split_degree(p.sp, p.sp_impl, p.ulysses_degree))
 
 
 def build_model(recipe: Recipe, tokenizer_vocab: int) -> Transformer:
@@ -58,10 +60,16 @@ def build_sharded_model(recipe: Recipe, tokenizer_vocab: int, device: torch.devi
     configure_memory(model, recipe)
     if recipe.training.compile:
         compile_blocks(model, recipe.mesa.enabled)
-    from longtrain.launcher.sizing import resolve_dp_replicate  # parallel.dp_replicate: hybrid sharding
+    from longtrain.launcher.replicate import resolve_dp_replicate  # parallel.dp_replicate: hybrid sharding
 
-    shard_fsdp2(model, device, dtype=dtype, replicate=resolve_dp_replicate(recipe, cfg, device))
-    model.to_empty(device=device)
+    offload = recipe.training.optimizer_offload
+    shard_fsdp2(model, device, dtype=dtype, replicate=resolve_dp_replicate(recipe, cfg, device), offload=offload)
+    model.to_empty(device=torch.device("cpu") if offload else device)
+    if offload:  # the shards stay on the host (FSDP2 copies them in per layer); buffers are used where we compute
+        for m in model.modules():
+            for name, b in m._buffers.items():
+                if b is not None:
+                    m._buffers[name] = b.to(device)
     fill_weights(model, recipe, source, place=place_local)
     return model
 

@@ -378,7 +378,8 @@ def check_world(env: DistEnv, sp: int = 1) -> None:
                           f"start a multiple of {sp} processes")
 
 
-def init_distributed(device: str = "auto", timeout_s: int = 1800, *, sp: int = 1) -> tuple[DistEnv, torch.device]:
+def init_distributed(device: str = "auto", timeout_s: int = 1800, *, sp: int = 1,
+                     cpu_collectives: bool = False) -> tuple[DistEnv, torch.device]:
     """Discover the environment, check it, pick the device and start the default process group.
 
     CPU -> gloo, CUDA -> NCCL. Every check (half-set variables, world not divisible by `sp`,
@@ -405,7 +406,9 @@ def init_distributed(device: str = "auto", timeout_s: int = 1800, *, sp: int = 1
     if not dist.is_initialized():
         os.environ["MASTER_ADDR"] = env.master_addr
         os.environ["MASTER_PORT"] = str(env.master_port)
-        backend = "nccl" if use_cuda else "gloo"
+        # cpu_collectives: host-resident DTensors (FSDP2's CPU offload: the gradient norm of CPU shards)
+        # reduce over gloo, everything else over NCCL
+        backend = ("cpu:gloo,cuda:nccl" if cpu_collectives else "nccl") if use_cuda else "gloo"
         try:
             dist.init_process_group(backend, rank=env.rank, world_size=env.world_size,
                                     timeout=timedelta(seconds=timeout_s),

@@ -34,7 +34,8 @@ def deepspeed_settings(recipe: Recipe, dtype: torch.dtype = torch.float32) -> di
 
     t, p = recipe.training, recipe.parallel
     return deepspeed_config(micro_batch=t.micro_batch, grad_accum=t.grad_accum, grad_clip=t.grad_clip,
-                            zero_stage=p.zero_stage, dtype=dtype, overrides=p.deepspeed_config)
+                            zero_stage=p.zero_stage, dtype=dtype, overrides=p.deepspeed_config,
+                            optimizer_offload=t.optimizer_offload)
 
 
 def make_engine(model: nn.Module, recipe: Recipe, device: torch.device, dtype: torch.dtype) -> Any:

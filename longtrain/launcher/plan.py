@@ -22,8 +22,9 @@ from typing import Any
 
 from longtrain.errors import ConfigError
 from longtrain.parallel.rules import SP_IMPLS, resolve_sp_impl
-from longtrain.launcher.sizing import (GPUS, HOST_BASELINE_BYTES, GiB, INTERCONNECTS, Memory, StepTime,
-                                      choose_dp_replicate, fsdp_traffic, recipe_memory, step_time)
+from longtrain.launcher.replicate import choose_dp_replicate
+from longtrain.launcher.sizing import (GPUS, HOST_BASELINE_BYTES, GiB, INTERCONNECTS, Memory, StepTime, fsdp_traffic,
+                                      recipe_memory, step_time)
 
 @dataclass
 class Plan:
@@ -103,7 +104,7 @@ def make_plan(recipe: Any, gpus: int, gpu: str = "h100", interconnect: str = "ib
                           micro_batch=t.micro_batch, seq_len=seq, dtype=t.dtype, engine=p.dp_engine,
                           checkpointing=t.activation_checkpointing, mfu=mfu, loss_chunk=t.loss_chunk,
                           mlp_chunk=t.mlp_chunk, replicate=r, gpus_per_node=gpn, ulysses_degree=p.ulysses_degree,
-                          zero_stage=p.zero_stage) for i in SP_IMPLS]
+                          zero_stage=p.zero_stage, attn_head_chunk=t.attn_head_chunk) for i in SP_IMPLS]
 
     m = mem(sp0)
     cands = _candidates(gpus, seq, mem, times, budget, host_budget)
@@ -132,7 +133,8 @@ def make_plan(recipe: Any, gpus: int, gpu: str = "h100", interconnect: str = "ib
                 "micro_batch": t.micro_batch, "grad_accum": t.grad_accum, "dtype": t.dtype, "engine": p.dp_engine,
                 "zero_stage": p.zero_stage if p.dp_engine == "deepspeed" else None,
                 "activation_checkpointing": t.activation_checkpointing, "mesa": recipe.mesa.enabled,
-                "loss_chunk": t.loss_chunk, "mlp_chunk": t.mlp_chunk, "longest_seq_fitting": longest,
+                "loss_chunk": t.loss_chunk, "mlp_chunk": t.mlp_chunk, "attn_head_chunk": t.attn_head_chunk,
+                "head_groups": m.head_groups, "longest_seq_fitting": longest,
                 "longest_seq_fitting_device": longest_device,
                 "longest_seq_limited_by": "host memory" if longest < longest_device else "device memory",
                 "tokens_per_step": (gpus // sp0) * t.micro_batch * t.grad_accum * seq},
@@ -270,7 +272,8 @@ def format_plan(pl: Plan) -> str:
                f"{L['grad_accum']}, {L['dtype']}, {L['engine']}"
                f"{' ZeRO-' + str(L['zero_stage']) if L['zero_stage'] is not None else ''}, "
                f"activation checkpointing {L['activation_checkpointing']}, loss_chunk {L['loss_chunk']}, "
-               f"mlp_chunk {L['mlp_chunk']}, "
+               f"mlp_chunk {L['mlp_chunk']}, attn_head_chunk {L['attn_head_chunk']}"
+               f"{' (' + str(L['head_groups']) + ' head groups)' if L['head_groups'] > 1 else ''}, "
                f"Mesa {'on' if L['mesa'] else 'off'}; {L['tokens_per_step']:,} tokens per step")
     out.append("")
     out.append("memory per GPU                          GiB")

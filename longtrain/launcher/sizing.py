@@ -1,17 +1,16 @@
 """The analytic model behind `longtrain plan`: memory per GPU (parameters, optimizer, gradients,
 activations per checkpointing policy, loss and MLP working sets), FLOPs per token, sequence-parallel
 traffic per implementation and the step time that follows, for the GPUs and interconnects listed
-here, and the rule behind parallel.dp_replicate = "auto". No torch import: the planner runs before any
-process starts (resolve_dp_replicate, called inside a training process, imports torch lazily).
+here. No torch import: the planner runs before any process starts.
 Measured against CPU peaks in docs/memory.md (`longtrain bench memory --grid full`)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 from longtrain.errors import ConfigError
-from longtrain.parallel.rules import default_ulysses_degree, ulysses_heads_ok
+from longtrain.parallel.rules import default_ulysses_degree, ulysses_heads_ok, ulysses_split_degree
 
 GiB = 2**30
 
@@ -58,32 +57,7 @@ INTERCONNECTS: dict[str, tuple[float, str]] = {
 }
 
 
-# ---- hybrid sharding (parallel.dp_replicate): one rule for config, planner and runtime ---------------
-
-def check_dp_replicate(value: int | str, engine: str) -> None:
-    """What the recipe alone can check: an integer >= 1 or "auto", and hybrid only with FSDP2
-    (divisibility of the world is checked at launch, parallel/engines.py: check_replicate)."""
-    if value != "auto" and (isinstance(value, str) or value < 1):
-        raise ConfigError(f"'parallel.dp_replicate' must be an integer >= 1 or \"auto\", got {value!r}")
-    if value != 1 and engine != "fsdp2":
-        raise ConfigError(f"'parallel.dp_replicate' = {value!r} (hybrid sharding) needs parallel.dp_engine = "
-                          f"\"fsdp2\", got {engine!r}")
-
-
-def choose_dp_replicate(value: int | str, *, world: int, local_world: int,
-                        fits: Callable[[int], bool]) -> tuple[int, str]:
-    """Replica groups for FSDP2 and why. An integer is taken as is. "auto": the number of nodes
-    (world // local_world) when the run spans nodes and `fits(nodes)` (the step's memory per GPU with
-    the state sharded over one node's ranks fits the device), else 1 (plain FSDP2 over all ranks)."""
-    if value != "auto":
-        return int(value), "set in the recipe"
-    nodes = world // local_world if 0 < local_world < world and world % local_world == 0 else 1
-    if nodes == 1:
-        return 1, "auto: one node"
-    if not fits(nodes):
-        return 1, f"auto: sharded over one node ({local_world} ranks) it would not fit; sharding over all {world}"
-    return nodes, f"auto: {nodes} nodes, sharded within each node of {local_world} ranks"
-
+# ---- traffic of FSDP2 (plain or hybrid, launcher/replicate.py) --------------------------------
 
 def fsdp_traffic(n_params: float, *, world: int, replicate: int, gpus_per_node: int, param_bytes: int,
                  grad_accum: int = 1) -> dict[str, float]:
@@ -112,46 +86,16 @@ def recipe_memory(recipe: Any, cfg: Any, *, world: int, sp: int | None = None, s
     return memory_per_gpu(cfg, world=world, sp=sp or p.sp, micro_batch=t.micro_batch, seq_len=seq, dtype=t.dtype,
                           engine=p.dp_engine, zero_stage=p.zero_stage, checkpointing=t.activation_checkpointing,
                           mesa=recipe.mesa.enabled, loss_chunk=t.loss_chunk, mlp_chunk=t.mlp_chunk,
-                          replicate=replicate, optimizer_offload=bool(getattr(t, "optimizer_offload", False)))
-
-
-def resolve_dp_replicate(recipe: Any, cfg: Any, device: Any) -> int:
-    """In a training process: parallel.dp_replicate as a number of replica groups ("auto" resolved with
-    choose_dp_replicate against 90% of the device's memory: a GPU's, or on CPU the host's share per
-    local rank), logged once on rank 0. torch is imported here only."""
-    import logging
-    import os
-
-    import torch.distributed as dist
-
-    world = dist.get_world_size() if dist.is_initialized() else 1
-    local = int(os.environ.get("LOCAL_WORLD_SIZE") or world)
-    value = recipe.parallel.dp_replicate
-
-    def fits(r: int) -> bool:  # only asked for "auto" on several nodes
-        if device.type == "cuda":
-            import torch
-
-            budget = 0.9 * torch.cuda.get_device_properties(device).total_memory
-        else:
-            budget = 0.9 * os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / max(1, local)
-        return recipe_memory(recipe, cfg, world=world, replicate=r).total <= budget
-
-    replicate, why = choose_dp_replicate(value, world=world, local_world=local, fits=fits)
-    from longtrain.parallel.engines import check_replicate
-
-    check_replicate(world, replicate)  # one line naming both numbers, before anything is built
-    if value != 1 and (not dist.is_initialized() or dist.get_rank() == 0):
-        logging.getLogger("longtrain").info("FSDP2 sharding: %s (%s)", f"hybrid, {replicate} replicas x "
-                                            f"{world // replicate} ranks" if replicate > 1 else
-                                            f"plain over all {world} ranks", why)
-    return replicate
+                          replicate=replicate, optimizer_offload=t.optimizer_offload,
+                          attn_head_chunk=t.attn_head_chunk,
+                          head_divisor=ulysses_split_degree(sp or p.sp, p.sp_impl, p.ulysses_degree))
 
 
 # ---- memory ----------------------------------------------------------------------------------
 
 def activation_bytes_per_token(cfg: Any, act_bytes: int, *, mesa: bool = False, checkpointing: bool | str = False,
-                               attention_fraction: float = 1.0, mlp_tiled: bool = False) -> dict[str, float]:
+                               attention_fraction: float = 1.0, mlp_tiled: bool = False,
+                               head_groups: int = 1) -> dict[str, float]:
     """Bytes saved for backward per token, summed over layers, as this repository's model saves them.
 
     Per layer (d = dim, f = ffn_dim, q = n_heads*head_dim, kv = n_kv_heads*head_dim, a = act_bytes):
@@ -166,6 +110,8 @@ def activation_bytes_per_token(cfg: Any, act_bytes: int, *, mesa: bool = False, 
     one layer at a time during backward, exactly (the recomputed layer's tensors are not 8-bit).
     With Mesa the checkpointed input is stored as uint8 codes, 1 byte per element (its scales, a bf16
     per token and per-channel-group ranges, are < 0.1% at d = 4096, not counted): `inputs` = n_ck * d.
+    With `head_groups` G > 1 (training.attn_head_chunk) a layer saves no attention tensor (each group is
+    recomputed from the norm's output in backward) and the recomputed working set holds one group's, attn / G.
     """
     from longtrain.models.memory import checkpoint_policy, checkpointed_layers
 
@@ -175,7 +121,8 @@ def activation_bytes_per_token(cfg: Any, act_bytes: int, *, mesa: bool = False, 
     norms = 2 * (2 * act_bytes * d + 4)  # models/layers.RMSNorm saves its input and rstd only
     attn = act_bytes * (3 * q + 2 * kv) + 4 * cfg.n_heads
     mlp = 0 if mlp_tiled else 4 * act_bytes * f
-    plain_layer = norms + attn + mlp
+    grouped = head_groups > 1
+    plain_layer = norms + (0.0 if grouped else attn) + mlp
     policy = checkpoint_policy(checkpointing)
     n_ck = checkpointed_layers(policy, L)
     layer = plain_layer * (1.0 / act_bytes) if mesa else plain_layer  # 8-bit copies (fp32 norm inputs too)
@@ -183,10 +130,22 @@ def activation_bytes_per_token(cfg: Any, act_bytes: int, *, mesa: bool = False, 
     inputs = n_ck * input_bytes * d
     host = inputs if policy == "offload" else 0.0
     device_inputs = inputs - host
-    recompute = plain_layer if n_ck else 0.0  # one checkpointed layer recomputed at a time, exactly
+    group = attn / head_groups if grouped else 0.0  # one head group recomputed at a time, exactly
+    recompute = plain_layer + group if n_ck else group  # one checkpointed layer recomputed at a time, exactly
     total = device_inputs + (L - n_ck) * layer + recompute
     return {"per_layer": layer, "plain_layer": plain_layer, "total": total, "inputs": inputs, "host": host,
             "kept_layers": (L - n_ck) * layer, "recompute": recompute}
+
+
+def head_groups(cfg: Any, attn_head_chunk: int | str, tokens: float, act_bytes: int, divisor: int = 1) -> int:
+    """How many head groups a softmax layer runs in (1 = all heads at once; MoH layers are never grouped)."""
+    from longtrain.models.memory import attention_head_bytes, attn_head_chunk_heads
+
+    if getattr(cfg, "moh", None) is not None or not attn_head_chunk:
+        return 1
+    hb = attention_head_bytes(cfg.head_dim, cfg.n_heads, cfg.n_kv_heads, act_bytes)
+    c = attn_head_chunk_heads(attn_head_chunk, cfg.n_heads, cfg.n_kv_heads, int(tokens), hb, divisor)
+    return cfg.n_heads // c if c else 1
 
 
 def _attention_fraction(cfg: Any) -> float:
@@ -244,6 +203,7 @@ class Memory:
     host_ckpt: float = 0.0  # host bytes of offloaded inputs under this policy without Mesa ('offload')
     host_mesa_ckpt: float = 0.0  # ... and with Mesa (8-bit codes)
     host_total: float = 0.0  # every host byte of this rank at its peak (memory_per_gpu's docstring)
+    head_groups: int = 1  # softmax attention runs in this many head groups (training.attn_head_chunk)
 
 
 def _model_state(cfg: Any, *, world: int, engine: str, zero_stage: int, bf16: bool, replicate: int,
@@ -271,13 +231,14 @@ def _model_state(cfg: Any, *, world: int, engine: str, zero_stage: int, bf16: bo
         gathered = 2 * per_layer_params * (2 if bf16 else 4) * 2  # two gathered layers (prefetch) + their grads
     opt_temp = P * 4 / shard_o  # foreach AdamW temporaries (about one fp32 copy of the local shard)
     host_opt = 0.0
-    if optimizer_offload:  # a hook: the runtime does not offload the optimizer yet (training.optimizer_offload)
+    if optimizer_offload:  # training.optimizer_offload (parallel/engines.py: shard_fsdp2, deepspeed_config)
         if engine not in ("fsdp2", "deepspeed"):
-            raise ConfigError(f"optimizer offload is modelled for fsdp2 and deepspeed, not {engine!r}")
-        # AdamW m, v + fp32 master + fp32 grads of the local shard (16 bytes per parameter per shard) on the
-        # host, where the step runs; FSDP2 (CPUOffloadPolicy) keeps nothing of them on the device, DeepSpeed
-        # (ZeRO-Offload) keeps the module weights and its gradient partitions there
-        host_opt, optimizer, opt_temp = 16 * P / shard_o, 0.0, 0.0
+            raise ConfigError(f"optimizer offload works with fsdp2 and deepspeed, not {engine!r}")
+        # AdamW m, v + fp32 master + fp32 grads of the local shard (16 bytes per parameter per shard) and the
+        # foreach step's temporaries (4) on the host, where the step runs; FSDP2 (CPUOffloadPolicy) keeps
+        # nothing of them on the device, DeepSpeed (ZeRO-Offload) keeps the module weights and its gradient
+        # partitions there
+        host_opt, optimizer, opt_temp = 20 * P / shard_o, 0.0, 0.0
         params, grads = (0.0, 0.0) if engine == "fsdp2" else (P * (2 if bf16 else 4) / shard_p, grads)
     # loading: FSDP2 builds on the meta device and reads only its shards (plus one whole tensor at a
     # time, the largest being the embedding); DDP / DeepSpeed hold the whole model on every rank
@@ -289,13 +250,15 @@ def _model_state(cfg: Any, *, world: int, engine: str, zero_stage: int, bf16: bo
 
 def memory_per_gpu(cfg: Any, *, world: int, sp: int, micro_batch: int, seq_len: int, dtype: str, engine: str,
                    zero_stage: int, checkpointing: bool | str, mesa: bool, loss_chunk: int | str = 0,
-                   mlp_chunk: int | str = 0, replicate: int = 1, optimizer_offload: bool = False) -> Memory:
+                   mlp_chunk: int | str = 0, replicate: int = 1, optimizer_offload: bool = False,
+                   attn_head_chunk: int | str = 0, head_divisor: int = 1) -> Memory:
     """Bytes per GPU for one training step of the recipe's shape (peak = persistent + live activations).
 
-    `loss_chunk` / `mlp_chunk` as in [training] ('auto', 0 or tokens); the defaults here (0) are
-    the unchunked paths. FSDP2 shards parameters, gradients and AdamW state over world / `replicate`
-    ranks (parallel.dp_replicate; 1 = all). `optimizer_offload` (a hook: not in the runtime yet) moves
-    AdamW m, v, the fp32 master and the gradients of the local shard (16 B/param/shard) to the host.
+    `loss_chunk` / `mlp_chunk` / `attn_head_chunk` as in [training] ('auto', 0 or tokens / heads; with
+    `head_divisor` the Ulysses degree 'auto' groups must split over); the defaults here (0) are the
+    unchunked paths. FSDP2 shards parameters, gradients and AdamW state over world / `replicate`
+    ranks (parallel.dp_replicate; 1 = all). `optimizer_offload` moves AdamW m, v, the fp32 master, the
+    gradients of the local shard and the step's temporaries (20 B/param/shard) to the host.
 
     Host memory per GPU (one rank), not part of `total`:
         host_total = HOST_BASELINE_BYTES + max(loading_peak, host_offload + host_optimizer)
@@ -316,12 +279,13 @@ def memory_per_gpu(cfg: Any, *, world: int, sp: int, micro_batch: int, seq_len: 
     att_frac = _attention_fraction(cfg)
     tile = mlp_chunk_tokens(mlp_chunk, cfg.ffn_dim, int(tokens), a)
     tiled = 0 < tile < tokens
+    groups = head_groups(cfg, attn_head_chunk, tokens, a, head_divisor)
     policy = checkpoint_policy(checkpointing)
     ckpt = policy != "none"
 
     def acts(m: bool, c: bool | str) -> dict[str, float]:
         return activation_bytes_per_token(cfg, a, mesa=m, checkpointing=c, attention_fraction=att_frac,
-                                          mlp_tiled=tiled)
+                                          mlp_tiled=tiled, head_groups=groups)
 
     ck_kind = policy if ckpt else "full"
     table = {(m, c): tokens * acts(m, ck_kind if c else "none")["total"] for m in (False, True) for c in (False, True)}
@@ -354,29 +318,31 @@ def memory_per_gpu(cfg: Any, *, world: int, sp: int, micro_batch: int, seq_len: 
     return Memory(params, grads, optimizer, act, table[(False, False)], table[(False, True)], table[(True, False)],
                   table[(True, True)], logits, transient, total, host, mlp_tile, st["loading"], per_token, fixed,
                   host_optimizer=st["host_optimizer"], host_ckpt=host_table[False], host_mesa_ckpt=host_table[True],
-                  host_total=host_total)
+                  host_total=host_total, head_groups=groups)
 
 
 # ---- time ------------------------------------------------------------------------------------
 
 def flops_per_token(cfg: Any, seq_len: int, *, checkpointing: bool | str, mlp_tiled: bool = False,
-                    loss_chunked: bool = False) -> dict[str, float]:
+                    loss_chunked: bool = False, head_grouped: bool = False) -> dict[str, float]:
     """Training FLOPs per token: 6 x matmul params, plus causal attention 6 * S_ctx * H * D per layer
     (QK^T and PV, half of the square, x3 for backward); a recomputed layer adds its forward (x4/3
-    for checkpointed layers); MLP tiles recompute the MLP forward, a chunked loss the projection."""
+    for checkpointed layers); MLP tiles recompute the MLP forward, a chunked loss the projection,
+    head groups the attention forward and its projections (every softmax layer, once more)."""
     from longtrain.models.memory import checkpointed_layers
     from longtrain.models.spans import layer_plan
 
     emb = cfg.vocab_size * cfg.dim  # the input embedding is a lookup
     dense = 6 * (cfg.n_params - emb)
     att_frac = _attention_fraction(cfg)
-    attn = 0.0
+    attn = soft = 0.0
     for span in layer_plan(cfg.attention, cfg.n_layers):
         if span.kind == "lightning":
             attn += 6 * 2 * cfg.n_heads * cfg.head_dim * cfg.head_dim  # chunked state updates, O(D^2)
         else:
             ctx = min(seq_len, span.window) if getattr(span, "window", None) else seq_len / 2
             attn += 6 * 2 * ctx * cfg.n_heads * cfg.head_dim * att_frac
+            soft += 6 * 2 * ctx * cfg.n_heads * cfg.head_dim
     total = dense + attn
     frac = checkpointed_layers(checkpointing, cfg.n_layers) / cfg.n_layers
     out_proj = 2 * cfg.vocab_size * cfg.dim
@@ -386,6 +352,10 @@ def flops_per_token(cfg: Any, seq_len: int, *, checkpointing: bool | str, mlp_ti
         total += (1 - frac) * cfg.n_layers * 2 * 3 * cfg.dim * cfg.ffn_dim
     if loss_chunked:
         total += out_proj
+    if head_grouped and getattr(cfg, "moh", None) is None:  # + one forward of softmax attention and its projections
+        proj = _n_softmax_layers(cfg) * 2 * cfg.dim * (2 * cfg.n_heads + 2 * cfg.n_kv_heads) * cfg.head_dim
+        total += soft / 3 + proj
+        attn += soft / 3
     return {"total": total, "attention": attn}
 
 
@@ -450,25 +420,28 @@ class StepTime:
 def step_time(cfg: Any, gpu: GPU, inter_gbs: float, *, world: int, sp: int, impl: str, micro_batch: int,
               grad_accum: int, seq_len: int, dtype: str, engine: str, checkpointing: bool | str, mfu: float,
               gpus_per_node: int, ulysses_degree: int = 0, zero_stage: int = 0, loss_chunk: int | str = 0,
-              mlp_chunk: int | str = 0, replicate: int = 1) -> StepTime:
+              mlp_chunk: int | str = 0, replicate: int = 1, attn_head_chunk: int | str = 0) -> StepTime:
     """Seconds per optimizer step on each GPU and global tokens per second."""
     tokens_local = micro_batch * seq_len / sp
     from longtrain.models.memory import loss_chunk_tokens, mlp_chunk_tokens
 
-    tile = mlp_chunk_tokens(mlp_chunk, cfg.ffn_dim, int(tokens_local), 2 if dtype == "bf16" else 4)
+    a = 2 if dtype == "bf16" else 4
+    tile = mlp_chunk_tokens(mlp_chunk, cfg.ffn_dim, int(tokens_local), a)
     chunk = loss_chunk_tokens(loss_chunk, cfg.vocab_size)
+    grouped = head_groups(cfg, attn_head_chunk, tokens_local, a, ulysses_split_degree(sp, impl, ulysses_degree)) > 1
     f = flops_per_token(cfg, seq_len, checkpointing=checkpointing, mlp_tiled=0 < tile < tokens_local,
-                        loss_chunked=0 < chunk < tokens_local)
+                        loss_chunked=0 < chunk < tokens_local, head_grouped=grouped)
     peak = (gpu.bf16_tflops if dtype == "bf16" else gpu.tf32_tflops) * 1e12 * mfu
     compute = grad_accum * tokens_local * f["total"] / peak
     attention = grad_accum * tokens_local * f["attention"] / peak
-    a = 2 if dtype == "bf16" else 4
     note, feasible = "", True
     if impl in ("ulysses", "hybrid", "hybrid-tokenring") and sp > 1:
         u = sp if impl == "ulysses" else (ulysses_degree or default_ulysses_degree(sp, cfg.n_heads, cfg.n_kv_heads))
         if not ulysses_heads_ok(u, cfg.n_heads, cfg.n_kv_heads):
             feasible, note = False, f"{cfg.n_heads} query / {cfg.n_kv_heads} kv heads cannot be split over {u} ranks"
     comm = sp_comm_bytes(cfg, impl, sp, tokens_local, a, ulysses_degree)
+    if grouped:  # head groups run each layer's attention forward, and its traffic, once more
+        comm = {k: v * 4 / 3 if k.endswith("bytes") else v for k, v in comm.items()}
     in_node = sp <= gpus_per_node
     bw = (gpu.intra_gbs if in_node else inter_gbs) * 1e9
     att_micro = attention / grad_accum  # ring/TokenRing hide their traffic behind one micro-batch's attention

@@ -41,7 +41,8 @@ log = logging.getLogger("longtrain")
 class Trainer:
     def __init__(self, recipe: Recipe) -> None:
         r = self.recipe = recipe
-        self.env, self.device = init_distributed(r.training.device, r.training.collective_timeout_s, sp=r.parallel.sp)
+        self.env, self.device = init_distributed(r.training.device, r.training.collective_timeout_s, sp=r.parallel.sp,
+                                                 cpu_collectives=r.training.optimizer_offload)
         setup_logging(self.env.is_main)
         self.layout = make_layout(r.parallel.sp)
         check_sequence_length(r.data.seq_len, self.layout.sp, r.parallel.sp_layout)
@@ -125,8 +126,7 @@ class Trainer:
             self.model.set_rope(theta=theta)
 
     def _shard(self, batch: dict[str, Any]) -> dict[str, Any]:
-        """A micro-batch on the device, this rank's tokens only, with its attention ops (host bounds:
-        no device sync inside the model)."""
+        """A micro-batch on the device, this rank's tokens only, with its ops (host bounds: no device sync)."""
         lay = self.layout
         return shard_batch({k: batch[k] for k in ("tokens", "labels", "positions")}, lay.sp_group, lay.sp,
                            self.sp_attention, self.device, cu_seqlens=batch["cu_seqlens"])

@@ -48,12 +48,13 @@ def validate(r: Any) -> None:
     _choice("training.schedule", t.schedule, ("cosine", "linear", "constant"))
     _choice("training.dtype", t.dtype, ("fp32", "bf16"))
     _choice("training.device", t.device, ("auto", "cpu", "cuda"))
-    from longtrain.models.memory import check_chunk, checkpoint_policy
+    from longtrain.models.memory import check_chunk, check_head_chunk, checkpoint_policy
 
     try:
         t.activation_checkpointing = checkpoint_policy(t.activation_checkpointing)
         check_chunk("'training.loss_chunk'", t.loss_chunk)
         check_chunk("'training.mlp_chunk'", t.mlp_chunk)
+        check_head_chunk(t.attn_head_chunk)
     except ValueError as e:
         raise ConfigError(str(e) if str(e).startswith("'training.") else f"'training.activation_checkpointing': {e}") from None
     if t.activation_checkpointing == "offload" and t.compile:
@@ -69,11 +70,19 @@ def validate(r: Any) -> None:
     _choice("parallel.sp_layout", p.sp_layout, SP_LAYOUTS)
     _choice("parallel.dp_engine", p.dp_engine, ("fsdp2", "ddp", "deepspeed"))
     _positive("parallel.ulysses_degree", p.ulysses_degree, allow_zero=True)
-    from longtrain.launcher.sizing import check_dp_replicate  # hybrid sharding: one rule for config, plan, run
+    from longtrain.launcher.replicate import check_dp_replicate  # hybrid sharding: one rule for config, plan, run
 
     check_dp_replicate(p.dp_replicate, p.dp_engine)
     if p.zero_stage not in (0, 1, 2, 3):
         raise ConfigError(f"'parallel.zero_stage' must be 0, 1, 2 or 3, got {p.zero_stage}")
+    if not isinstance(t.optimizer_offload, bool):
+        raise ConfigError(f"'training.optimizer_offload' must be true or false, got {t.optimizer_offload!r}")
+    if t.optimizer_offload and p.dp_engine == "ddp":
+        raise ConfigError("'training.optimizer_offload' = true needs parallel.dp_engine = \"fsdp2\" (CPUOffloadPolicy) "
+                          "or \"deepspeed\" (ZeRO offload_optimizer); DDP keeps the optimizer on the device")
+    if t.optimizer_offload and p.dp_engine == "deepspeed" and p.zero_stage == 0:
+        raise ConfigError("'training.optimizer_offload' = true with DeepSpeed needs parallel.zero_stage >= 1 "
+                          "(ZeRO's offload_optimizer), got 0")
     _positive("checkpoint.interval", c.interval)
     _positive("checkpoint.keep_last", c.keep_last)
     _positive("metrics.log_every", r.metrics.log_every)
@@ -89,16 +98,18 @@ def validate(r: Any) -> None:
         from longtrain.models.hf import hf_model_config  # reads config.json only: the plan and MoH split must fit
 
         try:
-            hf_model_config(r.model.init_from, moh=r.model_config().moh if r.model.moh else None,
-                            attention=r.model.attention)
+            hc = hf_model_config(r.model.init_from, moh=r.model_config().moh if r.model.moh else None,
+                                 attention=r.model.attention)
         except (OSError, TypeError, ValueError, KeyError) as e:
             raise ConfigError(f"model.init_from {r.model.init_from}: {e}") from None
+        _check_head_groups(r, hc)
     if r.model.init_from is None:
         try:
             mc = r.model_config()
             mc.validate()
         except (TypeError, ValueError) as e:
             raise ConfigError(str(e)) from None
+        _check_head_groups(r, mc)
         max_len = max([d.seq_len] + [s.seq_len or 0 for s in r.stages])
         if max_len > mc.max_seq_len:
             raise ConfigError(f"'data.seq_len' {max_len} exceeds the model's limit 'model.max_seq_len' = {mc.max_seq_len}")
@@ -161,6 +172,30 @@ def validate(r: Any) -> None:
         if bad:
             raise ConfigError(f"unknown 'eval.ruler_tasks' {', '.join(bad)}; choose from {', '.join(TASKS)}")
         _positive("eval.ruler_samples", r.eval.ruler_samples)
+
+
+def _check_head_groups(r: Any, mc: Any) -> None:
+    """training.attn_head_chunk against the model's heads and the Ulysses split."""
+    from longtrain.models.memory import check_head_chunk, head_groups_split
+    from longtrain.parallel.rules import ulysses_split_degree
+
+    c = r.training.attn_head_chunk
+    try:
+        check_head_chunk(c, mc.n_heads, mc.n_kv_heads)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    if c == "auto" or not c or c >= mc.n_heads:
+        return
+    if mc.moh is not None:
+        raise ConfigError(f"'training.attn_head_chunk' = {c} with MoH attention: MoH routes heads per token and "
+                          "is not run in head groups (use 'auto', which leaves MoH layers whole, or 0)")
+    p = r.parallel
+    u = ulysses_split_degree(p.sp, p.sp_impl, p.ulysses_degree)
+    kv = max(1, c * mc.n_kv_heads // mc.n_heads)
+    if u > 1 and not head_groups_split(c, kv, u):
+        raise ConfigError(f"'training.attn_head_chunk' = {c}: a group of {c} query / {kv} key-value heads does not "
+                          f"split over the {u} Ulysses ranks of parallel.sp_impl = {p.sp_impl!r} (use a multiple "
+                          f"of {u} query heads, or 'auto')")
 
 
 def _source_exists(source: str) -> bool:

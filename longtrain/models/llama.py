@@ -20,32 +20,77 @@ from torch.utils.checkpoint import checkpoint
 from longtrain.models.config import ModelConfig
 from longtrain.models.layers import RMSNorm, apply_rope, rope_cos_sin, rope_inv_freq
 from longtrain.models.loss import chunked_lm_loss, chunked_token_nll
-from longtrain.models.memory import checkpoint_policy, loss_chunk_tokens, mlp_chunk_tokens
+from longtrain.models.memory import (attention_head_bytes, attn_head_chunk_heads, checkpoint_policy, loss_chunk_tokens,
+                                     mlp_chunk_tokens)
 from longtrain.models.ops import AttentionOps, LocalAttention
 from longtrain.models.spans import Span, layer_plan
 from longtrain.models.tiling import token_tiled
 
 
+class HeadLinear(nn.Linear):
+    """nn.Linear that can apply a slice of its output rows (`rows`) or input columns (`cols`) only,
+    for one group of heads. Called as a module, so engines that fetch weights in module hooks
+    (DeepSpeed ZeRO-3) see every use."""
+
+    def forward(self, x: Tensor, rows: slice | None = None, cols: slice | None = None) -> Tensor:
+        w = self.weight if rows is None else self.weight[rows]
+        return F.linear(x, w if cols is None else w[:, cols])
+
+
 class Attention(nn.Module):
-    """Causal GQA softmax attention over a full or windowed span."""
+    """Causal GQA softmax attention over a full or windowed span.
+
+    With `head_chunk` (training.attn_head_chunk: query heads per group, 'auto', see
+    models/memory.py; 0 = off) the heads run in groups: a group's q/k/v projections, attention and
+    its share of the output projection, recomputed group by group in backward, so the layer never
+    saves attention tensors for more than one group (the price: one more attention forward)."""
 
     def __init__(self, cfg: ModelConfig, layer_idx: int, span: Span) -> None:
         super().__init__()
         self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
         self.window = span.window if span.kind == "window" else None
-        self.wq = nn.Linear(cfg.dim, cfg.n_heads * cfg.head_dim, bias=False)
-        self.wk = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=False)
-        self.wv = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=False)
-        self.wo = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=False)
+        self.wq = HeadLinear(cfg.dim, cfg.n_heads * cfg.head_dim, bias=False)
+        self.wk = HeadLinear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=False)
+        self.wv = HeadLinear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=False)
+        self.wo = HeadLinear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=False)
+        self.head_chunk: int | str = 0
+        self.head_divisor = 1  # Ulysses ranks a group's heads must split over ('auto' picks such groups)
+
+    def group_heads(self, tokens: int, act_bytes: int) -> int:
+        """Query heads per group for `tokens` tokens (0 = all heads at once)."""
+        if not self.head_chunk:
+            return 0
+        head_bytes = attention_head_bytes(self.head_dim, self.n_heads, self.n_kv_heads, act_bytes)
+        return attn_head_chunk_heads(self.head_chunk, self.n_heads, self.n_kv_heads, tokens, head_bytes,
+                                     self.head_divisor)
+
+    def _heads(self, x: Tensor, rope: tuple[Tensor, Tensor], ops: AttentionOps, first: int, n: int) -> Tensor:
+        """Query heads first..first+n-1 (with their key/value heads) -> their part of the output [B,S,dim]."""
+        B, S, _ = x.shape
+        d, rep = self.head_dim, self.n_heads // self.n_kv_heads
+        kv_first, n_kv = first // rep, max(1, n // rep)
+        whole = n == self.n_heads  # no slices: the weights' gradients stay as without groups
+        q_rows = None if whole else slice(first * d, (first + n) * d)
+        kv_rows = None if whole else slice(kv_first * d, (kv_first + n_kv) * d)
+        q = self.wq(x, rows=q_rows).view(B, S, n, d)
+        k = self.wk(x, rows=kv_rows).view(B, S, n_kv, d)
+        v = self.wv(x, rows=kv_rows).view(B, S, n_kv, d)
+        q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        o = ops.softmax(q, k, v, window=self.window)
+        return self.wo(o.reshape(B, S, -1), cols=q_rows)
 
     def forward(self, x: Tensor, rope: tuple[Tensor, Tensor], ops: AttentionOps) -> Tensor:
         B, S, _ = x.shape
-        q = self.wq(x).view(B, S, self.n_heads, self.head_dim)
-        k = self.wk(x).view(B, S, self.n_kv_heads, self.head_dim)
-        v = self.wv(x).view(B, S, self.n_kv_heads, self.head_dim)
-        q, k = apply_rope(q, *rope), apply_rope(k, *rope)
-        o = ops.softmax(q, k, v, window=self.window)
-        return self.wo(o.reshape(B, S, -1))
+        n = self.group_heads(B * S, x.element_size())
+        if not n or n >= self.n_heads:
+            return self._heads(x, rope, ops, 0, self.n_heads)
+        grad = torch.is_grad_enabled()
+        out = None
+        for first in range(0, self.n_heads, n):
+            y = (checkpoint(self._heads, x, rope, ops, first, n, use_reentrant=False, preserve_rng_state=False)
+                 if grad else self._heads(x, rope, ops, first, n))
+            out = y if out is None else out + y
+        return out
 
 
 class SwiGLU(nn.Module):
@@ -131,7 +176,8 @@ class Transformer(nn.Module):
     [B,S] (-100 = not counted) the summed cross-entropy (0-d fp32; `reduction="none"`: per-token
     NLL fp32 [B,S] and argmax [B,S], no grad) computed in token chunks (`loss_chunk`), so no
     [S, V] tensor exists. Memory settings (attributes): `activation_checkpointing` (a policy,
-    see `checkpoint_policy`), `loss_chunk` ('auto' | 0 | tokens), `set_mlp_chunk(tokens)`.
+    see `checkpoint_policy`), `loss_chunk` ('auto' | 0 | tokens), `set_mlp_chunk(tokens)`,
+    `set_attn_head_chunk(heads)`.
     """
 
     def __init__(self, cfg: ModelConfig) -> None:
@@ -204,6 +250,15 @@ class Transformer(nn.Module):
         for m in self.modules():
             if isinstance(m, SwiGLU):
                 m.chunk = tokens
+
+    def set_attn_head_chunk(self, heads: int | str, divisor: int = 1) -> None:
+        """Run softmax attention in groups of `heads` query heads ('auto': models/memory.py; 0 = off);
+        'auto' picks groups whose heads split over `divisor` (the Ulysses degree). MoH and lightning
+        layers are not grouped (MoH routes heads per token; lightning keeps a [heads, D, D] state,
+        not per-token attention tensors)."""
+        for m in self.modules():
+            if isinstance(m, Attention):
+                m.head_chunk, m.head_divisor = heads, divisor
 
     def _layer_checkpointing(self, i: int) -> str:
         policy = checkpoint_policy(self.activation_checkpointing)

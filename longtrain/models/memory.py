@@ -4,6 +4,8 @@
 - `loss_chunk_tokens`: tokens per chunk of the output projection + loss ('auto' = a byte budget).
 - `mlp_chunk_tokens`: tokens per tile of the SwiGLU MLP ('auto' = tiles only when a tile's
   intermediates would pass a byte budget; 0 = off).
+- `attn_head_chunk_heads`: query heads per attention group ('auto' = groups only when the layer's
+  attention tensors would pass a byte budget; 0 = off); `check_head_chunk` validates a setting.
 """
 
 from __future__ import annotations
@@ -17,6 +19,8 @@ LOSS_CHUNK_MAX = 8192
 LOSS_CHUNK_MIN = 64
 # 'auto' MLP tile: tile when the [tokens, ffn] intermediates of one layer would pass this many bytes
 MLP_CHUNK_BYTES = 256 * 2**20
+# 'auto' head groups: group when one layer's saved attention tensors would pass this many bytes
+ATTN_CHUNK_BYTES = 256 * 2**20
 
 
 def checkpoint_policy(setting: bool | str | None) -> str:
@@ -86,5 +90,67 @@ def mlp_chunk_tokens(setting: int | str, ffn_dim: int, tokens: int, act_bytes: i
     return int(setting)
 
 
-__all__ = ["CHECKPOINT_POLICIES", "checkpoint_policy", "checkpointed_layers", "check_chunk", "loss_chunk_tokens",
+def check_head_chunk(setting: int | str, n_heads: int | None = None, n_kv_heads: int | None = None) -> int | str:
+    """Validate training.attn_head_chunk ('auto', 0 = off, or query heads per group). With the model's
+    head counts: a group must divide the query heads and hold whole key/value groups or share one
+    key/value head (a multiple or a divisor of n_heads / n_kv_heads). Raises ValueError naming it."""
+    if setting == "auto":
+        return "auto"
+    if isinstance(setting, bool) or not isinstance(setting, int):
+        raise ValueError(f"'training.attn_head_chunk' must be 'auto', 0 (off) or a whole number of query heads, "
+                         f"got {setting!r}")
+    if setting < 0:
+        raise ValueError(f"'training.attn_head_chunk' must be >= 0 (0 = off), got {setting}")
+    if setting and n_heads is not None:
+        rep = n_heads // max(1, n_kv_heads or n_heads)
+        if n_heads % setting:
+            raise ValueError(f"'training.attn_head_chunk' = {setting} does not divide the model's {n_heads} query "
+                             f"heads (use one of {', '.join(map(str, head_chunk_choices(n_heads, n_kv_heads or n_heads)))})")
+        if setting % rep and rep % setting:
+            raise ValueError(f"'training.attn_head_chunk' = {setting} splits a key/value group: the model has "
+                             f"{rep} query heads per key/value head (use one of "
+                             f"{', '.join(map(str, head_chunk_choices(n_heads, n_kv_heads or n_heads)))})")
+    return setting
+
+
+def head_chunk_choices(n_heads: int, n_kv_heads: int) -> list[int]:
+    """Valid query heads per group (ascending; n_heads = one group, i.e. off)."""
+    rep = n_heads // max(1, n_kv_heads)
+    return [c for c in range(1, n_heads + 1) if n_heads % c == 0 and (c % rep == 0 or rep % c == 0)]
+
+
+def head_groups_split(heads: int, kv_heads: int, degree: int) -> bool:
+    """Whether a group of `heads` query / `kv_heads` key-value heads splits over `degree` Ulysses
+    ranks (the rule of parallel.rules.ulysses_heads_ok, here for the model's groups)."""
+    return heads % degree == 0 and (kv_heads % degree == 0 or degree % kv_heads == 0)
+
+
+def attention_head_bytes(head_dim: int, n_heads: int, n_kv_heads: int, act_bytes: int) -> float:
+    """Bytes of a layer's saved attention tensors per query head and token: q and k after RoPE,
+    the output and the output projection's input (a x head_dim each), the head's share of v and
+    of k, and the log-sum-exp (fp32)."""
+    return act_bytes * head_dim * (3 + 2 * n_kv_heads / n_heads) + 4
+
+
+def attn_head_chunk_heads(setting: int | str, n_heads: int, n_kv_heads: int, tokens: int, head_bytes: float,
+                          degree: int = 1) -> int:
+    """Query heads per attention group; 0 = one group (off). `head_bytes`: bytes one query head's
+    share of the layer's saved attention tensors takes per token. 'auto' groups only when the whole
+    layer's would pass ATTN_CHUNK_BYTES, then takes the largest group under it, never below one
+    key/value head's group (smaller groups would send a key/value head around the ring once per
+    group) and only groups that split over `degree` Ulysses ranks."""
+    c = check_head_chunk(setting)
+    if c != "auto":
+        return 0 if c >= n_heads else int(c)
+    if tokens * head_bytes * n_heads <= ATTN_CHUNK_BYTES:
+        return 0
+    rep = n_heads // max(1, n_kv_heads)
+    ok = [c for c in head_chunk_choices(n_heads, n_kv_heads)
+          if c % rep == 0 and c < n_heads and head_groups_split(c, c // rep, degree)]
+    fits = [c for c in ok if tokens * head_bytes * c <= ATTN_CHUNK_BYTES]
+    return max(fits) if fits else (min(ok) if ok else 0)
+
+
+__all__ = ["ATTN_CHUNK_BYTES", "attn_head_chunk_heads", "check_head_chunk", "head_chunk_choices", "head_groups_split",
+           "attention_head_bytes", "CHECKPOINT_POLICIES", "checkpoint_policy", "checkpointed_layers", "check_chunk", "loss_chunk_tokens",
            "mlp_chunk_tokens", "LOSS_CHUNK_BYTES", "MLP_CHUNK_BYTES"]

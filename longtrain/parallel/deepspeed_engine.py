@@ -52,8 +52,13 @@ def _deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
 
 
 def deepspeed_config(*, micro_batch: int, grad_accum: int, grad_clip: float, zero_stage: int,
-                     dtype: torch.dtype = torch.float32, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
+                     dtype: torch.dtype = torch.float32, overrides: dict[str, Any] | None = None,
+                     optimizer_offload: bool = False) -> dict[str, Any]:
     """The DeepSpeed config for these settings, with `overrides` (parallel.deepspeed_config) merged over it.
+
+    `optimizer_offload` (training.optimizer_offload, ZeRO >= 1): ZeRO's offload_optimizer to the CPU
+    (pinned), the fp32 master, gradients and AdamW state in host memory and the step run there by
+    our torch AdamW (zero_force_ds_cpu_optimizer off: DeepSpeedCPUAdam is a compiled op we do not build).
 
     Batch sizes are in samples per rank; `train_batch_size` is left to DeepSpeed
     (micro_batch * grad_accum * world size, since every rank counts as data parallel for it).
@@ -70,6 +75,9 @@ def deepspeed_config(*, micro_batch: int, grad_accum: int, grad_clip: float, zer
         "steps_per_print": 2**31 - 1,
         "wall_clock_breakdown": False,
     }
+    if optimizer_offload:
+        cfg["zero_optimization"]["offload_optimizer"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
+        cfg["zero_force_ds_cpu_optimizer"] = False
     if zero_stage == 3:
         # gather everything at once for small models; big ones keep DeepSpeed's defaults
         cfg["zero_optimization"]["stage3_gather_16bit_weights_on_model_save"] = False

@@ -37,7 +37,7 @@ def adamw(model: nn.Module, lr: float, betas: tuple[float, float], weight_decay:
 
 
 def shard_fsdp2(model: nn.Module, device: torch.device, dtype: torch.dtype = torch.float32,
-                replicate: int = 1) -> nn.Module:
+                replicate: int = 1, offload: bool = False) -> nn.Module:
     """fully_shard every block, then the root (in place; the model may be on the meta device: then
     `to_empty` and fill each rank's shards, see place_local).
 
@@ -47,9 +47,12 @@ def shard_fsdp2(model: nn.Module, device: torch.device, dtype: torch.dtype = tor
     nodes) and replicated over the R groups; replica i = ranks [i*world/R, (i+1)*world/R).
     Gradients are reduce-scattered inside a group and all-reduced across replicas: either way the
     average over all world ranks, as the trainer's loss scaling expects.
+    offload (training.optimizer_offload): FSDP2's CPUOffloadPolicy, the sharded parameters, their
+    gradients and so the optimizer state and step in host memory (pinned on CUDA); the model's
+    shards are then materialised on the CPU (`to_empty(device="cpu")`), its buffers on `device`.
     Raises LaunchError when `replicate` does not divide the world size."""
     from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
 
     world = dist.get_world_size() if dist.is_initialized() else 1
     check_replicate(world, replicate)
@@ -58,9 +61,10 @@ def shard_fsdp2(model: nn.Module, device: torch.device, dtype: torch.dtype = tor
     else:
         mesh = init_device_mesh(device.type, (world,), mesh_dim_names=("fsdp",))
     mp = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32)
+    off = CPUOffloadPolicy(pin_memory=device.type == "cuda") if offload else OffloadPolicy()
     for layer in model.layers:
-        fully_shard(layer, mesh=mesh, mp_policy=mp)
-    fully_shard(model, mesh=mesh, mp_policy=mp)
+        fully_shard(layer, mesh=mesh, mp_policy=mp, offload_policy=off)
+    fully_shard(model, mesh=mesh, mp_policy=mp, offload_policy=off)
     return model
 
 

@@ -7,6 +7,7 @@ planner, the training runtime and evaluation all ask here, so they cannot drift 
   sequence_multiple            what a sequence length must be divisible by
   default_ulysses_degree       the Ulysses group size 'hybrid' uses when none is given
   ulysses_heads_ok             whether Ulysses can split the heads over a degree
+  ulysses_split_degree         the ranks one attention call's heads are split over
 """
 
 from __future__ import annotations
@@ -58,3 +59,11 @@ def default_ulysses_degree(world: int, n_heads: int, n_kv_heads: int) -> int:
         if world % u == 0 and ulysses_heads_ok(u, n_heads, n_kv_heads):
             return u
     return 1
+
+
+def ulysses_split_degree(sp: int, impl: str, ulysses_degree: int) -> int:
+    """The ranks one attention call's heads are split over by Ulysses: sp for 'ulysses', the given
+    degree for a hybrid (its automatic degree adapts to each call's heads: 1), else 1."""
+    if sp > 1 and impl == "ulysses":
+        return sp
+    return ulysses_degree if sp > 1 and impl.startswith("hybrid") and ulysses_degree else 1

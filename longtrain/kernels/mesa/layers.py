@@ -575,11 +575,11 @@ def enable_mesa(model: nn.Module, config: MesaConfig, inputs: bool = False) -> M
     ids = [getattr(b, "layer_idx", i) for i, b in enumerate(blocks)]
     state = MesaState(config, ids + ([input_key(i) for i in ids] if inputs else []))
     state.n_layers = len(ids)
-    try:
-        dev = next(model.parameters()).device
-        state.to(dev)
-    except StopIteration:
-        pass
+    # the compute device: a buffer's (with FSDP2's CPU offload the parameters' shards live on the host)
+    first = next(iter(model.buffers()), None)
+    first = first if first is not None else next(iter(model.parameters()), None)
+    if first is not None:
+        state.to(first.device)
     model.mesa = state
     for b, i in zip(blocks, ids):
         b.mesa_scope = functools.partial(mesa_scope, state, i)
