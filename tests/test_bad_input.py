@@ -56,10 +56,14 @@ MEMORY_BAD = [
     (["training.activation_checkpointing='every:0'"], ["activation_checkpointing", "every:N"]),
     (["training.activation_checkpointing='offload'", "training.compile=true"], ["offload", "compile"]),
     (["training.attn_head_chunk=-1"], ["training.attn_head_chunk", ">= 0"]),
-    (["training.attn_head_chunk=1.5"], ["training.attn_head_chunk", "whole number"]),
+    (["training.attn_head_chunk=1.5"], ["training.attn_head_chunk", "int"]),
     (["training.attn_head_chunk=3"], ["training.attn_head_chunk", "does not divide", "4 query heads"]),
     (["parallel.sp=2", "parallel.sp_impl='ulysses'", "training.attn_head_chunk=1"],
      ["training.attn_head_chunk", "Ulysses"]),
+    (["training.optimizer_offload=true", "parallel.dp_engine=ddp"], ["training.optimizer_offload", "DDP"]),
+    (["training.optimizer_offload=true", "parallel.dp_engine=deepspeed", "parallel.zero_stage=0"],
+     ["training.optimizer_offload", "zero_stage >= 1"]),
+    (["training.optimizer_offload=1"], ["training.optimizer_offload", "bool"]),
 ]
 
 

@@ -70,6 +70,10 @@ def build_sharded_model(recipe: Recipe, tokenizer_vocab: int, device: torch.devi
             for name, b in m._buffers.items():
                 if b is not None:
                     m._buffers[name] = b.to(device)
+        policy = type(getattr(model._get_fsdp_state()._fsdp_param_group, "offload_policy", None)).__name__
+        if not dist.is_initialized() or dist.get_rank() == 0:
+            log.info("optimizer offload: FSDP2 %s, parameter shards, gradients and AdamW state in host memory, "
+                     "the step run there", policy)
     fill_weights(model, recipe, source, place=place_local)
     return model
 

@@ -75,8 +75,6 @@ def validate(r: Any) -> None:
     check_dp_replicate(p.dp_replicate, p.dp_engine)
     if p.zero_stage not in (0, 1, 2, 3):
         raise ConfigError(f"'parallel.zero_stage' must be 0, 1, 2 or 3, got {p.zero_stage}")
-    if not isinstance(t.optimizer_offload, bool):
-        raise ConfigError(f"'training.optimizer_offload' must be true or false, got {t.optimizer_offload!r}")
     if t.optimizer_offload and p.dp_engine == "ddp":
         raise ConfigError("'training.optimizer_offload' = true needs parallel.dp_engine = \"fsdp2\" (CPUOffloadPolicy) "
                           "or \"deepspeed\" (ZeRO offload_optimizer); DDP keeps the optimizer on the device")

@@ -28,6 +28,7 @@ import json
 import logging
 import os
 import types
+import warnings
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -127,8 +128,10 @@ class DeepSpeedEngine:
         from longtrain.parallel.engines import adamw
 
         optimizer = adamw(model, lr, betas, weight_decay, foreach=False)
-        # DeepSpeed logs every config value at INFO; keep the run's console readable
+        # DeepSpeed logs every config value at INFO; keep the run's console readable (and its ZeRO-Offload
+        # path calls the deprecated all_gather_into_tensor: torch's FutureWarning names nothing a user can change)
         logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
+        warnings.filterwarnings("ignore", message=r".*all_gather_into_tensor.* is deprecated", category=FutureWarning)
         # DeepSpeed selects cuda:LOCAL_RANK unless told the device: under per-task GPU binding (srun
         # --gpus-per-task=1) that index does not exist, so hand it the device the model already lives on
         dev = next(model.parameters()).device
@@ -137,6 +140,10 @@ class DeepSpeedEngine:
             args=args, model=model, optimizer=optimizer, config=config, dist_init_required=False,
             lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda))
         self.model, self.wrapped, self.autocast, self.lr_lambda = model, self.ds, None, lr_lambda
+        if self.ds.zero_cpu_offload() and dist.get_rank() == 0:  # as DeepSpeed parsed the config
+            logging.getLogger("longtrain").info(
+                "optimizer offload: DeepSpeed ZeRO-%d offload_optimizer, fp32 master, gradients and AdamW state in "
+                "host memory, the step run there by torch AdamW", self.ds.zero_optimization_stage())
 
     def __call__(self, *args: Any) -> Any:
         return self.ds(*args)
