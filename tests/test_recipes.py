@@ -121,9 +121,11 @@ def test_llama3_long_recipe_fits_one_node(tmp_path):
     assert all(s.seq_len % (2 * r.parallel.sp) == 0 for s in r.stages)
 
 
-def test_llama3_long_cpu_trains(tmp_path):
-    """The twin from a tiny HF folder: 2 processes, sp = 2 ring, FSDP2 from the meta device, offload,
-    loss chunks and MLP tiles, through all three stages (64 -> 256 -> 1040 tokens)."""
+@pytest.mark.parametrize("name", ["llama3-long-cpu", "llama3-long-mesa-cpu"])
+def test_llama3_long_cpu_trains(tmp_path, name):
+    """The twins from a tiny HF folder: 2 processes, sp = 2 ring, FSDP2 from the meta device, offload,
+    loss chunks and MLP tiles (the second: Mesa's 8-bit offloaded inputs and attention in head groups, as
+    the 8m / 12m recipes), through all three stages (64 -> 256 -> 1040 tokens)."""
     import torch
 
     from longtrain.models import Transformer, model_config
@@ -134,7 +136,7 @@ def test_llama3_long_cpu_trains(tmp_path):
                                  max_seq_len=256))
     hf = save_hf_checkpoint(m, tmp_path / "hf")
     out = tmp_path / "run"
-    proc = run_train(out, f"model.init_from={hf}", recipe=RECIPES / "llama3-long-cpu.toml", timeout=600)
+    proc = run_train(out, f"model.init_from={hf}", recipe=RECIPES / f"{name}.toml", timeout=600)
     ls = losses(out)
     assert sorted(ls) == list(range(1, 13)) and all(math.isfinite(v) for v in ls.values())
     assert sum(ls[s] for s in (4, 5, 6)) / 3 < sum(ls[s] for s in (1, 2, 3)) / 3, ls

@@ -106,7 +106,8 @@ class TrainingSection:
     activation_checkpointing: bool | str = "none"  # none | full | offload | every:N (true/false = full/none)
     loss_chunk: int | str = "auto"  # tokens per output-projection + loss chunk; auto = a byte budget; 0 = whole
     mlp_chunk: int | str = "auto"  # tokens per SwiGLU tile (recomputed in backward); auto = when large; 0 = off
-    attn_head_chunk: int | str = "auto"  # query heads per attention group (recomputed per group); auto = when large; 0 = off
+    attn_head_chunk: int | str = 0  # query heads per attention group, recomputed per group (one more attention
+    # forward); auto = when large; 0 = off
     optimizer_offload: bool = False  # AdamW state, fp32 master and grads in host memory (fsdp2 / deepspeed)
     device: str = "auto"  # auto | cpu | cuda
     compile: bool = False  # torch.compile each transformer block (attention kernels stay outside)

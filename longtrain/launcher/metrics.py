@@ -162,6 +162,8 @@ def run_hparams(trainer: Any) -> dict[str, bool | float | str]:
         "training.activation_checkpointing": ac,
         "training.loss_chunk": getattr(t, "loss_chunk", 0),
         "training.mlp_chunk": getattr(t, "mlp_chunk", 0),
+        "training.attn_head_chunk": getattr(t, "attn_head_chunk", 0),
+        "training.optimizer_offload": bool(getattr(t, "optimizer_offload", False)),
         "training.lr": t.lr, "training.steps": t.steps, "training.micro_batch": t.micro_batch,
         "training.grad_accum": t.grad_accum, "training.global_batch": trainer.data.global_batch,
         "training.dtype": t.dtype, "training.compile": bool(t.compile),

@@ -173,7 +173,7 @@ def _suggest(cands: list[dict], g: Any, node: float, gpn: int) -> tuple[dict, st
     if any(c["fits_device"] for c in cands):
         return pick, (f"nothing fits {node / GiB:.0f} GiB of host memory per node of {gpn}: store offloaded inputs "
                       "in 8 bits (mesa), checkpoint on the device ('full'), shorten the sequence or add nodes")
-    return pick, "nothing fits: turn on activation_checkpointing / mesa, lower micro_batch, or add GPUs"
+    return pick, "nothing fits: turn on activation_checkpointing / mesa / attn_head_chunk, lower micro_batch, or add GPUs"
 
 
 def _sharding(recipe: Any, cfg: Any, gpus: int, gpn: int, rep0: int, rep_why: str, sp0: int, mem, times,

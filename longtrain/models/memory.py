@@ -102,14 +102,15 @@ def check_head_chunk(setting: int | str, n_heads: int | None = None, n_kv_heads:
     if setting < 0:
         raise ValueError(f"'training.attn_head_chunk' must be >= 0 (0 = off), got {setting}")
     if setting and n_heads is not None:
-        rep = n_heads // max(1, n_kv_heads or n_heads)
+        kv = n_kv_heads or n_heads
+        rep = n_heads // max(1, kv)
+        choices = ", ".join(map(str, head_chunk_choices(n_heads, kv)))
         if n_heads % setting:
             raise ValueError(f"'training.attn_head_chunk' = {setting} does not divide the model's {n_heads} query "
-                             f"heads (use one of {', '.join(map(str, head_chunk_choices(n_heads, n_kv_heads or n_heads)))})")
+                             f"heads (use one of {choices})")
         if setting % rep and rep % setting:
             raise ValueError(f"'training.attn_head_chunk' = {setting} splits a key/value group: the model has "
-                             f"{rep} query heads per key/value head (use one of "
-                             f"{', '.join(map(str, head_chunk_choices(n_heads, n_kv_heads or n_heads)))})")
+                             f"{rep} query heads per key/value head (use one of {choices})")
     return setting
 
 
@@ -152,5 +153,6 @@ def attn_head_chunk_heads(setting: int | str, n_heads: int, n_kv_heads: int, tok
 
 
 __all__ = ["ATTN_CHUNK_BYTES", "attn_head_chunk_heads", "check_head_chunk", "head_chunk_choices", "head_groups_split",
-           "attention_head_bytes", "CHECKPOINT_POLICIES", "checkpoint_policy", "checkpointed_layers", "check_chunk", "loss_chunk_tokens",
+           "attention_head_bytes", "CHECKPOINT_POLICIES", "checkpoint_policy", "checkpointed_layers", "check_chunk",
+           "loss_chunk_tokens",
            "mlp_chunk_tokens", "LOSS_CHUNK_BYTES", "MLP_CHUNK_BYTES"]
