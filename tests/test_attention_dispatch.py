@@ -15,7 +15,7 @@ import logging
 import pytest
 import torch
 
-from longtrain.kernels.attention import (BACKENDS, MATH_MAX_PAIRS, REGISTRY, _math_backward, _math_forward,
+from longtrain.kernels.attention import (BACKENDS, MATH_MAX_PAIRS, REGISTRY, math_backward, math_forward,
                                          backward_through_lse, choose_backend, make_spec)
 
 FUSED = {"cudnn", "flash", "sdpa_flash", "sdpa_efficient", "flex"}
@@ -111,8 +111,8 @@ def test_choice_is_logged_once(caplog, monkeypatch):
     window = make_spec(q, q, causal=True, softmax_scale=None, window=3, q_offset=0, k_offset=0, bounds=None)
     with caplog.at_level(logging.INFO, logger="longtrain.kernels.attention"):
         for _ in range(3):
-            A._backend(q, causal)
-            A._backend(q, window)
+            A.backend_for(q, causal)
+            A.backend_for(q, window)
     lines = [r.message for r in caplog.records if "attention_block:" in r.message]
     assert lines == ["attention_block: cpu float32 causal blocks -> cpu",
                      "attention_block: cpu float32 partial blocks -> cpu"]
@@ -130,13 +130,13 @@ def test_backward_through_lse_equals_closed_form(window, bounds, q_offset):
     q, k, v = (torch.randn(b, s, h, d, dtype=torch.float64) for h in (hq, hkv, hkv))
     spec = make_spec(q, k, causal=True, softmax_scale=None, window=window, q_offset=q_offset, k_offset=0,
                      bounds=bounds)
-    _, lse_b = _math_forward(q, k, v, spec)
+    _, lse_b = math_forward(q, k, v, spec)
     final = torch.logaddexp(lse_b, torch.randn_like(lse_b))
     final = final.masked_fill(torch.rand_like(final) < 0.1, float("-inf"))
     final = final.masked_fill(final == float("-inf"), float("inf"))  # block_backward's convention
     out, dout = torch.randn(b, s, hq, d, dtype=torch.float64), torch.randn(b, s, hq, d, dtype=torch.float64)
-    ref = _math_backward(dout, q, k, v, out, final, spec)
-    got = backward_through_lse(_math_forward, dout, q, k, v, out, final, spec)
+    ref = math_backward(dout, q, k, v, out, final, spec)
+    got = backward_through_lse(math_forward, dout, q, k, v, out, final, spec)
     for r, g in zip(ref, got):
         assert torch.isfinite(g).all()
         assert (r - g).abs().max().item() < 1e-5

@@ -18,7 +18,7 @@ import torch
 from torch._dynamo.testing import CompileCounter
 
 from longtrain.kernels.attention import (block_backward, block_forward, block_mask, flex, make_spec, tile_kinds,
-                                         _math_backward)
+                                         math_backward)
 from longtrain.parallel.comm import COUNTERS
 from longtrain.parallel.simulate import simulate_ring
 
@@ -62,9 +62,9 @@ def _problem(world, b=1, hq=4, hkv=2, d=16, per_rank=64):
 def _reference(q, k, v, dout, kw):
     spec = make_spec(q, k, causal=True, softmax_scale=None, window=kw["window"], q_offset=0, k_offset=0,
                      bounds=tuple(kw["cu_seqlens"]))
-    from longtrain.kernels.attention import _math_forward
-    out, lse = _math_forward(q, k, v, spec)
-    return (out, *_math_backward(dout, q, k, v, out, lse, spec))
+    from longtrain.kernels.attention import math_forward
+    out, lse = math_forward(q, k, v, spec)
+    return (out, *math_backward(dout, q, k, v, out, lse, spec))
 
 
 @pytest.mark.parametrize("impl", ["ring", "tokenring"])
@@ -109,7 +109,7 @@ def test_block_backward_for_a_merged_lse(counted_flex, causal, window, bounds, q
     final = torch.logaddexp(lse_b, torch.randn_like(lse_b))
     final = final.masked_fill(torch.rand_like(final) < 0.1, float("-inf"))
     got = block_backward(dout, q, k, v, out, final, spec)
-    ref = _math_backward(dout, q, k, v, out, final.masked_fill(final == float("-inf"), float("inf")), spec)
+    ref = math_backward(dout, q, k, v, out, final.masked_fill(final == float("-inf"), float("inf")), spec)
     for a, r in zip(got, ref):
         assert torch.isfinite(a).all()
         torch.testing.assert_close(a, r, atol=2e-5, rtol=0)

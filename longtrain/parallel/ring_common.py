@@ -12,7 +12,7 @@ from typing import Callable
 import torch
 import torch.distributed as dist
 
-from longtrain.kernels.attention import Bounds, _Spec, block_backward, block_forward
+from longtrain.kernels.attention import BlockSpec, Bounds, block_backward, block_forward
 from longtrain.parallel.comm import COUNTERS
 from longtrain.parallel.sharding import Call, PairPlan, Segment, plan_pair
 
@@ -40,12 +40,12 @@ class RingSpec:
         return plan_pair(self.segs[owner % self.world], self.segs[holder % self.world], self.causal,
                          self.window, self.bounds)
 
-    def spec(self, c: Call) -> _Spec:
+    def spec(self, c: Call) -> BlockSpec:
         if c.kind == "full":
-            return _Spec(c.q1 - c.q0, c.k1 - c.k0, False, self.scale, None, 0, 0, None)
+            return BlockSpec(c.q1 - c.q0, c.k1 - c.k0, False, self.scale, None, 0, 0, None)
         if c.kind == "local_causal":
-            return _Spec(c.q1 - c.q0, c.k1 - c.k0, True, self.scale, None, 0, 0, None)
-        return _Spec(c.q1 - c.q0, c.k1 - c.k0, self.causal, self.scale, self.window, c.q_offset,
+            return BlockSpec(c.q1 - c.q0, c.k1 - c.k0, True, self.scale, None, 0, 0, None)
+        return BlockSpec(c.q1 - c.q0, c.k1 - c.k0, self.causal, self.scale, self.window, c.q_offset,
                      c.k_offset, self.bounds)
 
     @cached_property

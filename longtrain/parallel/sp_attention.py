@@ -7,7 +7,7 @@ from typing import Sequence
 import torch
 import torch.distributed as dist
 
-from longtrain.kernels.attention import _check, _default_scale, as_bounds, attention_block
+from longtrain.kernels.attention import as_bounds, attention_block, check_qkv, default_scale
 from longtrain.parallel.comm import COUNTERS, split_group, twin_group
 from longtrain.parallel.ring import RingAttention
 from longtrain.parallel.ring_common import RingSpec
@@ -52,10 +52,10 @@ def sequence_parallel_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tenso
     """
     if impl not in SP_IMPLS:
         raise ValueError(f"impl must be one of {SP_IMPLS}, got {impl!r}")
-    _check(q, k, v, window)
+    check_qkv(q, k, v, window)
     if k.shape[1] != q.shape[1]:
         raise ValueError("q and k/v shards must hold the same tokens")
-    scale = _default_scale(q.shape[-1], softmax_scale)
+    scale = default_scale(q.shape[-1], softmax_scale)
     window = None if window is None else int(window)
     rank, world = group_rank_world(group)
     seq_len = q.shape[1] * world

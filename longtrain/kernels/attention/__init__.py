@@ -33,22 +33,17 @@ function of device capability, dtype, head_dim, block kind and shape), one file 
 can compute.
 """
 
-from .block import _AttentionBlockFn, attention_block, block_backward, block_forward
-from .cpu import _cpu_backward, _cpu_forward
-from .cudnn import _cudnn_backward, _cudnn_forward
+from .block import attention_block, block_backward, block_forward
 from .dispatch import (BACKEND_TABLE, BACKENDS, CUDNN_MIN_VERSION, MATH_MAX_PAIRS, REGISTRY, Backend, Case,
-                       _backend, _LOGGED, choose_backend)
-from .flashattn import _flash_attn, _flash_backward, _flash_forward, _flash_window, flash_api_of
-from .flex import _flex_backward, _flex_block_mask, _flex_call, _flex_forward, backward_through_lse
-from .masks import NEG_INF, Bounds, _doc_ids, _doc_of, _interval_kind, as_bounds, block_mask, classify_block, tile_kinds
-from .naive import _math_backward, _math_forward, _math_scores, naive_attention
-from .sdpa import _sdpa_backward, _sdpa_forward
-from .spec import _check, _default_scale, _expand_kv, _reduce_kv_grad, _Spec, _t, make_spec
+                       backend_for, choose_backend)
+from .flashattn import flash_api_of, flash_interface
+from .flex import backward_through_lse
+from .masks import NEG_INF, Bounds, as_bounds, block_mask, classify_block, tile_kinds
+from .naive import math_backward, math_forward, naive_attention
+from .spec import BlockSpec, check_qkv, default_scale, make_spec
 
-_FORWARDS = {b.name: b.forward for b in BACKEND_TABLE}
-_BACKWARDS = {b.name: b.backward for b in BACKEND_TABLE}
-
-__all__ = ["BACKENDS", "BACKEND_TABLE", "Backend", "Bounds", "CUDNN_MIN_VERSION", "Case", "MATH_MAX_PAIRS",
-           "NEG_INF", "REGISTRY", "as_bounds", "attention_block", "backward_through_lse", "block_backward",
-           "block_forward", "block_mask", "choose_backend", "classify_block", "flash_api_of", "make_spec",
-           "naive_attention", "tile_kinds"]
+__all__ = ["BACKENDS", "BACKEND_TABLE", "Backend", "BlockSpec", "Bounds", "CUDNN_MIN_VERSION", "Case",
+           "MATH_MAX_PAIRS", "NEG_INF", "REGISTRY", "as_bounds", "attention_block", "backend_for",
+           "backward_through_lse", "block_backward", "block_forward", "block_mask", "check_qkv", "choose_backend",
+           "classify_block", "default_scale", "flash_api_of", "flash_interface", "make_spec", "math_backward",
+           "math_forward", "naive_attention", "tile_kinds"]

@@ -1,5 +1,5 @@
 """The block API: `attention_block` (autograd) and the no-autograd `block_forward` / `block_backward`
-that the rings call, dispatching every block to the kernel `dispatch._backend` picks."""
+that the rings call, dispatching every block to the kernel `dispatch.backend_for` picks."""
 
 from __future__ import annotations
 
@@ -7,26 +7,26 @@ from typing import Sequence
 
 import torch
 
-from .dispatch import REGISTRY, _backend
+from .dispatch import REGISTRY, backend_for
 from .masks import NEG_INF, as_bounds
-from .spec import _check, _expand_kv, _reduce_kv_grad, _Spec, make_spec
+from .spec import BlockSpec, check_qkv, expand_kv, make_spec, reduce_kv_grad
 
 
-def block_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: _Spec):
+def block_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: BlockSpec):
     """No-autograd forward: (out [B,Sq,Hq,D] in q.dtype, lse fp32 [B,Hq,Sq])."""
     b, sq, hq, d = q.shape
     if spec.kind == "empty":
         return (q.new_zeros(b, sq, hq, d),
                 torch.full((b, hq, sq), NEG_INF, dtype=torch.float32, device=q.device))
-    be = REGISTRY[_backend(q, spec)]
+    be = REGISTRY[backend_for(q, spec)]
     if not be.native_gqa:
-        k, v = _expand_kv(k, hq), _expand_kv(v, hq)
+        k, v = expand_kv(k, hq), expand_kv(v, hq)
     out, lse = be.forward(q, k, v, spec)
     return out, lse.float()
 
 
 def block_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                   out: torch.Tensor | None, lse: torch.Tensor, spec: _Spec,
+                   out: torch.Tensor | None, lse: torch.Tensor, spec: BlockSpec,
                    delta: torch.Tensor | None = None):
     """Gradients of one block given the FINAL out/lse of the rows (which may merge many blocks).
 
@@ -44,12 +44,12 @@ def block_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torc
         nrm = (do * do).sum(-1)  # [B,S,H]
         coef = torch.where(nrm > 0, delta.transpose(1, 2) / nrm.clamp_min(1e-30), torch.zeros_like(nrm))
         out = (do * coef[..., None]).to(dout.dtype)
-    be = REGISTRY[_backend(q, spec)]
+    be = REGISTRY[backend_for(q, spec)]
     hq, hkv = q.shape[2], k.shape[2]
     if be.native_gqa or hq == hkv:
         return be.backward(dout, q, k, v, out, lse, spec)
-    dq, dk, dv = be.backward(dout, q, _expand_kv(k, hq), _expand_kv(v, hq), out, lse, spec)
-    return dq, _reduce_kv_grad(dk, hkv), _reduce_kv_grad(dv, hkv)
+    dq, dk, dv = be.backward(dout, q, expand_kv(k, hq), expand_kv(v, hq), out, lse, spec)
+    return dq, reduce_kv_grad(dk, hkv), reduce_kv_grad(dv, hkv)
 
 
 class _AttentionBlockFn(torch.autograd.Function):
@@ -81,7 +81,7 @@ def attention_block(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal
     in q.dtype and lse fp32 [B,Hq,Sq] (natural log; -inf on rows that see no key,
     whose out is 0). Differentiable w.r.t. q, k, v (lse is not differentiable).
     """
-    _check(q, k, v, window)
+    check_qkv(q, k, v, window)
     spec = make_spec(q, k, causal=causal, softmax_scale=softmax_scale, window=window,
                      q_offset=q_offset, k_offset=k_offset, bounds=as_bounds(cu_seqlens))
     return _AttentionBlockFn.apply(q, k, v, spec)

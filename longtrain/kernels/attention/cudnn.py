@@ -18,30 +18,30 @@ from __future__ import annotations
 
 import torch
 
-from .spec import _Spec, _t
+from .spec import BlockSpec, swap_seq_heads
 
 _CUDNN_AUX: dict = {}  # device -> (philox_seed, philox_offset, cum_seq_q, cum_seq_k) of a dense forward
 
 
 def _bshd(x: torch.Tensor) -> torch.Tensor:
-    return _t(x.contiguous())
+    return swap_seq_heads(x.contiguous())
 
 
-def _cudnn_forward(q, k, v, spec: _Spec):
+def cudnn_forward(q, k, v, spec: BlockSpec):
     b, sq, h, _ = q.shape
     res = torch.ops.aten._scaled_dot_product_cudnn_attention(
         _bshd(q), _bshd(k), _bshd(v), None, True, 0.0, spec.kind == "causal", False, scale=spec.scale)
     out, lse = res[0], res[1]
     _CUDNN_AUX[q.device] = (res[6], res[7], res[2], res[3])  # dropout 0: never read, but passed back
-    return _t(out), lse.reshape(b, h, sq)
+    return swap_seq_heads(out), lse.reshape(b, h, sq)
 
 
-def _cudnn_backward(dout, q, k, v, out, lse, spec: _Spec):
+def cudnn_backward(dout, q, k, v, out, lse, spec: BlockSpec):
     sq, sk = q.shape[1], k.shape[1]
     if q.device not in _CUDNN_AUX:  # backward before any forward in this process
-        _cudnn_forward(q[:, :2], k[:, :2], v[:, :2], _Spec(2, 2, False, spec.scale, None, 0, 0, None))
+        cudnn_forward(q[:, :2], k[:, :2], v[:, :2], BlockSpec(2, 2, False, spec.scale, None, 0, 0, None))
     seed, offset, cq, ck = _CUDNN_AUX[q.device]
     dq, dk, dv = torch.ops.aten._scaled_dot_product_cudnn_attention_backward(
         _bshd(dout), _bshd(q), _bshd(k), _bshd(v), _bshd(out), lse.unsqueeze(-1).contiguous(), seed, offset,
         None, cq, ck, sq, sk, 0.0, spec.kind == "causal", scale=spec.scale)
-    return _t(dq), _t(dk), _t(dv)
+    return swap_seq_heads(dq), swap_seq_heads(dk), swap_seq_heads(dv)

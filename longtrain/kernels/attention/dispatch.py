@@ -17,13 +17,13 @@ from typing import Callable, NamedTuple
 
 import torch
 
-from .cpu import _cpu_backward, _cpu_forward
-from .cudnn import _cudnn_backward, _cudnn_forward
-from .flashattn import _flash_attn, _flash_backward, _flash_forward, _flash_window
-from .flex import _flex_backward, _flex_forward
-from .naive import _math_backward, _math_forward
-from .sdpa import _sdpa_efficient_backward, _sdpa_efficient_forward, _sdpa_flash_backward, _sdpa_flash_forward
-from .spec import _Spec
+from .cpu import cpu_backward, cpu_forward
+from .cudnn import cudnn_backward, cudnn_forward
+from .flashattn import flash_backward, flash_forward, flash_interface, flash_window
+from .flex import flex_backward, flex_forward
+from .naive import math_backward, math_forward
+from .sdpa import sdpa_efficient_backward, sdpa_efficient_forward, sdpa_flash_backward, sdpa_flash_forward
+from .spec import BlockSpec
 
 _log = logging.getLogger("longtrain.kernels.attention")
 
@@ -67,32 +67,32 @@ class Backend:
 
 
 BACKEND_TABLE: tuple[Backend, ...] = (
-    Backend("cudnn", _cudnn_forward, _cudnn_backward, True,
+    Backend("cudnn", cudnn_forward, cudnn_backward, True,
             computes=_dense,
             suits=lambda c: (c.dtype in _HALF and c.capability is not None and c.capability[0] in (9, 10)
                              and c.cudnn_version > CUDNN_MIN_VERSION and _head_dim_ok(c, 128) and c.sk > 1),
             note="torch's cuDNN attention op; Hopper/Blackwell, fp16/bf16, head_dim % 8 = 0, <= 128"),
-    Backend("flash", _flash_forward, _flash_backward, True,
+    Backend("flash", flash_forward, flash_backward, True,
             computes=lambda c: c.flash_expressible,
             suits=lambda c: c.dtype in _HALF and c.flash_installed and _head_dim_ok(c, 256),
             note="flash-attn 2.6-2.8 (bottom-right masks: full, square causal, causal window at the diagonal)"),
-    Backend("sdpa_flash", _sdpa_flash_forward, _sdpa_flash_backward, True,
+    Backend("sdpa_flash", sdpa_flash_forward, sdpa_flash_backward, True,
             computes=_dense,
             suits=lambda c: c.dtype in _HALF and _head_dim_ok(c, 256),
             note="torch's fused flash kernel (causal only when Sq = Sk: it aligns bottom-right)"),
     # native_gqa False: its backward op's shape contract (torch's meta function) gives dK/dV one
     # head per QUERY head, so it gets K/V repeated (only fp32, odd head_dim or wide causal blocks)
-    Backend("sdpa_efficient", _sdpa_efficient_forward, _sdpa_efficient_backward, False,
+    Backend("sdpa_efficient", sdpa_efficient_forward, sdpa_efficient_backward, False,
             computes=lambda c: c.kind in ("full", "causal"),
             suits=lambda c: True,
             note="torch's memory-efficient kernel, any float dtype, top-left causal"),
-    Backend("flex", _flex_forward, _flex_backward, True,
+    Backend("flex", flex_forward, flex_backward, True,
             computes=lambda c: True, suits=lambda c: True,
             note="FlexAttention with a block mask (documents, windows, causal at offsets)"),
-    Backend("math", _math_forward, _math_backward, True,
+    Backend("math", math_forward, math_backward, True,
             computes=lambda c: True, suits=lambda c: False,
             note="fp32 einsum with an explicit mask: the reference; tiny blocks and non-CUDA devices"),
-    Backend("cpu", _cpu_forward, _cpu_backward, True,
+    Backend("cpu", cpu_forward, cpu_backward, True,
             computes=lambda c: True, suits=lambda c: False,
             note="torch's flash-attention CPU op (explicit mask for partial blocks)"),
 )
@@ -146,13 +146,13 @@ def _device_facts(device: torch.device) -> tuple[tuple | None, int]:
     return facts
 
 
-def _backend(q: torch.Tensor, spec: _Spec) -> str:
+def backend_for(q: torch.Tensor, spec: BlockSpec) -> str:
     forced = os.environ.get("LONGTRAIN_ATTENTION_BACKEND") or None
     half = q.dtype in _HALF
     cap, cudnn_version = _device_facts(q.device)
     name = choose_backend(q.device.type, q.dtype, spec.kind,
-                          flash_installed=q.is_cuda and half and _flash_attn() is not None,
-                          flash_expressible=_flash_window(spec) is not None,
+                          flash_installed=q.is_cuda and half and flash_interface() is not None,
+                          flash_expressible=flash_window(spec) is not None,
                           head_dim=q.shape[-1], sq=spec.sq, sk=spec.sk, forced=forced,
                           capability=cap, cudnn_version=cudnn_version)
     key = (q.device.type, q.dtype, spec.kind, name)

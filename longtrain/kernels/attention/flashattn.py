@@ -20,7 +20,7 @@ flash-attn (Dao-AILab/flash-attention, flash_attn/flash_attn_interface.py) chang
               -> softmax_d, dq/dk/dv written in place (mutates_args)
   < 2.6   no softcap argument: not supported (flash-attn is then not used).
 
-Both are called positionally in that order. Masks are aligned bottom-right (see `_flash_window`);
+Both are called positionally in that order. Masks are aligned bottom-right (see `flash_window`);
 K/V with fewer heads go in as they are (flash-attn takes grouped heads; dk/dv come back summed).
 """
 
@@ -32,7 +32,7 @@ import re
 
 import torch
 
-from .spec import _Spec
+from .spec import BlockSpec
 
 _log = logging.getLogger("longtrain.kernels.attention")
 
@@ -88,13 +88,13 @@ def _probe():
     return _FLASH or None
 
 
-def _flash_attn():
+def flash_interface():
     """flash-attn's interface module when it is importable and supported, else None."""
     probed = _probe()
     return probed[0] if probed else None
 
 
-def _flash_window(spec: _Spec):
+def flash_window(spec: BlockSpec):
     """(causal, (left, right)) for flash-attn (bottom-right aligned), or None if not expressible."""
     if spec.kind == "full":
         return False, (-1, -1)
@@ -107,9 +107,9 @@ def _flash_window(spec: _Spec):
     return None
 
 
-def _flash_forward(q, k, v, spec: _Spec):
+def flash_forward(q, k, v, spec: BlockSpec):
     iface, api = _probe()
-    causal, (left, right) = _flash_window(spec)
+    causal, (left, right) = flash_window(spec)
     if api == "2.6":
         res = iface._flash_attn_forward(q, k, v, 0.0, spec.scale, causal, (left, right), 0.0, None, False)
         out, lse = res[0], res[5]
@@ -119,9 +119,9 @@ def _flash_forward(q, k, v, spec: _Spec):
     return out, lse
 
 
-def _flash_backward(dout, q, k, v, out, lse, spec: _Spec):
+def flash_backward(dout, q, k, v, out, lse, spec: BlockSpec):
     iface, api = _probe()
-    causal, (left, right) = _flash_window(spec)
+    causal, (left, right) = flash_window(spec)
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     if api == "2.6":
         iface._flash_attn_backward(dout, q, k, v, out, lse, dq, dk, dv, 0.0, spec.scale, causal, (left, right),

@@ -26,8 +26,8 @@ import math
 
 import torch
 
-from .masks import _doc_ids, tile_kinds
-from .spec import _Spec, _t
+from .masks import doc_index, tile_kinds
+from .spec import BlockSpec, swap_seq_heads
 
 _log = logging.getLogger("longtrain.kernels.attention")
 
@@ -106,7 +106,7 @@ def _ordered(sel: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return sel.sum(-1, dtype=torch.int32)[None, None], idx[None, None].contiguous()
 
 
-def _flex_block_mask(spec: _Spec, device: torch.device):
+def _flex_block_mask(spec: BlockSpec, device: torch.device):
     """BlockMask of the block (cached by the block's geometry; its mask_mod reads tensors only)."""
     key = (spec.sq, spec.sk, spec.q_offset, spec.k_offset, spec.causal, spec.window, spec.bounds, str(device))
     bm = _MASKS.get(key)
@@ -120,8 +120,8 @@ def _flex_block_mask(spec: _Spec, device: torch.device):
     for i, val in enumerate((spec.q_offset, spec.k_offset, int(spec.causal), window)):
         geo[i] = val  # a fill from a host scalar: no host-to-device copy that could wait for the stream
     if spec.bounds is not None:
-        qdoc = _doc_ids(torch.arange(spec.q_offset, spec.q_offset + sq, device=device), spec.bounds)
-        kdoc = _doc_ids(torch.arange(spec.k_offset, spec.k_offset + sk, device=device), spec.bounds)
+        qdoc = doc_index(torch.arange(spec.q_offset, spec.q_offset + sq, device=device), spec.bounds)
+        kdoc = doc_index(torch.arange(spec.k_offset, spec.k_offset + sk, device=device), spec.bounds)
     else:
         qdoc = torch.zeros(sq, dtype=torch.int64, device=device)
         kdoc = torch.zeros(sk, dtype=torch.int64, device=device)
@@ -166,7 +166,7 @@ def _plain(x: torch.Tensor) -> torch.Tensor:
     """x [B,S,H,D] as a [B,H,S,D] tensor on the same memory that is not a view (no `_base`), with
     canonical strides on size-1 dims: the compiled kernel's guards then see a block's own sizes,
     not the larger tensor it was sliced from (which would make some blocks recompile). No copy."""
-    x = _t(x)
+    x = swap_seq_heads(x)
     stride = list(x.stride())
     for i in range(x.dim() - 1, -1, -1):
         if x.shape[i] == 1:
@@ -175,18 +175,18 @@ def _plain(x: torch.Tensor) -> torch.Tensor:
                                                                 x.shape, stride)
 
 
-def _flex_call(q, k, v, spec: _Spec, plain: bool = True):
-    qt, kt, vt = (_plain(x) if plain else _t(x) for x in (q, k, v))  # views keep autograd (fallback)
+def _flex_call(q, k, v, spec: BlockSpec, plain: bool = True):
+    qt, kt, vt = (_plain(x) if plain else swap_seq_heads(x) for x in (q, k, v))  # views keep autograd (fallback)
     out, lse = _flex_kernel_forward(qt, kt, vt, _flex_block_mask(spec, q.device), spec.scale)
-    return _t(out), lse
+    return swap_seq_heads(out), lse
 
 
-def _flex_forward(q, k, v, spec: _Spec):
+def flex_forward(q, k, v, spec: BlockSpec):
     with torch.no_grad():
         return _flex_call(q, k, v, spec)
 
 
-def backward_through_lse(fwd, dout, q, k, v, out, lse, spec: _Spec):
+def backward_through_lse(fwd, dout, q, k, v, out, lse, spec: BlockSpec):
     """Block gradients for the FINAL (merged) out/lse, by autograd through a differentiable
     forward `fwd(q, k, v, spec) -> (out_b, lse_b)` of the block alone (a second forward).
 
@@ -207,13 +207,13 @@ def backward_through_lse(fwd, dout, q, k, v, out, lse, spec: _Spec):
     return dq, dk, dv
 
 
-def _flex_backward(dout, q, k, v, out, lse, spec: _Spec):
+def flex_backward(dout, q, k, v, out, lse, spec: BlockSpec):
     if _DIRECT_BACKWARD["ok"] is not False:
         try:
             dq, dk, dv = _flex_kernel_backward(*(_plain(x) for x in (q, k, v, out, dout)), lse,
                                                _flex_block_mask(spec, q.device), spec.scale)
             _DIRECT_BACKWARD["ok"] = True
-            return _t(dq), _t(dk), _t(dv)
+            return swap_seq_heads(dq), swap_seq_heads(dk), swap_seq_heads(dv)
         except Exception as e:  # noqa: BLE001 - only before it has ever worked: fall back for good
             if _DIRECT_BACKWARD["ok"]:
                 raise

@@ -96,7 +96,7 @@ def _bounds_on(bounds: Bounds, device: torch.device) -> torch.Tensor:
     return torch.tensor(bounds, dtype=torch.int64, device=device)
 
 
-def _doc_ids(pos: torch.Tensor, bounds: Bounds) -> torch.Tensor:
+def doc_index(pos: torch.Tensor, bounds: Bounds) -> torch.Tensor:
     b = _bounds_on(bounds, pos.device)[1:].to(pos.dtype)
     return torch.searchsorted(b, pos, right=True)
 
@@ -114,7 +114,7 @@ def block_mask(sq: int, sk: int, *, q_offset: int, k_offset: int, causal: bool,
         if not causal:
             keep &= j < i + window
     if bounds is not None:
-        keep &= _doc_ids(i, bounds) == _doc_ids(j, bounds)
+        keep &= doc_index(i, bounds) == doc_index(j, bounds)
     return keep
 
 
@@ -146,7 +146,7 @@ def tile_kinds(sq: int, sk: int, *, q_offset: int, k_offset: int, causal: bool, 
         empty = torch.zeros(nq, nk, dtype=torch.bool, device=device)
         full = torch.ones(nq, nk, dtype=torch.bool, device=device)
     if bounds is not None:
-        dq0, dq1, dk0, dk1 = (_doc_ids(x, bounds) for x in (qlo, qhi, klo, khi))
+        dq0, dq1, dk0, dk1 = (doc_index(x, bounds) for x in (qlo, qhi, klo, khi))
         empty = empty | (dq1 < dk0) | (dk1 < dq0)
         full = full & (dq0 == dq1) & (dk0 == dk1) & (dq0 == dk0)
     full = full & ~empty

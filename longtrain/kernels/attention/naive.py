@@ -13,7 +13,7 @@ from typing import Sequence
 import torch
 
 from .masks import NEG_INF
-from .spec import _Spec
+from .spec import BlockSpec
 
 
 def _grouped(x: torch.Tensor, hkv: int) -> torch.Tensor:  # [B,S,Hq,D] -> [B,S,Hkv,G,D] (a view)
@@ -21,7 +21,7 @@ def _grouped(x: torch.Tensor, hkv: int) -> torch.Tensor:  # [B,S,Hq,D] -> [B,S,H
     return x.view(b, s, hkv, h // hkv, d)
 
 
-def _math_scores(q, k, spec: _Spec):
+def _math_scores(q, k, spec: BlockSpec):
     """fp32 scores [B, Hkv, G, Sq, Sk] (query head h = kv head * G + g), -inf where masked."""
     s = torch.einsum("bqhgd,bkhd->bhgqk", _grouped(q, k.shape[2]).float(), k.float()) * spec.scale
     if spec.kind != "full":
@@ -29,7 +29,7 @@ def _math_scores(q, k, spec: _Spec):
     return s
 
 
-def _math_forward(q, k, v, spec: _Spec):
+def math_forward(q, k, v, spec: BlockSpec):
     b, sq, hq, d = q.shape
     s = _math_scores(q, k, spec)
     lse = torch.logsumexp(s, dim=-1)  # [B,Hkv,G,Sq], -inf on dead rows
@@ -38,7 +38,7 @@ def _math_forward(q, k, v, spec: _Spec):
     return out.to(q.dtype), lse.reshape(b, hq, sq)
 
 
-def _math_backward(dout, q, k, v, out, lse, spec: _Spec):
+def math_backward(dout, q, k, v, out, lse, spec: BlockSpec):
     b, sq, hq, d = q.shape
     hkv = k.shape[2]
     s = _math_scores(q, k, spec)

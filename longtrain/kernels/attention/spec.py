@@ -1,4 +1,4 @@
-"""One block call without its tensors (`_Spec`), argument checks, and layout/GQA helpers."""
+"""One block call without its tensors (`BlockSpec`), argument checks, and layout/GQA helpers."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import torch
 from .masks import Bounds, block_mask, classify_block
 
 
-class _Spec:
+class BlockSpec:
     """Everything about one block call except the tensors."""
 
     __slots__ = ("causal", "scale", "window", "q_offset", "k_offset", "bounds", "kind", "sq", "sk")
@@ -30,11 +30,11 @@ class _Spec:
                           causal=self.causal, window=self.window, bounds=self.bounds, device=device)
 
 
-def _default_scale(d: int, softmax_scale: float | None) -> float:
+def default_scale(d: int, softmax_scale: float | None) -> float:
     return softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(d)
 
 
-def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int | None) -> None:
+def check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int | None) -> None:
     if q.dim() != 4 or k.dim() != 4 or v.shape != k.shape:
         raise ValueError(f"expected q [B,Sq,Hq,D], k/v [B,Sk,Hkv,D]; got {tuple(q.shape)}, "
                          f"{tuple(k.shape)}, {tuple(v.shape)}")
@@ -46,23 +46,23 @@ def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int | None
 
 
 def make_spec(q: torch.Tensor, k: torch.Tensor, *, causal: bool, softmax_scale: float | None,
-              window: int | None, q_offset: int, k_offset: int, bounds: Bounds | None) -> _Spec:
-    return _Spec(q.shape[1], k.shape[1], causal, _default_scale(q.shape[-1], softmax_scale),
+              window: int | None, q_offset: int, k_offset: int, bounds: Bounds | None) -> BlockSpec:
+    return BlockSpec(q.shape[1], k.shape[1], causal, default_scale(q.shape[-1], softmax_scale),
                  None if window is None else int(window), int(q_offset), int(k_offset), bounds)
 
 
-def _t(x: torch.Tensor) -> torch.Tensor:  # [B,S,H,D] <-> [B,H,S,D] as a view
+def swap_seq_heads(x: torch.Tensor) -> torch.Tensor:  # [B,S,H,D] <-> [B,H,S,D] as a view
     return x.transpose(1, 2)
 
 
-def _expand_kv(x: torch.Tensor, hq: int) -> torch.Tensor:
+def expand_kv(x: torch.Tensor, hq: int) -> torch.Tensor:
     """K or V [B,S,Hkv,D] copied to Hq heads (query head h uses kv head h // (Hq/Hkv)); only for a
     kernel that cannot take grouped heads (see `native_gqa` in the dispatch table)."""
     g = hq // x.shape[2]
     return x if g == 1 else x.repeat_interleave(g, dim=2)
 
 
-def _reduce_kv_grad(g: torch.Tensor, hkv: int) -> torch.Tensor:
+def reduce_kv_grad(g: torch.Tensor, hkv: int) -> torch.Tensor:
     """dK or dV [B,S,Hq,D] of expanded heads summed back to the Hkv shared heads."""
     b, sk, hq, d = g.shape
     return g if hq == hkv else g.view(b, sk, hkv, hq // hkv, d).sum(3)
