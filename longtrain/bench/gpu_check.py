@@ -36,7 +36,7 @@ from typing import Any
 
 import torch
 
-from longtrain.bench.gpu_table import ROWS, T0, _check, _row, _sync, cuda_time, print_table, rel_err  # noqa: F401 (ROWS: tests)
+from longtrain.bench.gpu_table import ROWS, T0, add_row, check_close, cuda_sync, cuda_time, print_table, rel_err  # noqa: F401 (ROWS: tests)
 from longtrain.bench.gpu_train import section_e
 
 
@@ -93,7 +93,7 @@ def section_a(dev: torch.device) -> None:
     decay = tnl_decay(H, 1, 4).to(dev)
     # head_dim 128 (tnl-lightning-1b): the tiled backward; `auto` must pick Triton there
     auto = resolve_backend("auto", dev, 128, 128)
-    _row("a", "lightning backend='auto' at head_dim 128", auto, "triton", ok=auto == "triton")
+    add_row("a", "lightning backend='auto' at head_dim 128", auto, "triton", ok=auto == "triton")
     for D, (name, S, cu, state) in ((D, c) for D in (64, 128) for c in cases):
         name = f"D={D} {name}"
         base = [torch.randn(B, S, H, D, device=dev) * 0.5 for _ in range(3)]
@@ -109,7 +109,7 @@ def section_a(dev: torch.device) -> None:
                                            backend="triton")
             loss = (out.float() * g_out).sum() + (fin * g_st).sum()
             grads = torch.autograd.grad(loss, xs + ([st] if state else []))
-            _sync()
+            cuda_sync()
             first = time.perf_counter() - t0
             rx = [t.detach().to(dt).double().requires_grad_() for t in base]
             rst = s0.double().requires_grad_() if state else None
@@ -118,15 +118,15 @@ def section_a(dev: torch.device) -> None:
             rloss = (rout * g_out.double()).sum() + (rfin * g_st.double()).sum()
             rgrads = torch.autograd.grad(rloss, rx + ([rst] if state else []))
             tag = f"lightning {name} {str(dt)[6:]}"
-            _check("a", f"{tag} out", out, rout, tol_o)
-            _check("a", f"{tag} final state", fin, rfin, tol_o)
+            check_close("a", f"{tag} out", out, rout, tol_o)
+            check_close("a", f"{tag} final state", fin, rfin, tol_o)
             for gname, g, r in zip(("dq", "dk", "dv", "dstate"), grads, rgrads):
-                _check("a", f"{tag} {gname}", g, r, tol_g)
-            _row("a", f"{tag} first call (compile + autotune)", first, unit="s")
+                check_close("a", f"{tag} {gname}", g, r, tol_g)
+            add_row("a", f"{tag} first call (compile + autotune)", first, unit="s")
     # configs the first call's autotune pruning dropped on this GPU (`bench kernels` predicts none)
     for p in lt.PRUNED:
-        _row("a", f"autotune pruned lightning.{p['kernel']} {p['config']}", "pruned",
-             note="; ".join(p["problems"]))
+        add_row("a", f"autotune pruned lightning.{p['kernel']} {p['config']}", "pruned",
+                note="; ".join(p["problems"]))
     # Mesa: Triton vs its torch twin, same noise; head-wise groups of [B, S, H, D]
     from longtrain.kernels.mesa import dequantize, quantize
     from longtrain.kernels.mesa.quant import unpack_bits
@@ -142,17 +142,17 @@ def section_a(dev: torch.device) -> None:
             diff = (ct - cr).abs()
             frac = (diff > 0).float().mean().item()
             tag = f"mesa quantize {str(dt)[6:]} {'stochastic' if stochastic else 'nearest'}"
-            _row("a", f"{tag}: codes differing (FMA at rounding boundaries)", frac, 1e-4, "fraction",
-                 ok=frac <= 1e-4 and int(diff.max()) <= 1, note=f"max diff {int(diff.max())} code")
+            add_row("a", f"{tag}: codes differing (FMA at rounding boundaries)", frac, 1e-4, "fraction",
+                    ok=frac <= 1e-4 and int(diff.max()) <= 1, note=f"max diff {int(diff.max())} code")
             yt = dequantize(qt, backend="triton")
             yr = dequantize(qt, backend="torch")
-            _check("a", f"mesa dequantize {str(dt)[6:]} vs torch twin", yt, yr, 1e-6 if dt == torch.float32 else 4e-3)
+            check_close("a", f"mesa dequantize {str(dt)[6:]} vs torch twin", yt, yr, 1e-6 if dt == torch.float32 else 4e-3)
     res = _kernel_resources()
     for r in res:
-        _row("a", f"{r['kernel']} warps={r['num_warps']} stages={r['num_stages']}", r["n_regs"], unit="regs",
-             ok=(r["n_spills"] or 0) == 0, note=f"spills {r['n_spills']}, shared {r['shared_bytes']} B")
+        add_row("a", f"{r['kernel']} warps={r['num_warps']} stages={r['num_stages']}", r["n_regs"], unit="regs",
+                ok=(r["n_spills"] or 0) == 0, note=f"spills {r['n_spills']}, shared {r['shared_bytes']} B")
     if not res:
-        _row("a", "kernel registers/spills", "n/a", note="this triton exposes no compiled-kernel metadata")
+        add_row("a", "kernel registers/spills", "n/a", note="this triton exposes no compiled-kernel metadata")
 
 
 # ----------------------------------------------------------------------------- b: attention_block backends
@@ -176,7 +176,7 @@ def _force(name: str | None):
 
 
 def section_b(dev: torch.device) -> None:
-    from longtrain.kernels.attention import _backend, _flash_attn, block_backward, block_forward, make_spec
+    from longtrain.kernels.attention import backend_for, block_backward, block_forward, flash_interface, make_spec
 
     torch.manual_seed(0)
     B, HQ, HKV, D = 1, 8, 2, 128
@@ -191,8 +191,8 @@ def section_b(dev: torch.device) -> None:
         ("documents+window", 1024, 1024, True, 200, 0, 0, (0, 100, 101, 600)),
         ("non-causal window 200", 1024, 1024, False, 200, 0, 0, None),
     ]
-    flash = _flash_attn() is not None
-    _row("b", "flash-attn installed", str(flash), note="" if flash else "torch's fused kernels used instead")
+    flash = flash_interface() is not None
+    add_row("b", "flash-attn installed", str(flash), note="" if flash else "torch's fused kernels used instead")
     for dt in (torch.bfloat16, torch.float32):
         tol_o, tol_g = (2e-2, 5e-2) if dt == torch.bfloat16 else (2e-3, 5e-3)
         for name, sq, sk, causal, window, qo, ko, bounds in blocks:
@@ -202,7 +202,7 @@ def section_b(dev: torch.device) -> None:
             spec = make_spec(q, k, causal=causal, softmax_scale=None, window=window, q_offset=qo, k_offset=ko,
                              bounds=bounds)
             with _force(None):
-                auto = _backend(q, spec)
+                auto = backend_for(q, spec)
             cands = [auto]
             if spec.kind in ("full", "causal"):
                 cands += [c for c in ("sdpa_flash", "sdpa_efficient", "flex") if c != auto
@@ -222,15 +222,15 @@ def section_b(dev: torch.device) -> None:
                     with _force(be):
                         o, l = block_forward(q, k, v, spec)
                         g = block_backward(dout, q, k, v, final_out, final_lse, spec)
-                    _sync()
+                    cuda_sync()
                 except Exception as e:  # noqa: BLE001
-                    _row("b", tag, "error", ok=False, note=f"{type(e).__name__}: {str(e).splitlines()[0][:160]}")
+                    add_row("b", tag, "error", ok=False, note=f"{type(e).__name__}: {str(e).splitlines()[0][:160]}")
                     continue
                 eo, el = rel_err(o, ro), rel_err(l, rl)
                 eg = max(rel_err(a, b) for a, b in zip(g, rg))
                 ok = eo <= tol_o and el <= tol_o and eg <= tol_g
-                _row("b", tag, max(eo, el), tol_o, "rel err out/lse", ok=ok,
-                     note=f"grads {eg:.2g} (limit {tol_g:g})")
+                add_row("b", tag, max(eo, el), tol_o, "rel err out/lse", ok=ok,
+                        note=f"grads {eg:.2g} (limit {tol_g:g})")
     # a 32k-token block never materialises S x S scores (math would need 32 GiB of fp32 scores a layer)
     S, H = 32768, 8
     for name, bounds, window in (("causal", None, None), ("documents", (0, 5000, 20000), None),
@@ -241,7 +241,7 @@ def section_b(dev: torch.device) -> None:
             torch.cuda.empty_cache()
             base = torch.cuda.memory_allocated()
             with _force(None):
-                be = _backend(q, spec)
+                be = backend_for(q, spec)
 
                 def step():
                     o, l = block_forward(q, k, v, spec)
@@ -251,10 +251,10 @@ def section_b(dev: torch.device) -> None:
                 torch.cuda.reset_peak_memory_stats()
                 t = cuda_time(step, warmup=0, repeat=3)
             peak = (torch.cuda.max_memory_allocated() - base) / 2**30
-            _row("b", f"32k-token {name} block bf16 fwd+bwd peak extra memory [{be}]", peak, 4.0, "GiB",
-                 ok=peak <= 4.0, note=f"{t * 1e3:.1f} ms")
+            add_row("b", f"32k-token {name} block bf16 fwd+bwd peak extra memory [{be}]", peak, 4.0, "GiB",
+                    ok=peak <= 4.0, note=f"{t * 1e3:.1f} ms")
         except Exception as e:  # noqa: BLE001
-            _row("b", f"32k-token {name} block", "error", ok=False, note=f"{type(e).__name__}: {str(e)[:160]}")
+            add_row("b", f"32k-token {name} block", "error", ok=False, note=f"{type(e).__name__}: {str(e)[:160]}")
 
 
 # ----------------------------------------------------------------------------- c: simulated rings
@@ -291,13 +291,13 @@ def section_c(dev: torch.device, quick: bool = False) -> None:
                 try:
                     got = simulate_ring(q, k, v, dout, w, impl=impl, **kw)
                 except Exception as e:  # noqa: BLE001
-                    _row("c", f"{impl} W={w} {mname}", "error", ok=False, note=f"{type(e).__name__}: {str(e)[:160]}")
+                    add_row("c", f"{impl} W={w} {mname}", "error", ok=False, note=f"{type(e).__name__}: {str(e)[:160]}")
                     continue
                 eo = rel_err(got[0], refs[mname][0])
                 eg = max(rel_err(a, b) for a, b in zip(got[1:], refs[mname][1:]))
-                _row("c", f"{impl} W={w} {mname} {str(dt)[6:]} S={S}", eo, tol_o, "rel err out",
-                     ok=eo <= tol_o and eg <= tol_g,
-                     note=f"grads {eg:.2g} (limit {tol_g:g}); {time.perf_counter() - t0:.1f}s")
+                add_row("c", f"{impl} W={w} {mname} {str(dt)[6:]} S={S}", eo, tol_o, "rel err out",
+                        ok=eo <= tol_o and eg <= tol_g,
+                        note=f"grads {eg:.2g} (limit {tol_g:g}); {time.perf_counter() - t0:.1f}s")
 
 
 # ----------------------------------------------------------------------------- d: NCCL at world 1
@@ -310,13 +310,13 @@ def section_d(dev: torch.device) -> None:
     from longtrain.testing import free_port
 
     if not dist.is_nccl_available():
-        _row("d", "NCCL available", "no", ok=False)
+        add_row("d", "NCCL available", "no", ok=False)
         return
     t0 = time.perf_counter()
     dist.init_process_group("nccl", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1,
                             device_id=dev)
     try:
-        _row("d", "init_process_group(nccl, device_id) world 1", time.perf_counter() - t0, unit="s", ok=True)
+        add_row("d", "init_process_group(nccl, device_id) world 1", time.perf_counter() - t0, unit="s", ok=True)
         x = torch.arange(1 << 20, device=dev, dtype=torch.float32)
         for grp_name, grp in (("WORLD", None), ("new_group([0])", dist.new_group([0])),
                               ("twin_group", twin_group(None))):
@@ -324,20 +324,20 @@ def section_d(dev: torch.device) -> None:
             buf = p2p.recv(torch.empty_like(x), 0, "up", tag=3)
             p2p.send(x, 0, "kv", "up", tag=3)
             p2p.start().wait()
-            _sync()
-            _row("d", f"P2P self send/recv on {grp_name}", float((buf - x).abs().max()), 0.0, ok=bool(torch.equal(buf, x)))
+            cuda_sync()
+            add_row("d", f"P2P self send/recv on {grp_name}", float((buf - x).abs().max()), 0.0, ok=bool(torch.equal(buf, x)))
         y = x.clone()
         dist.all_reduce(y)
-        _row("d", "all_reduce", float((y - x).abs().max()), 0.0, ok=bool(torch.equal(y, x)))
+        add_row("d", "all_reduce", float((y - x).abs().max()), 0.0, ok=bool(torch.equal(y, x)))
         z = torch.empty_like(x)
         dist.all_to_all_single(z, x)
-        _row("d", "all_to_all_single", float((z - x).abs().max()), 0.0, ok=bool(torch.equal(z, x)))
+        add_row("d", "all_to_all_single", float((z - x).abs().max()), 0.0, ok=bool(torch.equal(z, x)))
         nc = x[::2]  # non-contiguous: P2P.send must make it contiguous (NCCL would be silently wrong)
         p2p = P2P(None)
         buf = p2p.recv(torch.empty(nc.shape, device=dev), 0, "up", tag=4)
         p2p.send(nc, 0, "kv", "up", tag=4)
         p2p.start().wait()
-        _row("d", "P2P of a non-contiguous view", float((buf - nc).abs().max()), 0.0, ok=bool(torch.equal(buf, nc)))
+        add_row("d", "P2P of a non-contiguous view", float((buf - nc).abs().max()), 0.0, ok=bool(torch.equal(buf, nc)))
     finally:
         from longtrain.parallel.comm import close_process_groups
         close_process_groups()
@@ -374,10 +374,10 @@ def section_f(dev: torch.device) -> None:
 
         t = {n: cuda_time(f) for n, f in (("lightning", light), ("attention_block", ours), ("torch_sdpa", sdpa))}
         flops = 4 * S * S * H * D / 2 * 3.5  # causal fwd (2 matmuls) + bwd (5), counted once
-        _row("f", f"S={S} fwd+bwd bf16 H={H} D={D}: lightning / softmax attention_block", t["lightning"] / t["attention_block"],
-             unit="x time", note=f"lightning {t['lightning'] * 1e3:.2f} ms, attention_block {t['attention_block'] * 1e3:.2f} ms "
+        add_row("f", f"S={S} fwd+bwd bf16 H={H} D={D}: lightning / softmax attention_block", t["lightning"] / t["attention_block"],
+                unit="x time", note=f"lightning {t['lightning'] * 1e3:.2f} ms, attention_block {t['attention_block'] * 1e3:.2f} ms "
                                  f"({flops / t['attention_block'] / 1e12:.0f} TFLOP/s), torch SDPA {t['torch_sdpa'] * 1e3:.2f} ms")
-        _row("f", f"S={S} D={D} attention_block / torch SDPA time", t["attention_block"] / t["torch_sdpa"], unit="x")
+        add_row("f", f"S={S} D={D} attention_block / torch SDPA time", t["attention_block"] / t["torch_sdpa"], unit="x")
 
 
 # ----------------------------------------------------------------------------- driver
@@ -450,8 +450,8 @@ def main(argv: list[str] | None = None) -> int:
             tb = traceback.format_exc()
             errors[s] = tb
             print(tb, flush=True)
-            _row(s, f"section {s} ({SECTIONS[s]}) crashed", "error", ok=False,
-                 note=f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}")
+            add_row(s, f"section {s} ({SECTIONS[s]}) crashed", "error", ok=False,
+                    note=f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}")
         timings[s] = time.perf_counter() - t0
     print_table()
     failed = [r for r in ROWS if r["status"] == "FAIL"]

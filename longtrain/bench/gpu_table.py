@@ -13,8 +13,8 @@ ROWS: list[dict[str, Any]] = []
 T0 = time.perf_counter()
 
 
-def _row(section: str, check: str, value: Any, limit: Any = None, unit: str = "", ok: bool | None = None,
-         note: str = "") -> None:
+def add_row(section: str, check: str, value: Any, limit: Any = None, unit: str = "", ok: bool | None = None,
+            note: str = "") -> None:
     status = "-" if ok is None else ("ok" if ok else "FAIL")
     ROWS.append({"section": section, "check": check, "value": value, "limit": limit, "unit": unit,
                  "status": status, "note": note})
@@ -36,12 +36,12 @@ def rel_err(got: torch.Tensor, ref: torch.Tensor) -> float:
     return ((g - r).abs().max() / r.abs().max().clamp_min(1e-30)).item()
 
 
-def _check(section: str, name: str, got: torch.Tensor, ref: torch.Tensor, tol: float) -> None:
+def check_close(section: str, name: str, got: torch.Tensor, ref: torch.Tensor, tol: float) -> None:
     e = rel_err(got, ref)
-    _row(section, name, e, tol, "rel err", ok=e <= tol and math.isfinite(e))
+    add_row(section, name, e, tol, "rel err", ok=e <= tol and math.isfinite(e))
 
 
-def _sync() -> None:
+def cuda_sync() -> None:
     if torch.cuda.is_available():
         torch.cuda.synchronize()
 

@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from longtrain.bench.gpu_table import ROWS, _row
+from longtrain.bench.gpu_table import ROWS, add_row
 
 
 def flops_per_token(cfg, seq_len: int) -> float:
@@ -108,7 +108,7 @@ def section_e(dev: torch.device, steps: int, root: Path) -> None:
         recs, wall, log = runs[arm]
         if not recs:
             tail = log.strip().splitlines()[-3:]
-            _row("e", f"train {arm}", "error", ok=False, note=" | ".join(tail)[:300])
+            add_row("e", f"train {arm}", "error", ok=False, note=" | ".join(tail)[:300])
             continue
         skip = min(max(5, len(recs) // 3), len(recs) - 1)
         tail_recs = recs[skip:]
@@ -122,35 +122,35 @@ def section_e(dev: torch.device, steps: int, root: Path) -> None:
         falls = recs[-1]["loss"] < recs[0]["loss"] or arm == "resume"  # resume: the second half only
         resumed = arm != "resume" or f"at step {max(1, steps // 2)}" in log
         mfu_s = f"MFU {mfu:.1%} | " if mfu is not None else ""
-        _row("e", f"train {arm} ({len(recs)} steps, {seq} tokens, {'fp32 CPU' if cpu else 'bf16'})", tok_s,
-             unit="tokens/s", ok=finite and falls and resumed,
-             note=f"{mfu_s}peak {mem:.2f} GiB | loss {recs[0]['loss']:.3f} -> {recs[-1]['loss']:.3f} | "
+        add_row("e", f"train {arm} ({len(recs)} steps, {seq} tokens, {'fp32 CPU' if cpu else 'bf16'})", tok_s,
+                unit="tokens/s", ok=finite and falls and resumed,
+                note=f"{mfu_s}peak {mem:.2f} GiB | loss {recs[0]['loss']:.3f} -> {recs[-1]['loss']:.3f} | "
                   f"{wall:.0f}s wall | {what}")
     eager = results.get("eager")
     if eager and "mesa" in results:
-        _row("e", "Mesa peak memory / eager", results["mesa"]["peak_gib"] / max(eager["peak_gib"], 1e-9), unit="x")
+        add_row("e", "Mesa peak memory / eager", results["mesa"]["peak_gib"] / max(eager["peak_gib"], 1e-9), unit="x")
     if eager and "compiled" in results:
-        _row("e", "compiled tokens/s / eager", results["compiled"]["tokens_per_s"] / max(eager["tokens_per_s"], 1e-9),
-             unit="x")
+        add_row("e", "compiled tokens/s / eager", results["compiled"]["tokens_per_s"] / max(eager["tokens_per_s"], 1e-9),
+                unit="x")
     if eager and "checkpointing" in results and not cpu:  # CPU: memory_mb is the process RSS, not activations
         r = results["checkpointing"]["peak_gib"] / max(eager["peak_gib"], 1e-9)
-        _row("e", "activation checkpointing peak memory / eager", r, 1.0, "x", ok=r < 1.0)
+        add_row("e", "activation checkpointing peak memory / eager", r, 1.0, "x", ok=r < 1.0)
     for arm in ("documents", "window", "ddp", "async-save"):
         if eager and arm in results:
-            _row("e", f"{arm} tokens/s / eager", results[arm]["tokens_per_s"] / max(eager["tokens_per_s"], 1e-9),
-                 unit="x")
+            add_row("e", f"{arm} tokens/s / eager", results[arm]["tokens_per_s"] / max(eager["tokens_per_s"], 1e-9),
+                    unit="x")
     if "async-save" in results and "resume" in results:
         a, b = results["async-save"]["losses"], results["resume"]["losses"]
         common = sorted(set(a) & set(b))
         diff = max((abs(a[s] - b[s]) / abs(a[s]) for s in common), default=float("inf"))
         tol = 1e-5 if cpu else 1e-2  # bf16 with non-deterministic fused backward kernels on CUDA
-        _row("e", f"resume from the async checkpoint: steps {common[0] if common else '?'}-"
+        add_row("e", f"resume from the async checkpoint: steps {common[0] if common else '?'}-"
                   f"{common[-1] if common else '?'} vs the uninterrupted run", diff, tol, "max rel loss diff",
-             ok=bool(common) and len(common) == steps - max(1, steps // 2) and diff <= tol)
+                ok=bool(common) and len(common) == steps - max(1, steps // 2) and diff <= tol)
         ck = root / "train-async-save" / "checkpoints"
         latest = (ck / "latest").read_text().strip() if (ck / "latest").is_file() else "none"
-        _row("e", "async-save published its last checkpoint", latest, f"step_{steps:08d}",
-             ok=latest == f"step_{steps:08d}")
+        add_row("e", "async-save published its last checkpoint", latest, f"step_{steps:08d}",
+                ok=latest == f"step_{steps:08d}")
     _syncs_row(base, root, cpu)
     ROWS.append({"section": "e", "check": "training summary", "value": results, "status": "-"})
 
@@ -167,13 +167,13 @@ def _syncs_row(base: list[str], root: Path, cpu: bool) -> None:
     p = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=_arm_env(cpu))
     line = next((x for x in reversed(p.stdout.splitlines()) if x.startswith("{")), None)
     if p.returncode != 0 or line is None:
-        _row("e", "documents: host syncs per step", "error", ok=False,
-             note=" | ".join((p.stdout + p.stderr).strip().splitlines()[-3:])[:300])
+        add_row("e", "documents: host syncs per step", "error", ok=False,
+                note=" | ".join((p.stdout + p.stderr).strip().splitlines()[-3:])[:300])
         return
     res = json.loads(line)
     added = max(res["added_per_step"], res["cuda_added_per_step"])
-    _row("e", "documents: host syncs added per step (full + window + lightning layers)", added, 2.0, "syncs",
-         ok=added <= 2.0, note=f"plain step {res['plain']['per_step']:.0f} scalar reads"
+    add_row("e", "documents: host syncs added per step (full + window + lightning layers)", added, 2.0, "syncs",
+            ok=added <= 2.0, note=f"plain step {res['plain']['per_step']:.0f} scalar reads"
                               f"{'' if cpu else ', %.0f CUDA syncs' % res['plain']['cuda_per_step']}")
 
 

@@ -36,7 +36,7 @@ from typing import Any
 
 import torch
 
-from longtrain.bench.gpu_table import ROWS, T0, _row, print_table
+from longtrain.bench.gpu_table import ROWS, T0, add_row, print_table
 from longtrain.parallel.rules import SP_IMPLS
 
 
@@ -345,10 +345,10 @@ def _report(phase: str, world: int, got: dict[int, tuple], work: Path, rank0_row
         if r not in got:
             prog = work / f"progress.rank{r}"
             last = prog.read_text().strip().splitlines()[-1] if prog.is_file() else "nothing"
-            _row(phase, f"phase {phase} rank {r} did not finish", "hung/died", ok=False, note=f"last: {last}")
+            add_row(phase, f"phase {phase} rank {r} did not finish", "hung/died", ok=False, note=f"last: {last}")
         elif got[r][0] == "error":
-            _row(phase, f"phase {phase} rank {r} failed", "error", ok=False,
-                 note=" | ".join(str(got[r][2]).strip().splitlines()[-2:])[:300])
+            add_row(phase, f"phase {phase} rank {r} failed", "error", ok=False,
+                    note=" | ".join(str(got[r][2]).strip().splitlines()[-2:])[:300])
     seen = set()
     for r in sorted(got):
         if rank0_rows_only and r != min(got):
@@ -356,7 +356,7 @@ def _report(phase: str, world: int, got: dict[int, tuple], work: Path, rank0_row
         for sec, check, value, limit, unit, ok, note in got[r][1]:
             if (sec, check) not in seen:
                 seen.add((sec, check))
-                _row(sec, check, value, limit, unit, ok=ok, note=note)
+                add_row(sec, check, value, limit, unit, ok=ok, note=note)
     return got.get(0, (None, None, None))[2]
 
 
@@ -367,8 +367,8 @@ def _flight_recorder_rows(work: Path, world: int, exitcodes: list, timeout_s: fl
     for r in range(1, world):
         dump = work / f"nccl-trace-3-rank-{r}"
         if not dump.is_file():
-            _row("j", f"rank {r}: flight recorder dump", "missing", ok=False,
-                 note=f"exit code {exitcodes[r]}; expected {dump.name} (TORCH_NCCL_DUMP_ON_TIMEOUT)")
+            add_row("j", f"rank {r}: flight recorder dump", "missing", ok=False,
+                    note=f"exit code {exitcodes[r]}; expected {dump.name} (TORCH_NCCL_DUMP_ON_TIMEOUT)")
             continue
         try:
             data = pickle.loads(dump.read_bytes())
@@ -376,10 +376,10 @@ def _flight_recorder_rows(work: Path, world: int, exitcodes: list, timeout_s: fl
             last = entries[-1] if entries else {}
             note = (f"{len(entries)} entries; last {last.get('profiling_name', '?')} seq "
                     f"{last.get('collective_seq_id', '?')} state {last.get('state', '?')}; exit code {exitcodes[r]}")
-            _row("j", f"rank {r}: flight recorder dump", len(entries), unit="entries",
-                 ok=bool(entries) and last.get("state") != "completed", note=note)
+            add_row("j", f"rank {r}: flight recorder dump", len(entries), unit="entries",
+                    ok=bool(entries) and last.get("state") != "completed", note=note)
         except Exception as e:  # noqa: BLE001
-            _row("j", f"rank {r}: flight recorder dump", "unreadable", ok=False, note=f"{type(e).__name__}: {e}"[:200])
+            add_row("j", f"rank {r}: flight recorder dump", "unreadable", ok=False, note=f"{type(e).__name__}: {e}"[:200])
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -428,7 +428,7 @@ def main(argv: list[str] | None = None) -> int:
         elif phase == "2":
             half = world // 2
             if ref is None:
-                _row("i", "resume at N/2", "skipped", note="needs phase 1's checkpoint")
+                add_row("i", "resume at N/2", "skipped", note="needs phase 1's checkpoint")
                 continue
             print(f"--- phase 2 ({half} rank{'s' if half > 1 else ''}): i resume at N/2", flush=True)
             _report("2", half, _run_phase("2", half, {**opts, "ref_losses": ref, "n_saved": world}, deadline), work)
@@ -439,9 +439,9 @@ def main(argv: list[str] | None = None) -> int:
             got = _run_phase("3", 2, opts, limit + 15)
             codes = opts["exitcodes"]["3"]
             elapsed = time.perf_counter() - t0
-            _row("j", "drill ended (all ranks exited)", elapsed, limit, "s",
-                 ok=elapsed <= limit and all(c is not None for c in codes),
-                 note=f"exit codes {codes}")
+            add_row("j", "drill ended (all ranks exited)", elapsed, limit, "s",
+                    ok=elapsed <= limit and all(c is not None for c in codes),
+                    note=f"exit codes {codes}")
             if cuda:  # the watchdog kills the hung rank before it can report: its dump is the report
                 got = {r: v for r, v in got.items() if r == 0}
                 _report("3", 1, got, work)
