@@ -26,7 +26,7 @@ from longtrain.models.config import MoHConfig, model_config
 from longtrain.models.layers import rope_cos_sin, rope_inv_freq
 from longtrain.models.llama import Attention
 from longtrain.models.moh import MoHAttention
-from longtrain.models.moh_sparse import _auto_block
+from longtrain.models.moh_sparse import auto_block_size
 from longtrain.models.ops import LocalAttention
 from longtrain.models.spans import Span
 
@@ -121,7 +121,8 @@ def bench(sizes: list[str], seqs: list[int], routers: list[str], repeat: int,
                 usage = moh.last_head_usage[moh.shared_heads:]
                 row: dict[str, Any] = {"size": size, "seq": S, "router": router, "heads_used": frac,
                                        "doc_len": doc_len or None,
-                                       "block": moh.block_size or (min(512, _auto_block(S)) if not doc_len else _auto_block(S))}
+                                       "block": moh.block_size or (min(512, auto_block_size(S)) if not doc_len
+                                                                   else auto_block_size(S))}
                 for name, (w, c) in t.items():
                     row[f"{name}_s"] = w
                     row[f"{name}_cpu_s"] = c

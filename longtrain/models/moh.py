@@ -48,8 +48,8 @@ from torch import Tensor, nn
 
 from longtrain.models.config import ModelConfig
 from longtrain.models.layers import apply_rope
-from longtrain.models.moh_sparse import (_auto_block, _CompactCausalAttention, _diag_mask, _doc_starts, _has_cpu_flash,
-                                         _segments, _SparseQueryAttention, _up)
+from longtrain.models.moh_sparse import (CompactCausalAttention, SparseQueryAttention, auto_block_size, diagonal_mask,
+                                         doc_starts, has_cpu_flash, prefix_runs, upcast)
 from longtrain.models.ops import AttentionOps, LocalAttention
 from longtrain.models.spans import Span
 
@@ -103,16 +103,16 @@ class MoHAttention(nn.Module):
         B, S, _ = x.shape
         hs, k, E = self.shared_heads, self.routed_heads, self.n_routed
         if self.router_kind == "learned":
-            probs = torch.softmax(_up(self.router(x)), dim=-1)  # [B,S,E]
+            probs = torch.softmax(upcast(self.router(x)), dim=-1)  # [B,S,E]
             top = probs.topk(k, dim=-1).indices
             sel = torch.zeros_like(probs, dtype=torch.bool).scatter_(-1, top, True)
             masked = probs * sel
             denom = masked.sum(-1, keepdim=True).clamp_min(torch.finfo(probs.dtype).eps)
             routed = masked / denom * k
             if hs > 0:
-                shared = (torch.softmax(_up(self.shared_gate(x)), dim=-1) * hs if hs > 1
+                shared = (torch.softmax(upcast(self.shared_gate(x)), dim=-1) * hs if hs > 1
                           else probs.new_ones(B, S, 1))
-                a = torch.softmax(_up(self.stage_gate(x)), dim=-1) * 2
+                a = torch.softmax(upcast(self.stage_gate(x)), dim=-1) * 2
                 gates = torch.cat([shared * a[..., :1], routed * a[..., 1:]], dim=-1)
             else:
                 gates = routed
@@ -125,7 +125,7 @@ class MoHAttention(nn.Module):
             self.last_router_prob = probs.detach().flatten(0, 1).mean(0)
         else:  # query_norm: parameter-free, binary
             with torch.no_grad():
-                norms = _up(q_pre[:, :, hs:]).norm(dim=-1)  # [B,S,E]
+                norms = upcast(q_pre[:, :, hs:]).norm(dim=-1)  # [B,S,E]
                 score = norms / norms.sum(-1, keepdim=True).clamp_min(1e-30)
                 top = score.topk(k, dim=-1).indices
                 sel = torch.zeros_like(score, dtype=torch.bool).scatter_(-1, top, True)
@@ -149,7 +149,7 @@ class MoHAttention(nn.Module):
         # the sparse path is built on torch's CPU flash op (it returns the log-sum-exp); elsewhere
         # its parts would fall back to materialised scores, slower than masked flash-attn
         if (self.sparse and q.shape[1] >= self.sparse_min_seq and isinstance(ops, LocalAttention)
-                and _has_cpu_flash(q)):
+                and has_cpu_flash(q)):
             o = self._sparse_attention(q, k, v, gates, sel, ops)
         else:
             o = ops.softmax(q, k, v, window=self.window) * gates.unsqueeze(-1).to(q.dtype)
@@ -178,17 +178,17 @@ class MoHAttention(nn.Module):
         selT = sel.permute(0, 2, 1)
         flat = selT.reshape(-1).nonzero().squeeze(1)  # over [B, E, S], sorted
         if self.window is None and ops.cu_seqlens is None and self.compact:
-            C = self.block_size or min(512, _auto_block(S))
-            out = _CompactCausalAttention.apply(qr, kr, vr, selT, C, 1.0 / math.sqrt(D))
+            C = self.block_size or min(512, auto_block_size(S))
+            out = CompactCausalAttention.apply(qr, kr, vr, selT, C, 1.0 / math.sqrt(D))
             return self._place(out, flat, gates, parts, B, E, S, D)
         pos = flat % S
-        doc_start = _doc_starts(ops.cu_seqlens, S, q.device)
+        doc_start = doc_starts(ops.cu_seqlens, S, q.device)
         ds = doc_start.index_select(0, pos) if doc_start is not None else torch.zeros_like(pos)
         lb = ds if self.window is None else torch.maximum(ds, pos - self.window + 1)
-        P = self.block_size or _auto_block(S)
-        segs = _segments(flat // S, pos, ds, P, S, self.window)
-        mask = _diag_mask(P, S, B, self.window, ops.cu_seqlens, q.dtype, q.device)
-        out = _SparseQueryAttention.apply(qr, kr, vr, flat, pos, lb, segs, mask, P, 1.0 / math.sqrt(D))
+        P = self.block_size or auto_block_size(S)
+        segs = prefix_runs(flat // S, pos, ds, P, S, self.window)
+        mask = diagonal_mask(P, S, B, self.window, ops.cu_seqlens, q.dtype, q.device)
+        out = SparseQueryAttention.apply(qr, kr, vr, flat, pos, lb, segs, mask, P, 1.0 / math.sqrt(D))
         return self._place(out, flat, gates, parts, B, E, S, D)
 
     def _place(self, out: Tensor, flat: Tensor, gates: Tensor, parts: list[Tensor], B: int, E: int, S: int,

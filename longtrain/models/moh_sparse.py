@@ -12,14 +12,14 @@ from torch import Tensor
 
 
 
-def _auto_block(S: int) -> int:
+def auto_block_size(S: int) -> int:
     # the diagonal call costs ~P keys per token (all rows, whole tiles); each prefix run costs
     # kernel calls and a [prefix, D] gradient pass, ~S^2/P per head: S/8 measured best at 2k-8k
     target = min(1024, max(128, S // 8))
     return 1 << (target.bit_length() - 1)  # a power of two: divides typical lengths, no padding
 
 
-def _doc_starts(cu_seqlens: Tensor | None, S: int, device: torch.device) -> Tensor | None:
+def doc_starts(cu_seqlens: Tensor | None, S: int, device: torch.device) -> Tensor | None:
     """First position of each position's document, [S] long (None without packing).
 
     Same convention as kernels.attention_block: document starts over the sequence, shared by
@@ -33,8 +33,8 @@ def _doc_starts(cu_seqlens: Tensor | None, S: int, device: torch.device) -> Tens
     return cu[doc.clamp_min(0)]
 
 
-def _diag_mask(P: int, S: int, B: int, window: int | None, cu_seqlens: Tensor | None,
-               dtype: torch.dtype, device: torch.device) -> Tensor | None:
+def diagonal_mask(P: int, S: int, B: int, window: int | None, cu_seqlens: Tensor | None,
+                  dtype: torch.dtype, device: torch.device) -> Tensor | None:
     """Additive mask of the diagonal blocks ([1, 1|nblk, P, P]); None = plain causal."""
     if window is None and cu_seqlens is None:
         return None
@@ -46,13 +46,13 @@ def _diag_mask(P: int, S: int, B: int, window: int | None, cu_seqlens: Tensor | 
         keep = keep & (i - j < window)
     keep = keep[None]
     if cu_seqlens is not None:  # per block: blocks are the 'heads' of the diagonal call
-        d = _doc_starts(cu_seqlens, nblk * P, device).view(nblk, P)
+        d = doc_starts(cu_seqlens, nblk * P, device).view(nblk, P)
         keep = keep & (d[:, :, None] == d[:, None, :])
     return torch.zeros(keep.shape, dtype=dtype, device=device).masked_fill_(~keep, float("-inf")).unsqueeze(0)
 
 
-def _segments(br: Tensor, pos: Tensor, ds: Tensor, P: int, S: int,
-              window: int | None) -> list[tuple[int, ...]]:
+def prefix_runs(br: Tensor, pos: Tensor, ds: Tensor, P: int, S: int,
+                window: int | None) -> list[tuple[int, ...]]:
     """Runs of chosen queries sharing (row*E + head, block, document) that see keys before their block.
 
     Each: (q0, q1, br, pre_lo, pre_hi, band_lo, band_hi): keys [pre_lo, pre_hi) are visible to
@@ -82,12 +82,12 @@ def _segments(br: Tensor, pos: Tensor, ds: Tensor, P: int, S: int,
 _FORCE_MATH = False  # tests: run the parts through the plain-torch math twin
 
 
-def _has_cpu_flash(t: Tensor) -> bool:
+def has_cpu_flash(t: Tensor) -> bool:
     return t.device.type == "cpu" and hasattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu")
 
 
 def _kernel(t: Tensor) -> bool:
-    return _has_cpu_flash(t) and not _FORCE_MATH
+    return has_cpu_flash(t) and not _FORCE_MATH
 
 
 def _flash_fwd(q: Tensor, k: Tensor, v: Tensor, causal: bool, mask: Tensor | None,
@@ -99,7 +99,7 @@ def _flash_fwd(q: Tensor, k: Tensor, v: Tensor, causal: bool, mask: Tensor | Non
         return o, l.float()
     s = _math_scores(q, k, causal, mask, scale)
     lse = s.logsumexp(-1)
-    return (torch.exp(s - lse[..., None]) @ _up(v)).to(q.dtype), lse
+    return (torch.exp(s - lse[..., None]) @ upcast(v)).to(q.dtype), lse
 
 
 def _flash_bwd(do: Tensor, q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Tensor, causal: bool,
@@ -109,15 +109,15 @@ def _flash_bwd(do: Tensor, q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Tens
         dq, dk, dv = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
             do.to(q.dtype), q, k, v, o.to(q.dtype), lse.float().contiguous(), 0.0, causal,
             attn_mask=mask, scale=scale)
-        return _up(dq), _up(dk), _up(dv)
-    qf, kf, vf, dof = _up(q), _up(k), _up(v), _up(do)
+        return upcast(dq), upcast(dk), upcast(dv)
+    qf, kf, vf, dof = upcast(q), upcast(k), upcast(v), upcast(do)
     p = torch.exp(_math_scores(q, k, causal, mask, scale) - lse[..., None])
-    ds = p * (dof @ vf.transpose(-1, -2) - (dof * _up(o)).sum(-1, keepdim=True))
+    ds = p * (dof @ vf.transpose(-1, -2) - (dof * upcast(o)).sum(-1, keepdim=True))
     return (ds @ kf) * scale, (ds.transpose(-1, -2) @ qf) * scale, p.transpose(-1, -2) @ dof
 
 
 def _math_scores(q: Tensor, k: Tensor, causal: bool, mask: Tensor | None, scale: float) -> Tensor:
-    s = (_up(q) @ _up(k).transpose(-1, -2)) * scale
+    s = (upcast(q) @ upcast(k).transpose(-1, -2)) * scale
     if causal:
         L, M = s.shape[-2:]
         s = s.masked_fill(torch.ones(L, M, dtype=torch.bool, device=s.device).triu(1), float("-inf"))
@@ -141,7 +141,7 @@ def _from_blocks(t: Tensor, B: int, S: int) -> Tensor:
     return t.reshape(B, BE // B, nblk * P, D)[:, :, :S]
 
 
-class _SparseQueryAttention(torch.autograd.Function):
+class SparseQueryAttention(torch.autograd.Function):
     """Causal attention of the chosen queries (flat indices over [B,E,S]) of routed heads over
     all keys of their head; q/k/v [B,E,S,D]. Returns out [N,D] in the order of `flat`."""
 
@@ -152,7 +152,7 @@ class _SparseQueryAttention(torch.autograd.Function):
         nblk = (S + P - 1) // P
         od, ld = _flash_fwd(_to_blocks(q, P), _to_blocks(k, P), _to_blocks(v, P), mask is None, mask, scale)
         drow = (flat // S) * (nblk * P) + pos  # row of each chosen query in od
-        out = _up(od.reshape(-1, D).index_select(0, drow))
+        out = upcast(od.reshape(-1, D).index_select(0, drow))
         lse = ld.reshape(-1).index_select(0, drow)
         qs = q.reshape(-1, D).index_select(0, flat)
         kf, vf = k.view(B * E, S, D), v.view(B * E, S, D)
@@ -161,13 +161,13 @@ class _SparseQueryAttention(torch.autograd.Function):
             if pre_hi > pre_lo:
                 o1, l1 = _flash_fwd(qq, kf[brr, pre_lo:pre_hi][None, None], vf[brr, pre_lo:pre_hi][None, None],
                                     False, None, scale)
-                _merge(out, lse, q0, q1, _up(o1[0, 0]), l1[0, 0])
+                _merge(out, lse, q0, q1, upcast(o1[0, 0]), l1[0, 0])
             if band_hi > band_lo:
                 bm = _band_mask(pos[q0:q1], lb[q0:q1], band_lo, band_hi, q.dtype)
                 o2, l2 = _flash_fwd(qq, kf[brr, band_lo:band_hi][None, None], vf[brr, band_lo:band_hi][None, None],
                                     False, bm, scale)
                 dead = torch.isinf(bm).all(-1)  # no visible band key: the op reports lse 0 there
-                _merge(out, lse, q0, q1, _up(o2[0, 0]).masked_fill(dead[:, None], 0.0),
+                _merge(out, lse, q0, q1, upcast(o2[0, 0]).masked_fill(dead[:, None], 0.0),
                        l2[0, 0].masked_fill(dead, float("-inf")))
         ctx.save_for_backward(q, k, v, flat, drow, pos, lb, out, lse, ld, mask)
         ctx.segs, ctx.P, ctx.scale = segs, P, scale
@@ -178,7 +178,7 @@ class _SparseQueryAttention(torch.autograd.Function):
         q, k, v, flat, drow, pos, lb, out, lse, ld, mask = ctx.saved_tensors
         P, scale = ctx.P, ctx.scale
         B, E, S, D = q.shape
-        dout = _up(dout)
+        dout = upcast(dout)
         # diagonal blocks: rows not chosen get dout = 0 and so contribute nothing
         n = ld.numel()
         dod = dout.new_zeros(n, D).index_copy_(0, drow, dout)
@@ -225,7 +225,7 @@ def _band_mask(pos: Tensor, lb: Tensor, lo: int, hi: int, dtype: torch.dtype) ->
     return torch.zeros(keep.shape, dtype=dtype, device=pos.device).masked_fill_(~keep, float("-inf"))
 
 
-class _CompactCausalAttention(torch.autograd.Function):
+class CompactCausalAttention(torch.autograd.Function):
     """Routed-head attention without window or documents, per (row, head):
     the chosen queries against the keys of the chosen positions form an ordinary causal problem
     in compacted order (query i sees compacted keys 0..i) -> one causal flash call; the keys of
@@ -243,15 +243,15 @@ class _CompactCausalAttention(torch.autograd.Function):
             kp, vp = k[b, r].index_select(0, perm), v[b, r].index_select(0, perm)  # chosen keys first
             ks, vs, ku, vu = kp[:n], vp[:n], kp[n:], vp[n:]
             o, l_ = _flash_fwd(qs[None, None], ks[None, None], vs[None, None], True, None, scale)
-            o, l_ = _up(o[0, 0]).clone(), l_[0, 0].clone()
+            o, l_ = upcast(o[0, 0]).clone(), l_[0, 0].clone()
             for i0, i1, lo, hi, bm, dead in runs:
                 qq = qs[i0:i1][None, None]
                 if lo > 0:  # keys [0, lo) of the staircase: visible to every query of the run
                     o1, l1 = _flash_fwd(qq, ku[:lo][None, None], vu[:lo][None, None], False, None, scale)
-                    _merge(o, l_, i0, i1, _up(o1[0, 0]), l1[0, 0])
+                    _merge(o, l_, i0, i1, upcast(o1[0, 0]), l1[0, 0])
                 if hi > lo:
                     o2, l2 = _flash_fwd(qq, ku[lo:hi][None, None], vu[lo:hi][None, None], False, bm, scale)
-                    _merge(o, l_, i0, i1, _up(o2[0, 0]).masked_fill(dead[:, None], 0.0),
+                    _merge(o, l_, i0, i1, upcast(o2[0, 0]).masked_fill(dead[:, None], 0.0),
                            l2[0, 0].masked_fill(dead, float("-inf")))
             outs.append(o)
             lses.append(l_)
@@ -266,7 +266,7 @@ class _CompactCausalAttention(torch.autograd.Function):
     def backward(ctx: Any, dout: Tensor) -> tuple[Tensor | None, ...]:
         q, k, v, out, lse = ctx.saved_tensors
         scale = ctx.scale
-        dout = _up(dout)
+        dout = upcast(dout)
         dq = torch.zeros(q.shape, dtype=dout.dtype, device=q.device)
         dk = torch.zeros(k.shape, dtype=dout.dtype, device=q.device)
         dv = torch.zeros(v.shape, dtype=dout.dtype, device=q.device)
@@ -331,6 +331,6 @@ def _compact_plan(sel: Tensor, C: int, dtype: torch.dtype) -> list[tuple[Any, ..
     return heads
 
 
-def _up(t: Tensor) -> Tensor:
+def upcast(t: Tensor) -> Tensor:
     """Router math in fp32 (fp64 stays fp64)."""
     return t if t.dtype == torch.float64 else t.float()
