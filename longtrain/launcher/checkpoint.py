@@ -1,9 +1,6 @@
 """Sharded checkpoints with torch.distributed.checkpoint (DCP), published atomically.
 
-Layout under the checkpoint folder:
-  step_00000100/      a complete checkpoint: DCP shards + .metadata + meta.json
-  step_00000150.tmp/  a save in progress (or a crashed one: removed at the next start)
-  latest              text file naming the newest complete checkpoint (replaced atomically)
+The folder's layout (step_N/, step_N.tmp/, latest) is launcher/ckpt_layout.py's.
 
 A save writes into `<name>.tmp`, then rank 0 renames it to `<name>` and rewrites `latest`
 (write + fsync + os.replace), so a crash at any moment leaves the previous checkpoint usable.
@@ -20,7 +17,6 @@ import json
 import logging
 import zlib
 import os
-import re
 import shutil
 import signal
 import time
@@ -36,10 +32,9 @@ from torch.distributed.checkpoint import FileSystemReader
 from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
 
 from longtrain.errors import CheckpointError
+from longtrain.launcher.ckpt_layout import LATEST, is_complete, newest_complete, step_folders, step_name
 
 log = logging.getLogger("longtrain")
-
-_STEP_RE = re.compile(r"^step_(\d+)$")
 
 
 def _barrier() -> None:
@@ -49,10 +44,6 @@ def _barrier() -> None:
 
 def _rank() -> int:
     return dist.get_rank() if dist.is_initialized() else 0
-
-
-def is_complete(path: Path) -> bool:
-    return (path / ".metadata").is_file() and (path / "meta.json").is_file()
 
 
 def read_meta(path: str | os.PathLike) -> dict[str, Any]:
@@ -225,28 +216,16 @@ class Checkpointer:
 
     def complete(self) -> list[Path]:
         """Complete checkpoints, oldest first."""
-        if not self.root.is_dir():
-            return []
-        found = [p for p in self.root.iterdir() if _STEP_RE.match(p.name) and is_complete(p)]
-        return sorted(found, key=lambda p: int(_STEP_RE.match(p.name).group(1)))
+        return step_folders(self.root)
 
     def latest(self) -> Path | None:
         """The checkpoint named by `latest` if complete, else the newest complete one."""
-        pointer = self.root / "latest"
-        if pointer.is_file():
-            p = self.root / pointer.read_text().strip()
-            if is_complete(p):
-                return p
-            log.warning("'latest' names %s, which is incomplete; using the newest complete checkpoint", p)
-        done = self.complete()
-        return done[-1] if done else None
+        return newest_complete(self.root, warn=lambda p: log.warning(
+            "'latest' names %s, which is incomplete; using the newest complete checkpoint", p))
 
     def steps(self) -> list[Path]:
         """Every published step_N folder (complete or not), newest first."""
-        if not self.root.is_dir():
-            return []
-        found = [p for p in self.root.iterdir() if _STEP_RE.match(p.name) and p.is_dir()]
-        return sorted(found, key=lambda p: -int(_STEP_RE.match(p.name).group(1)))
+        return step_folders(self.root, complete=False)[::-1]
 
     def resume_point(self) -> Path | None:
         """Collective: the newest checkpoint that is complete and intact, for resume = "auto".
@@ -272,7 +251,7 @@ class Checkpointer:
         once every rank's write has finished. At most one save is in flight: a new one first waits
         for the previous."""
         self.wait()
-        name = f"step_{step:08d}"
+        name = step_name(step)
         tmp = self.root / f"{name}.tmp"
         if _rank() == 0:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -309,7 +288,7 @@ class Checkpointer:
         return self._publish(step, meta, t0, dcp_layout=True)
 
     def _publish(self, step: int, meta: dict[str, Any], t0: float, dcp_layout: bool) -> Path:
-        name = f"step_{step:08d}"
+        name = step_name(step)
         final, tmp = self.root / name, self.root / f"{name}.tmp"
         _barrier()  # every rank's files are written
         world = dist.get_world_size() if dist.is_initialized() else 1
@@ -332,7 +311,7 @@ class Checkpointer:
                 f.write(name)
                 f.flush()
                 os.fsync(f.fileno())
-            os.replace(ptr_tmp, self.root / "latest")
+            os.replace(ptr_tmp, self.root / LATEST)
             _fsync_dir(self.root)
             for old in self.complete()[:-self.keep_last]:
                 shutil.rmtree(old, ignore_errors=True)

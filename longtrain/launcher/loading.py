@@ -29,6 +29,7 @@ import torch
 from torch import nn
 
 from longtrain.errors import CheckpointError, ConfigError, LongtrainError
+from longtrain.launcher.ckpt_layout import is_complete, looks_like_checkpoint
 
 # config fields a continue-tuning run may change on a loaded model (no parameter shapes change)
 OVERRIDABLE = ("rope_theta", "rope_scaling", "attention", "max_seq_len")
@@ -61,13 +62,12 @@ def is_hf_folder(p: str | os.PathLike) -> bool:
 
 
 def is_dcp_folder(p: str | os.PathLike) -> bool:
-    p = Path(p)
-    return (p / ".metadata").exists() or (p / "meta.json").exists()
+    return looks_like_checkpoint(Path(p))
 
 
 def resolve_checkpoint(path: str | os.PathLike) -> tuple[str, Path]:
     """('dcp' | 'hf', folder) for a DCP checkpoint, a checkpoints/ or run folder, or an HF folder."""
-    from longtrain.launcher.checkpoint import Checkpointer, is_complete
+    from longtrain.launcher.checkpoint import Checkpointer
 
     p = Path(path)
     if not p.exists():
