@@ -21,9 +21,9 @@ from longtrain.models import model_config
 
 # activations dominate in tiny; weights + AdamW state and activations are about even in small
 CASES = {"tiny": (4, 1024), "small": (2, 512)}
-VARIANTS = ("plain", "ckpt", "mesa")
+VARIANTS = ("plain", "ckpt", "mesa", "heads")  # heads: attention in groups of 2 query heads (attn_head_chunk)
 # small + Mesa peaks at the optimizer step like small + checkpointing (nothing new measured, 6 s CPU)
-SKIP = {("small", "mesa")}
+SKIP = {("small", "mesa"), ("small", "heads")}
 
 
 @pytest.fixture(scope="module")
@@ -37,7 +37,7 @@ def measured():
     def one(key):
         (preset, (b, seq)), variant = key
         p = point({}, seq, preset=preset, batch=b, checkpointing="full" if variant == "ckpt" else "none",
-                  mesa=variant == "mesa", loss_chunk=0, mlp_chunk=0)
+                  mesa=variant == "mesa", loss_chunk=0, mlp_chunk=0, attn_head_chunk=2 if variant == "heads" else 0)
         return (preset, variant), measure_peak(p, timeout=300)
 
     keys = [(c, v) for c in CASES.items() for v in VARIANTS if (c[0], v) not in SKIP]
@@ -50,7 +50,8 @@ def test_memory_within_20_percent_of_measured(measured, preset, variant):
     b, seq = CASES[preset]
     cfg = model_config(preset, max_seq_len=seq)
     m = memory_per_gpu(cfg, world=1, sp=1, micro_batch=b, seq_len=seq, dtype="fp32", engine="ddp", zero_stage=0,
-                       checkpointing=variant == "ckpt", mesa=variant == "mesa")
+                       checkpointing=variant == "ckpt", mesa=variant == "mesa",
+                       attn_head_chunk=2 if variant == "heads" else 0)
     got = measured[preset, variant]
     assert got > 20 * 2**20  # a real measurement, not noise
     ratio = m.total / got

@@ -14,8 +14,8 @@ Three parts (each a table, all in one JSON):
   inputs      (--inputs) checkpointed layer inputs exact vs Mesa 8-bit, 'full' and 'offload':
               measured peak growth per token beside the planner's, and the offload store's bytes.
   heads       (--heads) attention in head groups (training.attn_head_chunk) on vs off, with
-              checkpointing none / full + Mesa / offload + Mesa: how much less a token costs,
-              measured beside the planner's figure.
+              checkpointing none and full + Mesa: how much less a token costs, measured beside
+              the planner's figure.
 
 Measuring a peak (`measure_peak`): a fresh single-threaded process with
 MALLOC_MMAP_THRESHOLD_=65536 (every tensor buffer is its own mmap, so freed memory leaves the
@@ -115,58 +115,73 @@ LLAMA3_DEEP = dict(LLAMA3_SMALL, n_layers=16)
 INPUT_VARIANTS = [("full", False), ("full", True), ("offload", False), ("offload", True)]
 
 
-def stored_inputs(model: dict[str, Any], seqs: tuple[int, int], mlp_chunk: int | str,
-                  jobs: int = 2) -> list[dict[str, Any]]:
-    """Checkpointed inputs exact vs 8-bit (Mesa): measured peak growth per token between the two
-    lengths, beside the planner's, and the host bytes the offload store holds at the longer one."""
-    pts = [(ck, m, s) for ck, m in INPUT_VARIANTS for s in seqs]
-
+def _growth_points(model: dict[str, Any], seq: int, variants: list[tuple], jobs: int) -> dict[tuple, tuple]:
+    """Measured and planned totals for each (ckpt, mesa, heads, batch) in `variants`, at length `seq`."""
     def one(key):
-        ck, m, s = key
-        p = point(model, s, preset=None, checkpointing=ck, mesa=m, loss_chunk="auto", mlp_chunk=mlp_chunk)
-        return key, measure(p), predicted_total(p)
+        ck, m, h, b = key
+        p = point(model, seq, preset=None, checkpointing=ck, mesa=m, loss_chunk="auto", mlp_chunk=MLP_TILE,
+                  attn_head_chunk=h, batch=b)
+        return key, measure(p, timeout=3600), predicted_total(p)
 
+    tag = (json.dumps(model, sort_keys=True), seq)
+    todo = [v for v in variants if (tag, v) not in _MEASURED]  # --inputs and --heads share their points
     with ThreadPoolExecutor(jobs) as pool:
-        got = {k: (r, pred) for k, r, pred in pool.map(one, pts)}
-    rows, dt = [], seqs[1] - seqs[0]
+        _MEASURED.update({(tag, k): (r, pred) for k, r, pred in pool.map(one, todo)})
+    return {v: _MEASURED[(tag, v)] for v in variants}
+
+
+# growth per token is measured between micro-batches b and 2b of one length (attention stays the same
+# per token) above where activations pass the step's other moment, the optimizer's (the 128k vocabulary's
+# foreach AdamW temporaries, ~260 MiB here): 16 and 32 sequences of 2,048 tokens for the checkpointed
+# variants, 2 and 4 for 'none' (16 layers' activations pass it at once)
+MLP_TILE = 256
+BATCH = {"none": 2, "full": 16, "offload": 16}
+
+
+def stored_inputs(model: dict[str, Any], seq: int, jobs: int = 2) -> list[dict[str, Any]]:
+    """Checkpointed inputs exact vs 8-bit (Mesa): measured peak growth per token between micro-batches
+    b and 2b, beside the planner's, and the host bytes the offload store holds at 2b."""
+    pts = [(ck, m, 0, k * BATCH[ck]) for ck, m in INPUT_VARIANTS for k in (1, 2)]
+    got = _growth_points(model, seq, pts, jobs)
+    rows = []
     for ck, m in INPUT_VARIANTS:
-        (r0, p0), (r1, p1) = got[(ck, m, seqs[0])], got[(ck, m, seqs[1])]
-        rows.append({"ckpt": ck, "mesa": m, "measured KiB/tok": round((r1["peak"] - r0["peak"]) / dt / 1024, 2),
+        b = BATCH[ck]
+        (r0, p0), (r1, p1) = got[(ck, m, 0, b)], got[(ck, m, 0, 2 * b)]
+        dt = b * seq
+        rows.append({"ckpt": ck, "mesa": m, "tokens": f"{dt:,} -> {2 * dt:,}",
+                     "measured KiB/tok": round((r1["peak"] - r0["peak"]) / dt / 1024, 2),
                      "planner KiB/tok": round((p1 - p0) / dt / 1024, 2),
-                     f"host store MiB at {seqs[1]}": round(r1["host_store"] / MiB, 2)})
+                     "host store MiB": round(r1["host_store"] / MiB, 2)})
     for ck in ("full", "offload"):
         exact, q = (next(r for r in rows if r["ckpt"] == ck and r["mesa"] == m) for m in (False, True))
-        q["vs exact"] = round(q["measured KiB/tok"] / exact["measured KiB/tok"], 3)
+        q["vs exact"] = round(q["measured KiB/tok"] / exact["measured KiB/tok"], 3) if exact["measured KiB/tok"] else None
+        if exact["host store MiB"]:
+            q["host vs exact"] = round(q["host store MiB"] / exact["host store MiB"], 3)
     return rows
 
 
-HEAD_VARIANTS = [("none", False), ("full", True), ("offload", True)]
+HEAD_VARIANTS = [("none", False), ("full", True)]
+_MEASURED: dict[tuple, tuple] = {}  # (model, seq, ckpt, mesa, heads, batch) -> (measured, planned), per run
 
 
-def head_groups(model: dict[str, Any], seqs: tuple[int, int], mlp_chunk: int | str, heads: int,
-                jobs: int = 2) -> list[dict[str, Any]]:
+def head_groups(model: dict[str, Any], seq: int, heads: int, jobs: int = 2) -> list[dict[str, Any]]:
     """Attention in groups of `heads` query heads vs all at once: measured peak growth per token between
-    the two lengths with and without, and the drop beside the planner's."""
-    pts = [(ck, m, h, s) for ck, m in HEAD_VARIANTS for h in (0, heads) for s in seqs]
-
-    def one(key):
-        ck, m, h, s = key
-        p = point(model, s, preset=None, checkpointing=ck, mesa=m, loss_chunk="auto", mlp_chunk=mlp_chunk,
-                  attn_head_chunk=h)
-        return key, measure(p)["peak"], predicted_total(p)
-
-    with ThreadPoolExecutor(jobs) as pool:
-        got = {k: (r, pred) for k, r, pred in pool.map(one, pts)}
-    rows, dt = [], seqs[1] - seqs[0]
-
-    def growth(ck, m, h, i):
-        return (got[(ck, m, h, seqs[1])][i] - got[(ck, m, h, seqs[0])][i]) / dt / 1024
-
+    micro-batches b and 2b with and without, and the drop beside the planner's."""
+    pts = [(ck, m, h, k * BATCH[ck]) for ck, m in HEAD_VARIANTS for h in (0, heads) for k in (1, 2)]
+    got = _growth_points(model, seq, pts, jobs)
+    rows = []
     for ck, m in HEAD_VARIANTS:
-        off, on = growth(ck, m, 0, 0), growth(ck, m, heads, 0)
-        p_off, p_on = growth(ck, m, 0, 1), growth(ck, m, heads, 1)
-        rows.append({"ckpt": ck, "mesa": m, "KiB/tok whole": round(off, 2), f"KiB/tok groups of {heads}": round(on, 2),
-                     "measured drop": round(off - on, 2), "planner drop": round(p_off - p_on, 2),
+        b = BATCH[ck]
+        dt = b * seq
+
+        def growth(h: int, planned: bool) -> float:  # KiB per token from b to 2b sequences
+            lo, hi = got[(ck, m, h, b)], got[(ck, m, h, 2 * b)]
+            return ((hi[1] - lo[1]) if planned else (hi[0]["peak"] - lo[0]["peak"])) / dt / 1024
+
+        off, on, p_off, p_on = growth(0, False), growth(heads, False), growth(0, True), growth(heads, True)
+        rows.append({"ckpt": ck, "mesa": m, "tokens": f"{dt:,} -> {2 * dt:,}", "KiB/tok whole": round(off, 2),
+                     f"KiB/tok groups of {heads}": round(on, 2), "measured drop": round(off - on, 2),
+                     "planner drop": round(p_off - p_on, 2),
                      "drop / planned": round((off - on) / (p_off - p_on), 3) if p_off != p_on else None})
     return rows
 
@@ -282,8 +297,8 @@ def main(argv: list[str]) -> int:
     ap.add_argument("--jobs", type=int, default=2, help="measurements at once (each one thread)")
     ap.add_argument("--inputs", action="store_true",
                     help="also measure checkpointed inputs exact vs Mesa 8-bit (full / offload)")
-    ap.add_argument("--inputs-seq", type=int, default=2048, help="the shorter length of --inputs (x2 the other)")
-    ap.add_argument("--inputs-mlp-chunk", type=int, default=256, help="training.mlp_chunk of --inputs / --heads")
+    ap.add_argument("--inputs-seq", type=int, default=2048,
+                    help="sequence length of --inputs / --heads (growth measured between micro-batches b and 2b)")
     ap.add_argument("--heads", type=int, default=0, metavar="N",
                     help="also measure attention in groups of N query heads vs all at once (e.g. 2)")
     ap.add_argument("--out", default=None)
@@ -304,18 +319,16 @@ def main(argv: list[str]) -> int:
     inputs = []
     if a.inputs:
         print()
-        seqs = (a.inputs_seq, 2 * a.inputs_seq)
-        inputs = stored_inputs(dict(LLAMA3_DEEP), seqs, a.inputs_mlp_chunk, a.jobs)
-        print(f"checkpointed inputs exact vs Mesa 8-bit: {LLAMA3_DEEP['n_layers']} layers, mlp_chunk "
-              f"{a.inputs_mlp_chunk}, growth per token between S = {seqs[0]:,} and {seqs[1]:,}")
+        inputs = stored_inputs(dict(LLAMA3_DEEP), a.inputs_seq, a.jobs)
+        print(f"checkpointed inputs exact vs Mesa 8-bit: {LLAMA3_DEEP['n_layers']} layers, mlp_chunk {MLP_TILE}, "
+              f"S = {a.inputs_seq:,}, growth per token between micro-batches")
         print_table(inputs)
     heads = []
     if a.heads:
         print()
-        seqs = (a.inputs_seq, 2 * a.inputs_seq)
-        heads = head_groups(dict(LLAMA3_DEEP), seqs, a.inputs_mlp_chunk, a.heads, a.jobs)
+        heads = head_groups(dict(LLAMA3_DEEP), a.inputs_seq, a.heads, a.jobs)
         print(f"attention in groups of {a.heads} of {LLAMA3_DEEP['n_heads']} query heads vs all at once: "
-              f"{LLAMA3_DEEP['n_layers']} layers, growth per token between S = {seqs[0]:,} and {seqs[1]:,}")
+              f"{LLAMA3_DEEP['n_layers']} layers, S = {a.inputs_seq:,}, growth per token between micro-batches")
         print_table(heads)
     grid = []
     if a.grid != "none":
