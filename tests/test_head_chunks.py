@@ -23,7 +23,6 @@ def _model(**kw) -> Transformer:
                        attention=["full", "window:48"], **kw)
     m = Transformer(cfg)
     m.train()
-    m.loss_chunk = 64
     return m
 
 
@@ -40,7 +39,7 @@ def _step(m: Transformer, heads, policy: str):
     m.set_attn_head_chunk(heads)
     m.activation_checkpointing = policy
     m.zero_grad(set_to_none=True)
-    loss = m(tok, labels=lab)
+    loss = m(tok, labels=lab, loss_chunk=64)
     loss.backward()
     return loss.detach(), {n: p.grad.clone() for n, p in m.named_parameters()}
 
@@ -83,7 +82,7 @@ def _saved_bytes(m: Transformer, heads, S: int) -> int:
 
     hooks = [layer.attn.register_forward_pre_hook(held) for layer in m.layers]
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        loss = m(tok, labels=lab)
+        loss = m(tok, labels=lab, loss_chunk=64)
     loss.backward()
     for h in hooks:
         h.remove()

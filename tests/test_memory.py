@@ -128,7 +128,7 @@ def test_memory_settings_leave_loss_and_gradients_unchanged(moh):
         aux = m.aux_loss()
         return loss + (aux if aux is not None else 0.0)
 
-    m.loss_chunk, m.activation_checkpointing = 0, "none"
+    m.activation_checkpointing = "none"
     m.set_mlp_chunk(0)
     ref_l, _ = lm_loss_sum(m(tok), lab)
     m.zero_grad(set_to_none=True)
@@ -137,9 +137,9 @@ def test_memory_settings_leave_loss_and_gradients_unchanged(moh):
     outs = {}
     for policy in ("none", "full", "offload", "every:2"):
         m.zero_grad(set_to_none=True)
-        m.loss_chunk, m.activation_checkpointing = 48, policy
+        m.activation_checkpointing = policy
         m.set_mlp_chunk(40)
-        loss = m(tok, labels=lab)
+        loss = m(tok, labels=lab, loss_chunk=48)
         total(loss).backward()
         outs[policy] = (loss.detach(), {n: p.grad.clone() for n, p in m.named_parameters()})
         assert abs(loss.item() - ref_l.item()) / ref_l.item() < 1e-5

@@ -58,7 +58,6 @@ def run(seq, measure):
     cfg = model_config(a.get("preset"), max_seq_len=max(seq, 64), **a["model"])
     model = Transformer(cfg)
     model.activation_checkpointing = a["checkpointing"]
-    model.loss_chunk = a["loss_chunk"]
     model.set_mlp_chunk(a["mlp_chunk"])
     model.set_attn_head_chunk(a.get("attn_head_chunk", 0))
     if a["mesa"]:
@@ -73,7 +72,7 @@ def run(seq, measure):
             open("/proc/self/clear_refs", "w").write("5")
         tok = torch.randint(0, cfg.vocab_size, (a["batch"], ss), generator=g)
         lab = torch.randint(0, cfg.vocab_size, (a["batch"], ss), generator=g)
-        model(tok, labels=lab).backward()
+        model(tok, labels=lab, loss_chunk=a["loss_chunk"]).backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
     store = model.offload_store  # host bytes held for offloaded inputs, read from the store

@@ -23,10 +23,10 @@ def _check_vocab(cfg: Any, tokenizer_vocab: int) -> None:
 
 
 def configure_memory(model: Transformer, recipe: Recipe) -> None:
-    """The recipe's memory settings on the model: checkpointing policy, loss chunk, MLP tiles, head groups."""
+    """The recipe's memory settings on the model: checkpointing policy, MLP tiles, head groups (the loss
+    chunk is the forward's argument: launcher/trainer.py passes training.loss_chunk)."""
     t, p = recipe.training, recipe.parallel
     model.activation_checkpointing = t.activation_checkpointing
-    model.loss_chunk = t.loss_chunk  # output + loss in token chunks: no [S, vocab] tensor
     model.set_mlp_chunk(t.mlp_chunk)
     model.set_attn_head_chunk(t.attn_head_chunk, ulysses_split_degree(p.sp, p.sp_impl, p.ulysses_degree))
 

@@ -150,7 +150,7 @@ class Trainer:
         aux_sum = torch.zeros((), dtype=torch.float64, device=self.device)
         for i, b in enumerate(micro):
             with engine.micro_batch(last=i == len(micro) - 1):
-                loss = engine(b["tokens"], b["positions"], b["ops"], b["labels"])  # summed CE, chunked
+                loss = engine(b["tokens"], b["positions"], b["ops"], b["labels"], loss_chunk=r.training.loss_chunk)
                 if fault_nan(self.step + 1):
                     loss = loss * float("nan")
                 total = loss * scale

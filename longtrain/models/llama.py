@@ -174,9 +174,9 @@ class Transformer(nn.Module):
     forward(tokens [B,S], positions [S] or [B,S], ops) -> logits [B,S,V] (fp32; `logits="last"`:
     [B,1,V], the last position only, as decoding needs), or with `labels`
     [B,S] (-100 = not counted) the summed cross-entropy (0-d fp32; `reduction="none"`: per-token
-    NLL fp32 [B,S] and argmax [B,S], no grad) computed in token chunks (`loss_chunk`), so no
-    [S, V] tensor exists. Memory settings (attributes): `activation_checkpointing` (a policy,
-    see `checkpoint_policy`), `loss_chunk` ('auto' | 0 | tokens), `set_mlp_chunk(tokens)`,
+    NLL fp32 [B,S] and argmax [B,S], no grad) computed in token chunks (the `loss_chunk` argument:
+    'auto' | 0 | tokens, see models/memory.py), so no [S, V] tensor exists. Memory settings (attributes): `activation_checkpointing` (a policy,
+    see `checkpoint_policy`), `set_mlp_chunk(tokens)`,
     `set_attn_head_chunk(heads)`.
     """
 
@@ -194,7 +194,6 @@ class Transformer(nn.Module):
         self.register_buffer("inv_freq", rope_inv_freq(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling),
                              persistent=False)
         self.activation_checkpointing: bool | str = False
-        self.loss_chunk: int | str = "auto"
         self.input_codec: Any = None  # kernels.offload.InputCodec: 8-bit checkpointed inputs (set by Mesa)
         self.input_stores: dict[str, Any] = {}  # kernels.offload.InputStore per place, made on first use
         if not self.output.weight.is_meta:  # meta holds no values: whoever materialises it fills them
@@ -294,7 +293,7 @@ class Transformer(nn.Module):
 
     def forward(self, tokens: Tensor, positions: Tensor | None = None, ops: AttentionOps | None = None,
                 labels: Tensor | None = None, reduction: str = "sum",
-                logits: str = "all") -> Tensor | tuple[Tensor, Tensor]:
+                logits: str = "all", loss_chunk: int | str = "auto") -> Tensor | tuple[Tensor, Tensor]:
         if logits not in ("all", "last"):
             raise ValueError(f"logits must be 'all' or 'last', got {logits!r}")
         B, S = tokens.shape
@@ -317,7 +316,7 @@ class Transformer(nn.Module):
         h = self.norm(h)
         if labels is None:
             return self.output(h).float()
-        chunk = loss_chunk_tokens(self.loss_chunk, self.cfg.vocab_size)
+        chunk = loss_chunk_tokens(loss_chunk, self.cfg.vocab_size)
         if reduction == "none":
             return chunked_token_nll(h, self.output.weight, labels, chunk)
         if reduction != "sum":

@@ -145,8 +145,8 @@ class DeepSpeedEngine:
                 "optimizer offload: DeepSpeed ZeRO-%d offload_optimizer, fp32 master, gradients and AdamW state in "
                 "host memory, the step run there by torch AdamW", self.ds.zero_optimization_stage())
 
-    def __call__(self, *args: Any) -> Any:
-        return self.ds(*args)
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return self.ds(*args, **kwargs)
 
     @contextlib.contextmanager
     def micro_batch(self, last: bool) -> Iterator[None]:

@@ -5,7 +5,7 @@ the same samples, so their parameter gradients must be summed too. The trainer s
 loss so that this average equals the gradient of (global loss sum / global target count).
 
 The training loop sees only `Engine`:
-  engine(tokens, positions, ops, labels)   forward (summed loss)
+  engine(tokens, positions, ops, labels, loss_chunk=...)   forward (summed loss)
   with engine.micro_batch(last): ...       gradient sync only on the last micro-batch (+ autocast)
   engine.backward(loss)
   engine.step(clip, accept) -> (grad norm, stepped)   clip, update when accept(grad norm), schedule
@@ -22,8 +22,6 @@ import torch.distributed as dist
 from torch import nn
 
 from longtrain.errors import LaunchError
-
-ENGINES = ("fsdp2", "ddp", "deepspeed")
 
 
 def adamw(model: nn.Module, lr: float, betas: tuple[float, float], weight_decay: float, *,
@@ -101,10 +99,6 @@ def place_local(p: torch.Tensor, read) -> None:
     local.copy_(read(tuple(slice(o, o + n) for o, n in zip(offset, shape))))
 
 
-def unwrap(model: nn.Module) -> nn.Module:
-    return getattr(model, "module", model)
-
-
 class Engine:
     """FSDP2 or DDP with a torch optimizer and LambdaLR schedule (DeepSpeed: deepspeed_engine.py).
 
@@ -117,8 +111,8 @@ class Engine:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda)
         self.autocast = autocast
 
-    def __call__(self, *args: Any) -> Any:
-        return self.wrapped(*args)
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return self.wrapped(*args, **kwargs)
 
     @contextmanager
     def micro_batch(self, last: bool) -> Iterator[None]:

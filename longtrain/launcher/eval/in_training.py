@@ -71,7 +71,7 @@ def in_training_eval(trainer: Any) -> dict[str, float]:
     filler, windows = _TRAIN_CACHE[key]
     amp = trainer.engine.autocast  # as the training forward runs (DDP + bf16: autocast)
     layout = EvalLayout.from_mesh(lay, trainer.sp_attention)  # the training attention's own settings
-    scorer = Scorer(trainer.engine.wrapped, layout, trainer.device, autocast_dtype=amp)
+    scorer = Scorer(trainer.engine.wrapped, layout, trainer.device, chunk=r.training.loss_chunk, autocast_dtype=amp)
     was_training = trainer.engine.wrapped.training
     trainer.engine.wrapped.eval()
     out: dict[str, float] = {}

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from longtrain.errors import ConfigError, DataError, LongtrainError
+from longtrain.models import Transformer
 from longtrain.parallel.mesh import Layout, SPAttention, shard_batch, unshard_tokens
 
 log = logging.getLogger("longtrain")
@@ -45,12 +46,12 @@ class Scorer:
     """Per-token NLL and argmax of a causal LM over sequences, optionally sequence-parallel.
 
     A longtrain Transformer (plain, or FSDP/DDP-wrapped in the training loop: one forward call
-    that every rank makes identically) forms its logits in chunks of tokens (its `loss_chunk`, or
-    `chunk` when given), so [S, vocab] logits never exist; any other module returning logits
+    that every rank makes identically) forms its logits in chunks of tokens (`chunk`: training.loss_chunk's
+    'auto' | 0 | tokens; None = 'auto'), so [S, vocab] logits never exist; any other module returning logits
     [B, S, V] (test oracles) is scored from its logits.
     """
 
-    def __init__(self, model: nn.Module, layout: EvalLayout, device: torch.device, *, chunk: int | None = None,
+    def __init__(self, model: nn.Module, layout: EvalLayout, device: torch.device, *, chunk: int | str | None = None,
                  autocast_dtype: torch.dtype | None = None) -> None:
         self.model, self.layout, self.device = model, layout, device
         self.chunk, self.autocast_dtype = chunk, autocast_dtype
@@ -67,13 +68,9 @@ class Scorer:
                else nullcontext())
         inner = getattr(self.model, "module", self.model)
         with amp:
-            if hasattr(inner, "loss_chunk"):  # the model's chunked head: per-token NLL and argmax
-                saved = inner.loss_chunk
-                inner.loss_chunk = self.chunk if self.chunk is not None else saved
-                try:
-                    nll, pred = self.model(tl, pl, ops, yl, "none")
-                finally:
-                    inner.loss_chunk = saved
+            if isinstance(inner, Transformer):  # the model's chunked head: per-token NLL and argmax
+                nll, pred = self.model(tl, pl, ops, yl, "none",
+                                       loss_chunk=self.chunk if self.chunk is not None else "auto")
             else:
                 logits = self.model(tl, pl, ops).float()
                 nll, pred = self._nll(logits, yl), logits.argmax(-1)
