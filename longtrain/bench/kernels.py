@@ -38,8 +38,8 @@ def _error(msg: str) -> int:
 
 
 def _mesa_variants(dtypes: list[str]) -> list[dict[str, Any]]:
-    """Quantize / dequantize as mesa/triton.py launches them (_NUM_WARPS warps, the default 3 stages)."""
-    from longtrain.kernels.mesa.triton import _BLOCK, _NUM_WARPS
+    """Quantize / dequantize as mesa/triton.py launches them (LAUNCH_NUM_WARPS warps, the default 3 stages)."""
+    from longtrain.kernels.mesa.triton import LAUNCH_BLOCK, LAUNCH_NUM_WARPS
 
     tt = {"float32": "*fp32", "bfloat16": "*bf16", "float16": "*fp16"}
     out = []
@@ -53,16 +53,16 @@ def _mesa_variants(dtypes: list[str]) -> list[dict[str, Any]]:
                    "HAS_NOISE": "constexpr", "BLOCK": "constexpr"}
             out.append({"family": "mesa", "kernel": "quant_kernel", "variant": mode, "dtype": dt,
                         "head_dim": None, "docs": None, "signature": sig,
-                        "constexprs": {"STOCHASTIC": stoch, "HAS_NOISE": noise, "BLOCK": _BLOCK},
-                        "num_warps": _NUM_WARPS, "num_stages": 3})
+                        "constexprs": {"STOCHASTIC": stoch, "HAS_NOISE": noise, "BLOCK": LAUNCH_BLOCK},
+                        "num_warps": LAUNCH_NUM_WARPS, "num_stages": 3})
         # bf16 output is written as uint16 (hand-rounded); other dtypes directly
         sig = {"q_ptr": "*u8", "out_ptr": "*u16" if dt == "bfloat16" else tt[dt],
                "shift_ptr": "*fp32", "step_ptr": "*fp32", "n": "i32", "inner": "i32", "G": "i32",
                "OUT_BF16": "constexpr", "BLOCK": "constexpr"}
         out.append({"family": "mesa", "kernel": "dequant_kernel", "variant": "", "dtype": dt,
                     "head_dim": None, "docs": None, "signature": sig,
-                    "constexprs": {"OUT_BF16": dt == "bfloat16", "BLOCK": _BLOCK},
-                    "num_warps": _NUM_WARPS, "num_stages": 3})
+                    "constexprs": {"OUT_BF16": dt == "bfloat16", "BLOCK": LAUNCH_BLOCK},
+                    "num_warps": LAUNCH_NUM_WARPS, "num_stages": 3})
     return out
 
 
@@ -196,7 +196,7 @@ def _parse_ints(text: str, name: str) -> list[int]:
     return vals
 
 
-def main(argv: list[str] | None = None) -> int:
+def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="longtrain bench kernels", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--target", default=TARGETS_DEFAULT,
@@ -212,20 +212,93 @@ def main(argv: list[str] | None = None) -> int:
                    help="compiles at once (processes)")
     p.add_argument("--quiet", action="store_true", help="print only failing rows and the summary")
     p.add_argument("--out", default=None, help="JSON path (default bench-results/kernels.json)")
-    a = p.parse_args(argv)
+    return p
+
+
+def _check_args(a: argparse.Namespace) -> tuple[list[int], list[int], list[str], list[str]]:
+    """(targets, head dims, dtypes, families) of the parsed arguments; ValueError naming a bad one."""
+    archs = _parse_targets(a.target)
+    head_dims = _parse_ints(a.head_dims, "--head-dims")
+    dtypes = [d.strip() for d in a.dtypes.split(",") if d.strip()]
+    if not dtypes or any(d not in DTYPES for d in dtypes):
+        raise ValueError(f"--dtypes must be from {', '.join(DTYPES)}, got {a.dtypes!r}")
+    families = [f.strip() for f in a.families.split(",") if f.strip()]
+    if not families or any(f not in ("lightning", "mesa") for f in families):
+        raise ValueError(f"--families must be from lightning, mesa; got {a.families!r}")
+    if a.block_size is not None and (a.block_size < 16 or a.block_size & (a.block_size - 1)):
+        raise ValueError(f"--block-size must be a power of two >= 16, got {a.block_size}")
+    if a.jobs < 1:
+        raise ValueError("--jobs must be >= 1")
+    return archs, head_dims, dtypes, families
+
+
+def _backend_problem(triton, archs: list[int]) -> str | None:
+    """Why triton cannot compile for one of `archs`, else None (once here, not in every worker:
+    ptxas --version and the backend hash)."""
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import make_backend
+
+    for arch in archs:
+        try:
+            make_backend(GPUTarget("cuda", arch, 32)).hash()
+        except Exception as e:  # noqa: BLE001
+            return f"triton {triton.__version__} cannot compile for cuda:{arch}: {e}"
+    return None
+
+
+def _compile_all(jobs: list[tuple[int, dict[str, Any]]], n_jobs: int) -> list[dict[str, Any]]:
+    if n_jobs == 1:
+        return [_compile(j) for j in jobs]
+    import multiprocessing as mp
+
+    with ProcessPoolExecutor(n_jobs, mp_context=mp.get_context("fork")) as ex:
+        return list(ex.map(_compile, jobs, chunksize=4))
+
+
+def _print_targets(triton, rows: list[dict[str, Any]], archs: list[int], block: int, quiet: bool) -> None:
+    """One table per target: its limits, then every variant (only the failing ones when quiet)."""
+    from triton.backends.nvidia.compiler import get_ptxas_version
+
+    from longtrain.bench.common import print_table
+    from longtrain.kernels.lightning import triton as lt
+
+    cols = ["target", "kernel", "variant", "head_dim", "dtype", "num_warps", "num_stages",
+            "shared_kib", "limit_kib", "regs", "spills", "status", "problems"]
+    for arch in archs:
+        lim = lt.TARGET_LIMITS[arch]
+        print(f"\ntarget cuda:{arch}: {lim.shared / 1024:.0f} KiB shared memory per block, "
+              f"{lim.regs_per_block} registers per block, {lim.regs_per_thread} per thread "
+              f"(triton {triton.__version__}, ptxas {_ptxas_release(get_ptxas_version(arch))}, "
+              f"block C = {block})")
+        show = [r for r in rows if r["target"] == f"cuda:{arch}"
+                and (not quiet or r["status"] != "ok")]
+        print_table([{c: ("" if r[c] is None else r[c]) for c in cols} for r in show], cols)
+
+
+def _summary(rows: list[dict[str, Any]], archs: list[int]) -> list[dict[str, Any]]:
+    """Per target and kernel: variants, how many passed, and the max shared memory, registers, spills."""
+    from longtrain.kernels.lightning import triton as lt
+
+    summary = []
+    for arch in archs:
+        for fam_kernel in dict.fromkeys((r["family"], r["kernel"]) for r in rows):
+            rs = [r for r in rows if r["target"] == f"cuda:{arch}"
+                  and (r["family"], r["kernel"]) == fam_kernel]
+            done = [r for r in rs if r["regs"] is not None]
+            summary.append({
+                "target": f"cuda:{arch}", "kernel": f"{fam_kernel[0]}.{fam_kernel[1]}",
+                "variants": len(rs), "ok": sum(r["status"] == "ok" for r in rs),
+                "shared_kib_max": max((r["shared_kib"] for r in done), default=None),
+                "limit_kib": lt.TARGET_LIMITS[arch].shared / 1024,
+                "regs_max": max((r["regs"] for r in done), default=None),
+                "spills_max": max((r["spills"] for r in done), default=None)})
+    return summary
+
+
+def main(argv: list[str] | None = None) -> int:
+    a = _parser().parse_args(argv)
     try:
-        archs = _parse_targets(a.target)
-        head_dims = _parse_ints(a.head_dims, "--head-dims")
-        dtypes = [d.strip() for d in a.dtypes.split(",") if d.strip()]
-        if not dtypes or any(d not in DTYPES for d in dtypes):
-            raise ValueError(f"--dtypes must be from {', '.join(DTYPES)}, got {a.dtypes!r}")
-        families = [f.strip() for f in a.families.split(",") if f.strip()]
-        if not families or any(f not in ("lightning", "mesa") for f in families):
-            raise ValueError(f"--families must be from lightning, mesa; got {a.families!r}")
-        if a.block_size is not None and (a.block_size < 16 or a.block_size & (a.block_size - 1)):
-            raise ValueError(f"--block-size must be a power of two >= 16, got {a.block_size}")
-        if a.jobs < 1:
-            raise ValueError("--jobs must be >= 1")
+        archs, head_dims, dtypes, families = _check_args(a)
     except ValueError as e:
         return _error(str(e))
     try:
@@ -246,49 +319,14 @@ def main(argv: list[str] | None = None) -> int:
     if "mesa" in families:
         variants += _mesa_variants(dtypes)
     jobs = [(arch, v) for arch in archs for v in variants]
-    from triton.backends.compiler import GPUTarget
-    from triton.backends.nvidia.compiler import get_ptxas_version
-    from triton.compiler import make_backend
-
     t0 = time.perf_counter()
-    for arch in archs:   # once here, not in every worker: ptxas --version and the backend hash
-        try:
-            make_backend(GPUTarget("cuda", arch, 32)).hash()
-        except Exception as e:  # noqa: BLE001
-            return _error(f"triton {triton.__version__} cannot compile for cuda:{arch}: {e}")
-    if a.jobs == 1:
-        rows = [_compile(j) for j in jobs]
-    else:
-        import multiprocessing as mp
-
-        with ProcessPoolExecutor(a.jobs, mp_context=mp.get_context("fork")) as ex:
-            rows = list(ex.map(_compile, jobs, chunksize=4))
+    problem = _backend_problem(triton, archs)
+    if problem is not None:
+        return _error(problem)
+    rows = _compile_all(jobs, a.jobs)
     wall = time.perf_counter() - t0
-
-    cols = ["target", "kernel", "variant", "head_dim", "dtype", "num_warps", "num_stages",
-            "shared_kib", "limit_kib", "regs", "spills", "status", "problems"]
-    for arch in archs:
-        lim = lt.TARGET_LIMITS[arch]
-        print(f"\ntarget cuda:{arch}: {lim.shared / 1024:.0f} KiB shared memory per block, "
-              f"{lim.regs_per_block} registers per block, {lim.regs_per_thread} per thread "
-              f"(triton {triton.__version__}, ptxas {_ptxas_release(get_ptxas_version(arch))}, "
-              f"block C = {block})")
-        show = [r for r in rows if r["target"] == f"cuda:{arch}"
-                and (not a.quiet or r["status"] != "ok")]
-        print_table([{c: ("" if r[c] is None else r[c]) for c in cols} for r in show], cols)
-    summary = []
-    for arch in archs:
-        for fam_kernel in dict.fromkeys((r["family"], r["kernel"]) for r in rows):
-            rs = [r for r in rows if r["target"] == f"cuda:{arch}"
-                  and (r["family"], r["kernel"]) == fam_kernel]
-            done = [r for r in rs if r["regs"] is not None]
-            summary.append({
-                "target": f"cuda:{arch}", "kernel": f"{fam_kernel[0]}.{fam_kernel[1]}",
-                "variants": len(rs), "ok": sum(r["status"] == "ok" for r in rs),
-                "shared_kib_max": max((r["shared_kib"] for r in done), default=None),
-                "limit_kib": lt.TARGET_LIMITS[arch].shared / 1024,
-                "regs_max": max((r["regs"] for r in done), default=None),
-                "spills_max": max((r["spills"] for r in done), default=None)})
+    _print_targets(triton, rows, archs, block, a.quiet)
+    summary = _summary(rows, archs)
     print("\nsummary (max over variants)")
     print_table(summary)
     failed = [r for r in rows if r["status"] != "ok"]

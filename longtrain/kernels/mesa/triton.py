@@ -18,10 +18,10 @@ from functools import lru_cache
 import torch
 from torch import Tensor
 
-_BLOCK = 4096
+LAUNCH_BLOCK = 4096
 # 8 warps (16 elements per thread): with 4 warps the fp32 quantize with given noise needed 255
 # registers and spilled on sm_80 (`longtrain bench kernels --target cuda:80`); 8 warps: <= 158
-_NUM_WARPS = 8
+LAUNCH_NUM_WARPS = 8
 
 
 @lru_cache(maxsize=1)
@@ -97,10 +97,10 @@ def quantize_codes_triton(x: Tensor, shift: Tensor, inv: Tensor, groups: int, in
         return out
     has_noise = stochastic and noise is not None
     noise_arg = noise.contiguous().view(-1).float() if has_noise else x
-    grid = (triton.cdiv(n, _BLOCK),)
+    grid = (triton.cdiv(n, LAUNCH_BLOCK),)
     quant_kernel[grid](x, out, shift, inv, noise_arg, n, inner, groups, int(seed or 0),
                        float(2 ** bits - 1), STOCHASTIC=bool(stochastic), HAS_NOISE=has_noise,
-                       BLOCK=_BLOCK, num_warps=_NUM_WARPS)
+                       BLOCK=LAUNCH_BLOCK, num_warps=LAUNCH_NUM_WARPS)
     return out
 
 
@@ -113,8 +113,8 @@ def dequantize_codes_triton(codes: Tensor, shift: Tensor, step: Tensor, groups: 
     out = torch.empty(n, dtype=dtype, device=codes.device)
     if n == 0:
         return out
-    grid = (triton.cdiv(n, _BLOCK),)
+    grid = (triton.cdiv(n, LAUNCH_BLOCK),)
     bf16 = dtype == torch.bfloat16
     dequant_kernel[grid](codes.contiguous(), out.view(torch.uint16) if bf16 else out, shift, step, n, inner,
-                         groups, OUT_BF16=bf16, BLOCK=_BLOCK, num_warps=_NUM_WARPS)
+                         groups, OUT_BF16=bf16, BLOCK=LAUNCH_BLOCK, num_warps=LAUNCH_NUM_WARPS)
     return out
