@@ -62,7 +62,7 @@ def segments_from_positions(pos: Sequence[int]) -> tuple[Segment, ...]:
     return tuple((a, n) for a, n in segs)
 
 
-def _positions(segs: Sequence[Segment]) -> torch.Tensor:
+def segment_positions(segs: Sequence[Segment]) -> torch.Tensor:
     return torch.cat([torch.arange(a, a + n) for a, n in segs])
 
 
@@ -78,7 +78,7 @@ def shard_positions(seq_len: int, group: dist.ProcessGroup | None = None, layout
         rank, world_size = group_rank_world(group)
     if not 0 <= rank < world_size:
         raise ValueError(f"rank {rank} outside world of {world_size}")
-    return _positions(layout_segments(seq_len, world_size, layout)[rank])
+    return segment_positions(layout_segments(seq_len, world_size, layout)[rank])
 
 
 def shard_sequence(x: torch.Tensor, group: dist.ProcessGroup | None = None, dim: int = 1,
@@ -121,7 +121,7 @@ def unshard_sequence(x_local: torch.Tensor, group: dist.ProcessGroup | None = No
     xm = x_local.movedim(dim, 0)
     gathered = _AllGatherSeq.apply(xm, group, w, rank)  # [W, S/W, ...] in layout order
     full_order = gathered.reshape(w * xm.shape[0], *xm.shape[1:])
-    perm = torch.cat([_positions(s) for s in layout_segments(w * xm.shape[0], w, layout)])
+    perm = torch.cat([segment_positions(s) for s in layout_segments(w * xm.shape[0], w, layout)])
     inv = torch.empty_like(perm)
     inv[perm] = torch.arange(perm.numel())
     return full_order.index_select(0, inv.to(x_local.device)).movedim(0, dim)

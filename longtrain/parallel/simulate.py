@@ -18,7 +18,7 @@ import torch
 
 from longtrain.kernels.attention import as_bounds
 from longtrain.parallel import comm
-from longtrain.parallel.sharding import _positions, layout_segments
+from longtrain.parallel.sharding import layout_segments, segment_positions
 
 _TIMEOUT_S = 120.0
 
@@ -111,7 +111,7 @@ def simulate_ring(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dout: torch
     bounds = as_bounds(cu_seqlens)
     scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(q.shape[-1])
     main, twin = SimGroup("ring"), SimGroup("twin")
-    idx = [_positions(segs[r]).to(q.device) for r in range(world)]
+    idx = [segment_positions(segs[r]).to(q.device) for r in range(world)]
     results: dict[int, tuple] = {}
     errors: list[BaseException] = []
     tr = ThreadTransport()

@@ -12,7 +12,7 @@ from longtrain.parallel.comm import COUNTERS, split_group, twin_group
 from longtrain.parallel.ring import RingAttention
 from longtrain.parallel.ring_common import RingSpec
 from longtrain.parallel.rules import SP_IMPLS, default_ulysses_degree
-from longtrain.parallel.sharding import _positions, group_rank_world, layout_segments, segments_from_positions
+from longtrain.parallel.sharding import group_rank_world, layout_segments, segment_positions, segments_from_positions
 from longtrain.parallel.tokenring import TokenRingAttention
 from longtrain.parallel.ulysses import gather_sequence, head_split, scatter_sequence, ulysses_attention
 
@@ -98,8 +98,8 @@ def sequence_parallel_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tenso
         COUNTERS.compute_pairs += qg.shape[1] * kg.shape[1]
     else:
         outer_segs = tuple(
-            segments_from_positions(sorted(_positions([s for r in range(j * u, (j + 1) * u)
-                                                       for s in segs[r]]).tolist()))
+            segments_from_positions(sorted(segment_positions([s for r in range(j * u, (j + 1) * u)
+                                                              for s in segs[r]]).tolist()))
             for j in range(n_outer))
         assert outer_segs[g] == my_segs
         rs = _ring_spec(outer, g, n_outer, outer_segs, causal, window, bounds, scale, one_communicator)

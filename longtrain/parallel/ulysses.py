@@ -14,7 +14,7 @@ import torch.distributed as dist
 
 from longtrain.kernels.attention import Bounds, attention_block
 from longtrain.parallel.comm import COUNTERS, nbytes
-from longtrain.parallel.sharding import Segment, _positions, segments_from_positions
+from longtrain.parallel.sharding import Segment, segment_positions, segments_from_positions
 
 
 def head_split(n_heads: int, world: int, what: str, q_heads: int | None = None) -> list[list[int]]:
@@ -98,7 +98,7 @@ def gather_sequence(q, k, v, group, rank: int, world: int, segs: tuple[tuple[Seg
     qg = SeqToHeads.apply(q, qh, group, "a2a_q")
     kg = SeqToHeads.apply(k, kvh, group, "a2a_k")
     vg = SeqToHeads.apply(v, kvh, group, "a2a_v")
-    pos = torch.cat([_positions(segs[j]) for j in range(world)])
+    pos = torch.cat([segment_positions(segs[j]) for j in range(world)])
     perm = torch.argsort(pos)
     if torch.equal(perm, torch.arange(pos.numel())):
         perm = None
