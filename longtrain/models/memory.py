@@ -54,7 +54,8 @@ def checkpointed_layers(setting: bool | str | None, n_layers: int) -> int:
     return n_layers
 
 
-def _chunk_setting(name: str, setting: int | str) -> int | str:
+def check_chunk(name: str, setting: int | str) -> int | str:
+    """Validate a chunk setting ('auto' or an int >= 0); raises ValueError naming `name`."""
     if setting == "auto":
         return "auto"
     if isinstance(setting, bool) or not isinstance(setting, int):
@@ -64,14 +65,9 @@ def _chunk_setting(name: str, setting: int | str) -> int | str:
     return setting
 
 
-def check_chunk(name: str, setting: int | str) -> int | str:
-    """Validate a chunk setting ('auto' or an int >= 0); raises ValueError naming `name`."""
-    return _chunk_setting(name, setting)
-
-
 def loss_chunk_tokens(setting: int | str, vocab_size: int) -> int:
     """Tokens per loss chunk: 'auto' (LOSS_CHUNK_BYTES of fp32 logits), 0 (all at once), or the count."""
-    if _chunk_setting("loss_chunk", setting) == "auto":
+    if check_chunk("loss_chunk", setting) == "auto":
         n = LOSS_CHUNK_BYTES // (4 * max(1, vocab_size))
         n = max(LOSS_CHUNK_MIN, min(LOSS_CHUNK_MAX, n))
         return n - n % 64
@@ -81,7 +77,7 @@ def loss_chunk_tokens(setting: int | str, vocab_size: int) -> int:
 def mlp_chunk_tokens(setting: int | str, ffn_dim: int, tokens: int, act_bytes: int = 4) -> int:
     """Tokens per MLP tile: 'auto' tiles (at the token count whose 4 [tokens, ffn] intermediates
     take MLP_CHUNK_BYTES) only when the whole sequence would pass that budget; 0 = off."""
-    if _chunk_setting("mlp_chunk", setting) == "auto":
+    if check_chunk("mlp_chunk", setting) == "auto":
         per_token = 4 * ffn_dim * act_bytes
         if tokens * per_token <= MLP_CHUNK_BYTES:
             return 0

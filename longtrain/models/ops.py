@@ -83,8 +83,4 @@ class LocalAttention:
         return lightning_attention(q, k, v, decay, cu_seqlens=self.cu_seqlens)
 
 
-def default_ops() -> AttentionOps:
-    return LocalAttention()
-
-
-__all__ = ["AttentionOps", "LocalAttention", "default_ops", "mark_compile_boundaries", "outside_compile"]
+__all__ = ["AttentionOps", "LocalAttention", "mark_compile_boundaries", "outside_compile"]
