@@ -259,7 +259,7 @@ def test_the_launcher_reads_a_recipe_without_importing_torch():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=cli_env(), cwd=REPO,
                          timeout=120)
     assert out.returncode == 0, out.stderr
-    if torch.cuda.is_available() or any(os.path.exists(p) for p in E._GPU_NODES):
+    if torch.cuda.is_available() or any(os.path.exists(p) for p in E.GPU_DEVICE_NODES):
         pytest.skip("a GPU driver is present: the check asks torch")
     assert out.stdout.split() == ["False", "[]"], out.stdout
     # and the names models/ exports still resolve

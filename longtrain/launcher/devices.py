@@ -19,7 +19,7 @@ def _visible_gpus() -> str:
     return f" (CUDA_VISIBLE_DEVICES={v!r})" if v is not None else ""
 
 
-_GPU_NODES = ("/dev/nvidiactl", "/dev/nvidia0", "/proc/driver/nvidia", "/dev/kfd", "/dev/dxg")
+GPU_DEVICE_NODES = ("/dev/nvidiactl", "/dev/nvidia0", "/proc/driver/nvidia", "/dev/kfd", "/dev/dxg")
 
 
 def per_task_binding(n_visible: int, procs_per_node: int, source: str) -> bool:
@@ -45,7 +45,7 @@ def check_gpus(procs_per_node: int, device: str = "auto", source: str = "torchru
     (unless srun/mpirun bound a GPU to each task: `source` "slurm"/"mpi", see per_task_binding)."""
     if device == "cpu":
         return False
-    if device == "auto" and "torch" not in sys.modules and not any(os.path.exists(p) for p in _GPU_NODES):
+    if device == "auto" and "torch" not in sys.modules and not any(os.path.exists(p) for p in GPU_DEVICE_NODES):
         return False  # no GPU driver here: decided without importing torch (the launcher stays light)
     import torch
 

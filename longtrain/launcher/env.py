@@ -41,7 +41,7 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     import torch
 
-from longtrain.launcher.devices import _GPU_NODES, check_gpus, cuda_device_index, per_task_binding  # noqa: F401
+from longtrain.launcher.devices import GPU_DEVICE_NODES, check_gpus, cuda_device_index, per_task_binding  # noqa: F401
 from longtrain.errors import LaunchError
 
 log = logging.getLogger("longtrain")

@@ -28,7 +28,7 @@ import numpy as np
 
 from longtrain.errors import DataError, LongtrainError
 from longtrain.launcher.data.prepared import FORMAT, META, OFFSETS, TOKENS, VERSION, is_prepared, read_meta, token_dtype
-from longtrain.launcher.data.sources import SourceFiles, _first_line, _hf_datasets, open_dataset, resolve_sources
+from longtrain.launcher.data.sources import SourceFiles, first_line, hf_datasets, open_dataset, resolve_sources
 from longtrain.launcher.data.tokenizers import TOKENIZER, tokenizer_fingerprint
 
 
@@ -138,7 +138,7 @@ def prepare_texts(texts: Sequence[str], out: str | os.PathLike, tokenizer: str, 
     src = SourceFiles(label, [], "memory", fingerprint)
 
     def dataset(tmp: Path):
-        return _hf_datasets().Dataset.from_dict({"text": list(texts)}), "text"
+        return hf_datasets().Dataset.from_dict({"text": list(texts)}), "text"
 
     return _prepare(src, out, tokenizer, dataset, num_proc=1, overwrite=False, progress_every=30.0,
                     stream=stream, text_field="text", max_documents=0)
@@ -195,7 +195,7 @@ def _publish(tmp: Path, out: Path) -> None:
 
 def _write(ds, field: str, src: SourceFiles, tok, spec: str, tok_fp: str, tmp: Path, *, num_proc: int,
            text_field: str, max_documents: int, progress_every: float, stream, t0: float) -> dict[str, Any]:
-    datasets = _hf_datasets()
+    datasets = hf_datasets()
     n_docs = len(ds)
     if n_docs == 0:
         raise DataError(f"{src.spec}: the source holds no documents")
@@ -219,7 +219,7 @@ def _write(ds, field: str, src: SourceFiles, tok, spec: str, tok_fp: str, tmp: P
         except LongtrainError:
             raise
         except Exception as e:  # noqa: BLE001 - a worker's DataError arrives wrapped
-            msg = _first_line(e)
+            msg = first_line(e)
             raise DataError(f"{src.spec}: {msg}") from None
     tokenize_s = time.perf_counter() - prog.t0
     lengths = np.empty(n_docs, dtype=np.int64)

@@ -95,8 +95,6 @@ def _is_saved_dataset(p: Path) -> bool:
 def resolve_sources(sources: Sequence[str], fmt: str = "auto", text_field: str = "text",
                     max_documents: int = 0) -> SourceFiles:
     """Expand files/folders/globs (comma-separated too) into one list of one format."""
-    from longtrain.launcher.data.sources import _format_of, _local_files, stdlib_files
-
     spec = ",".join(sources)
     extra = [fmt, text_field, max_documents, VERSION]
     if list(sources) == ["stdlib"]:
@@ -127,7 +125,7 @@ def resolve_sources(sources: Sequence[str], fmt: str = "auto", text_field: str =
     return SourceFiles(spec, files, fmt, _files_fingerprint(files, extra))
 
 
-def _hf_datasets():
+def hf_datasets():
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
     import datasets
 
@@ -139,7 +137,7 @@ def _hf_datasets():
     return datasets
 
 
-def _first_line(e: BaseException) -> str:
+def first_line(e: BaseException) -> str:
     while e.__cause__ is not None and not str(e).strip():
         e = e.__cause__
     msg = str(e).strip() or type(e).__name__
@@ -151,7 +149,7 @@ def _first_line(e: BaseException) -> str:
 
 def open_dataset(src: SourceFiles, text_field: str = "text", max_documents: int = 0, cache_dir: str | None = None):
     """A `datasets.Dataset` with one string column, and its name. Unreadable input: DataError naming the file."""
-    datasets = _hf_datasets()
+    datasets = hf_datasets()
     if src.fmt == "stdlib":
         texts = [Path(f).read_text(encoding="utf-8", errors="replace") for f in src.files]
         return datasets.Dataset.from_dict({"text": texts}), "text"
@@ -161,7 +159,7 @@ def open_dataset(src: SourceFiles, text_field: str = "text", max_documents: int 
             try:
                 d = datasets.load_from_disk(s)
             except Exception as e:  # noqa: BLE001 - datasets raises many kinds
-                raise DataError(f"cannot read saved dataset {s}: {_first_line(e)}") from None
+                raise DataError(f"cannot read saved dataset {s}: {first_line(e)}") from None
             if isinstance(d, datasets.DatasetDict):
                 if "train" not in d:
                     raise DataError(f"saved dataset {s} has splits {list(d)} but no 'train'")
@@ -182,8 +180,8 @@ def open_dataset(src: SourceFiles, text_field: str = "text", max_documents: int 
                 try:
                     load([f])
                 except Exception as e1:  # noqa: BLE001
-                    raise DataError(f"cannot read {f} as {src.fmt}: {_first_line(e1)}") from None
-            raise DataError(f"cannot read {src.fmt} data from {src.spec!r}: {_first_line(e)}") from None
+                    raise DataError(f"cannot read {f} as {src.fmt}: {first_line(e1)}") from None
+            raise DataError(f"cannot read {src.fmt} data from {src.spec!r}: {first_line(e)}") from None
     field = "text" if src.fmt == "text" else text_field
     if field not in ds.column_names:
         raise DataError(f"{src.spec}: no column {field!r} (columns: {', '.join(ds.column_names)}); "

@@ -45,6 +45,6 @@ def parse_depths(text: str) -> list[float]:
     return sorted(set(out))
 
 
-class _Parser(argparse.ArgumentParser):
+class EvalParser(argparse.ArgumentParser):
     def error(self, message: str):  # one line, exit 2, through the CLI's error path
         raise ConfigError(f"eval {self.prog.split()[-1]}: {message}")

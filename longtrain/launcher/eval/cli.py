@@ -48,7 +48,7 @@ from longtrain.parallel.mesh import SPAttention
 from longtrain.parallel.rules import SP_IMPL_CHOICES, SP_LAYOUTS, check_sequence_length, resolve_sp_impl
 from longtrain.launcher.loading import (Loaded, describe_checkpoint, load_model, pick_tokenizer,  # noqa: F401
                                         resolve_checkpoint)
-from longtrain.launcher.eval.args import _Parser, parse_depths, parse_lengths  # noqa: F401 (public names)
+from longtrain.launcher.eval.args import EvalParser, parse_depths, parse_lengths  # noqa: F401 (public names)
 
 METRICS = ("passkey", "ppl", "ruler")
 
@@ -56,8 +56,8 @@ METRICS = ("passkey", "ppl", "ruler")
 # ---- command line -------------------------------------------------------------------------------
 
 def _parser(metric: str) -> argparse.ArgumentParser:
-    p = _Parser(prog=f"longtrain eval {metric}", description=__doc__.split("\n\n")[0],
-                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = EvalParser(prog=f"longtrain eval {metric}", description=__doc__.split("\n\n")[0],
+                   formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("checkpoint", help="DCP checkpoint folder (or its run / checkpoints folder) or HF folder")
     p.add_argument("--lengths", default=None,
                    help="context lengths in tokens, e.g. 1k,2k,4k (default: the trained seq_len)")

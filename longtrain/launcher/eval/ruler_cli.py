@@ -13,15 +13,15 @@ from pathlib import Path
 import torch
 
 from longtrain.errors import ConfigError
-from longtrain.launcher.eval.args import _Parser, parse_lengths
+from longtrain.launcher.eval.args import EvalParser, parse_lengths
 from longtrain.launcher.eval.report import plot_ruler, ruler_table
 from longtrain.launcher.eval.ruler_scoring import TASKS
 from longtrain.launcher.loading import describe_checkpoint, load_model, pick_tokenizer
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="longtrain eval ruler", description=__doc__.split("\n\n")[0],
-                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = EvalParser(prog="longtrain eval ruler", description=__doc__.split("\n\n")[0],
+                   formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("checkpoint", help="DCP checkpoint folder (or its run / checkpoints folder) or HF folder")
     p.add_argument("--lengths", default=None, help="context lengths in tokens, e.g. 1k,4k (default: the trained "
                    "seq_len); each must fit the model's max_seq_len")

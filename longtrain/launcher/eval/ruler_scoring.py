@@ -89,10 +89,10 @@ _METRIC_FNS = {"string_match_all": string_match_all, "string_match_part": string
 
 def score_task(task: str, preds: Sequence[str], refs: Sequence[Sequence[str]]) -> float:
     """The task's RULER metric (`METRICS`) over predictions (raw generations) and reference lists, 0..100."""
-    return _METRIC_FNS[METRICS[_check_task(task)]]([postprocess(p) for p in preds], refs)
+    return _METRIC_FNS[METRICS[check_task(task)]]([postprocess(p) for p in preds], refs)
 
 
-def _check_task(task: str) -> str:
+def check_task(task: str) -> str:
     if task not in TASKS:
         raise ConfigError(f"unknown RULER task {task!r}; choose from {', '.join(TASKS)}")
     return task
@@ -190,16 +190,16 @@ def load_chat_template(path: str | Path) -> ChatTemplate:
     return ChatTemplate(tmpl, tok("bos_token"), tok("eos_token"))
 
 
-def _family(task: str) -> str:
+def task_family(task: str) -> str:
     return "niah" if task.startswith("niah") else task
 
 
 def _n_answers(task: str, o: RulerOptions) -> int:
     return {"niah": 1 if task in ("niah_single_1", "niah_single_2", "niah_multikey") else o.needles,
-            "vt": o.vt_hops + 1, "cwe": o.cwe_words, "fwe": 3}[_family(task)]
+            "vt": o.vt_hops + 1, "cwe": o.cwe_words, "fwe": 3}[task_family(task)]
 
 
-def _answer_text(answers: Sequence[str]) -> str:
+def completion_text(answers: Sequence[str]) -> str:
     """The completion after the answer prefix: " a, b, c." (oracle and training documents)."""
     return " " + ", ".join(answers) + "."
 
@@ -209,12 +209,12 @@ def answer_budget(task: str, tokenizer, options: RulerOptions) -> int:
     answer + 8, at least RULER's tokens_to_generate (niah 128, vt 30, cwe 120, fwe 50) in wording "ruler"."""
     if options.answer_tokens is not None:
         return int(options.answer_tokens)
-    tight = len(tokenizer.encode(_worst_answer(task, options))) + 8
-    return max(tight, RULER_ANSWER_TOKENS[_family(task)] if options.wording == "ruler" else 0)
+    tight = len(tokenizer.encode(worst_answer(task, options))) + 8
+    return max(tight, RULER_ANSWER_TOKENS[task_family(task)] if options.wording == "ruler" else 0)
 
 
-def _worst_answer(task: str, o: RulerOptions) -> str:
+def worst_answer(task: str, o: RulerOptions) -> str:
     """The completion text of the longest answer `task` can have (cwe words have at most 8 letters)."""
-    fam = _family(_check_task(task))
+    fam = task_family(check_task(task))
     item = {"niah": "9" * o.digits, "vt": "X" * o.vt_name_len, "cwe": "w" * 8, "fwe": "z" * o.fwe_word_len}[fam]
-    return _answer_text([item] * _n_answers(task, o))
+    return completion_text([item] * _n_answers(task, o))

@@ -51,8 +51,8 @@ from typing import Iterator, Sequence
 import numpy as np
 
 from longtrain.errors import ConfigError
-from longtrain.launcher.eval.ruler_scoring import (ChatTemplate, METRICS, RulerOptions, TASKS, WORDINGS, _answer_text,
-                                                   _check_task, _family, _worst_answer, answer_budget,
+from longtrain.launcher.eval.ruler_scoring import (ChatTemplate, METRICS, RulerOptions, TASKS, WORDINGS, answer_budget,
+                                                   check_task, completion_text, task_family, worst_answer,
                                                    default_options, load_chat_template, postprocess, score_task,
                                                    string_match_all, string_match_part)
 
@@ -108,7 +108,7 @@ def _names(rng: np.random.Generator, n: int, k: int) -> list[str]:
 
 def _parts(task: str, rng: np.random.Generator, o: RulerOptions) -> _Parts:
     w = WORDINGS[o.wording]
-    fam = _family(task)
+    fam = task_family(task)
     if fam == "niah":
         n_keys = 1 if task in ("niah_single_1", "niah_single_2", "niah_multivalue") else o.needles
         n_vals = o.needles if task == "niah_multivalue" else n_keys
@@ -316,7 +316,7 @@ def build_prompt(task: str, tokenizer, n_prompt: int, rng: np.random.Generator, 
 
     `chat`: (text before, text after) the user message (`ChatTemplate.split`), None = base template.
     `length` (default n_prompt) is the context length the sample is for (cwe/fwe sizes depend on it)."""
-    _check_task(task)
+    check_task(task)
     if options.wording not in WORDINGS:
         raise ConfigError(f"unknown RULER wording {options.wording!r}; choose from {', '.join(WORDINGS)}")
     enc = _Enc(tokenizer)
@@ -364,7 +364,7 @@ class RulerSample:
     @property
     def answer_text(self) -> str:
         """A correct completion (what the oracle writes)."""
-        return _answer_text(self.answers)
+        return completion_text(self.answers)
 
 
 def sample_rng(seed: int, task: str, length: int, index: int) -> np.random.Generator:
@@ -395,8 +395,8 @@ def ruler_document(task: str, docs: Sequence[str], n_chars: int, rng: np.random.
     """One training document of about `n_chars` characters (at most): the prompt, its answer, a newline."""
     o = options or RulerOptions.compact()
     codec = CharCodec()
-    toks, answers = build_prompt(task, codec, n_chars - len(_worst_answer(task, o)) - 1, rng, docs, o)
-    return codec.decode(toks) + _answer_text(answers) + "\n"
+    toks, answers = build_prompt(task, codec, n_chars - len(worst_answer(task, o)) - 1, rng, docs, o)
+    return codec.decode(toks) + completion_text(answers) + "\n"
 
 
 def mix_ruler_documents(docs: Sequence[str], fraction: float, *, seed: int = 0, seq_len: int = 256,
