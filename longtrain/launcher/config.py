@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 from longtrain.errors import ConfigError
 from longtrain.models.config import ModelConfig, MoHConfig, model_config
-from longtrain.launcher.validate import _closest, validate
+from longtrain.launcher.validate import did_you_mean, validate
 
 if TYPE_CHECKING:
     from longtrain.kernels.mesa.config import MesaConfig
@@ -260,7 +260,7 @@ def _build(cls: type, data: dict[str, Any], where: str) -> Any:
     kwargs = {}
     for key, value in data.items():
         if key not in names:
-            raise ConfigError(f"unknown key '{where}.{key}'{_closest(key, names, where + '.')}")
+            raise ConfigError(f"unknown key '{where}.{key}'{did_you_mean(key, names, where + '.')}")
         tp = hints[key]
         if tp is float and isinstance(value, int) and not isinstance(value, bool):
             value = float(value)
@@ -289,7 +289,7 @@ def apply_override(data: dict[str, Any], assignment: str) -> None:
     if len(parts) < 2:
         raise ConfigError(f"override {assignment!r}: name a section and a key, e.g. training.lr=1e-3")
     if parts[0] not in _SECTIONS:
-        raise ConfigError(f"unknown section '{parts[0]}'{_closest(parts[0], list(_SECTIONS))}")
+        raise ConfigError(f"unknown section '{parts[0]}'{did_you_mean(parts[0], list(_SECTIONS))}")
     node = data
     for p in parts[:-1]:
         node = node.setdefault(p, {})
@@ -305,7 +305,7 @@ def recipe_from_dict(data: dict[str, Any], source_path: str = "") -> Recipe:
     kwargs: dict[str, Any] = {}
     for section, value in data.items():
         if section not in _SECTIONS:
-            raise ConfigError(f"unknown section '{section}'{_closest(section, list(_SECTIONS))}")
+            raise ConfigError(f"unknown section '{section}'{did_you_mean(section, list(_SECTIONS))}")
         if section == "stages":
             if not isinstance(value, list) or not all(isinstance(v, dict) for v in value):
                 raise ConfigError("'stages' must be an array of tables ([[stages]])")

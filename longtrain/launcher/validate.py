@@ -14,7 +14,7 @@ from longtrain.models.config import PRESETS
 from longtrain.parallel.rules import SP_IMPL_CHOICES, SP_LAYOUTS
 
 
-def _closest(name: str, options: list[str], prefix: str = "") -> str:
+def did_you_mean(name: str, options: list[str], prefix: str = "") -> str:
     close = difflib.get_close_matches(name, options, n=1, cutoff=0.5)
     return f" (did you mean '{prefix}{close[0]}'?)" if close else f" (valid: {', '.join(options)})"
 
@@ -26,12 +26,27 @@ def _positive(name: str, value: int | float, allow_zero: bool = False) -> None:
 
 def _choice(name: str, value: str, options: tuple[str, ...]) -> None:
     if value not in options:
-        raise ConfigError(f"'{name}' must be one of {', '.join(options)}; got {value!r}{_closest(value, list(options))}")
+        raise ConfigError(f"'{name}' must be one of {', '.join(options)}; got {value!r}{did_you_mean(value, list(options))}")
 
 
 def validate(r: Any) -> None:
     """Check values and cross-section consistency; raise ConfigError naming the key."""
-    t, d, p, c = r.training, r.data, r.parallel, r.checkpoint
+    _check_training(r)
+    _check_data_basics(r.data)
+    _check_parallel(r)
+    _check_checkpoint_and_metrics(r)
+    if r.mesa.enabled:
+        r.mesa.kernel_config()  # the kernels' own validation, once
+    _check_model(r)
+    _check_stages(r.stages)
+    _check_data_sources(r.data)
+    _check_data_options(r.data)
+    _check_eval(r.eval)
+
+
+def _check_training(r: Any) -> None:
+    """[training] (and checkpoint.save_on_signal): numbers, choices, checkpointing and chunk settings."""
+    t = r.training
     for name in ("steps", "micro_batch", "grad_accum", "lr", "max_bad_steps", "collective_timeout_s"):
         _positive(f"training.{name}", getattr(t, name))
     from longtrain.launcher.signals import check_names
@@ -60,17 +75,26 @@ def validate(r: Any) -> None:
     if t.activation_checkpointing == "offload" and t.compile:
         raise ConfigError("training.activation_checkpointing = 'offload' with training.compile = true is not "
                           "supported (the host copies run outside compiled graphs); use 'full' or turn compile off")
+
+
+def _check_data_basics(d: Any) -> None:
+    """[data] sequence length, document cap, format and passkey fraction."""
     _positive("data.seq_len", d.seq_len)
     _positive("data.max_documents", d.max_documents, allow_zero=True)
     _choice("data.format", d.format, ("auto", "text", "json", "parquet"))
     if not 0 <= d.passkey_fraction <= 1:
         raise ConfigError(f"'data.passkey_fraction' must be in [0, 1], got {d.passkey_fraction}")
+
+
+def _check_parallel(r: Any) -> None:
+    """[parallel]: sequence parallelism, the data-parallel engine, and where the optimizer may be offloaded."""
+    t, p = r.training, r.parallel
     _positive("parallel.sp", p.sp)
     _choice("parallel.sp_impl", p.sp_impl, SP_IMPL_CHOICES)
     _choice("parallel.sp_layout", p.sp_layout, SP_LAYOUTS)
     _choice("parallel.dp_engine", p.dp_engine, ("fsdp2", "ddp", "deepspeed"))
     _positive("parallel.ulysses_degree", p.ulysses_degree, allow_zero=True)
-    from longtrain.launcher.replicate import check_dp_replicate  # hybrid sharding: one rule for config, plan, run
+    from longtrain.parallel.rules import check_dp_replicate  # hybrid sharding: one rule for config, plan, run
 
     check_dp_replicate(p.dp_replicate, p.dp_engine)
     if p.zero_stage not in (0, 1, 2, 3):
@@ -81,13 +105,20 @@ def validate(r: Any) -> None:
     if t.optimizer_offload and p.dp_engine == "deepspeed" and p.zero_stage == 0:
         raise ConfigError("'training.optimizer_offload' = true with DeepSpeed needs parallel.zero_stage >= 1 "
                           "(ZeRO's offload_optimizer), got 0")
-    _positive("checkpoint.interval", c.interval)
-    _positive("checkpoint.keep_last", c.keep_last)
+
+
+def _check_checkpoint_and_metrics(r: Any) -> None:
+    _positive("checkpoint.interval", r.checkpoint.interval)
+    _positive("checkpoint.keep_last", r.checkpoint.keep_last)
     _positive("metrics.log_every", r.metrics.log_every)
-    if r.mesa.enabled:
-        r.mesa.kernel_config()  # the kernels' own validation, once
+
+
+def _check_model(r: Any) -> None:
+    """[model]: the preset, model.init_from (a folder; its config.json read), else the built config and
+    the longest sequence against its limit."""
+    d = r.data
     if r.model.preset is not None and r.model.preset not in PRESETS:
-        raise ConfigError(f"unknown 'model.preset' {r.model.preset!r}{_closest(r.model.preset, list(PRESETS))}")
+        raise ConfigError(f"unknown 'model.preset' {r.model.preset!r}{did_you_mean(r.model.preset, list(PRESETS))}")
     if r.model.init_from is not None and not Path(r.model.init_from).is_dir():
         raise ConfigError(f"'model.init_from' folder not found: {r.model.init_from} (point it at a local Hugging Face "
                           "LLaMA folder, a longtrain run folder or a step_N checkpoint: edit the recipe or pass "
@@ -111,12 +142,19 @@ def validate(r: Any) -> None:
         max_len = max([d.seq_len] + [s.seq_len or 0 for s in r.stages])
         if max_len > mc.max_seq_len:
             raise ConfigError(f"'data.seq_len' {max_len} exceeds the model's limit 'model.max_seq_len' = {mc.max_seq_len}")
-    for i, s in enumerate(r.stages):
+
+
+def _check_stages(stages: Any) -> None:
+    for i, s in enumerate(stages):
         _positive(f"stages[{i}].start_step", s.start_step, allow_zero=True)
         if s.seq_len is not None:
             _positive(f"stages[{i}].seq_len", s.seq_len)
         if s.rope_theta is not None:
             _positive(f"stages[{i}].rope_theta", s.rope_theta)
+
+
+def _check_data_sources(d: Any) -> None:
+    """data.source, or each [[data.sources]] entry (found, weighted, filtered; names made unique)."""
     if not d.sources and d.source not in ("stdlib",) and not d.source.startswith("passkey") \
             and not _source_exists(d.source):
         raise ConfigError(f"'data.source' not found: {d.source}")
@@ -140,6 +178,10 @@ def validate(r: Any) -> None:
         if s.name in names:
             raise ConfigError(f"'{where}.name' {s.name!r} is used twice: give the sources distinct names")
         names.add(s.name)
+
+
+def _check_data_options(d: Any) -> None:
+    """data.passkey_options / ruler_options keys, data.ruler_fraction, data.tokenizer."""
     if d.passkey_options:
         import inspect
 
@@ -149,7 +191,7 @@ def validate(r: Any) -> None:
                  if p.kind == p.KEYWORD_ONLY and n not in ("seed", "seq_len")]
         for k in d.passkey_options:
             if k not in known:
-                raise ConfigError(f"unknown key 'data.passkey_options.{k}'{_closest(k, known, 'data.passkey_options.')}")
+                raise ConfigError(f"unknown key 'data.passkey_options.{k}'{did_you_mean(k, known, 'data.passkey_options.')}")
     if not 0 <= d.ruler_fraction < 1:
         raise ConfigError(f"'data.ruler_fraction' must be in [0, 1), got {d.ruler_fraction}")
     if d.ruler_options:
@@ -158,18 +200,21 @@ def validate(r: Any) -> None:
         known = ["kinds", "min_chars", *(f.name for f in dataclasses.fields(RulerOptions))]
         for k in d.ruler_options:
             if k not in known:
-                raise ConfigError(f"unknown key 'data.ruler_options.{k}'{_closest(k, known, 'data.ruler_options.')}")
+                raise ConfigError(f"unknown key 'data.ruler_options.{k}'{did_you_mean(k, known, 'data.ruler_options.')}")
     if d.tokenizer not in ("auto", "bytes") and not Path(d.tokenizer).exists():
         raise ConfigError(f"'data.tokenizer' not found: {d.tokenizer} (use \"bytes\" or a tokenizer.json / HF folder)")
-    if r.eval.every < 0:
-        raise ConfigError(f"'eval.every' must be >= 0, got {r.eval.every}")
-    if r.eval.ruler_tasks:
+
+
+def _check_eval(e: Any) -> None:
+    if e.every < 0:
+        raise ConfigError(f"'eval.every' must be >= 0, got {e.every}")
+    if e.ruler_tasks:
         from longtrain.launcher.eval.ruler_scoring import TASKS
 
-        bad = [t for t in r.eval.ruler_tasks if t not in TASKS]
+        bad = [t for t in e.ruler_tasks if t not in TASKS]
         if bad:
             raise ConfigError(f"unknown 'eval.ruler_tasks' {', '.join(bad)}; choose from {', '.join(TASKS)}")
-        _positive("eval.ruler_samples", r.eval.ruler_samples)
+        _positive("eval.ruler_samples", e.ruler_samples)
 
 
 def _check_head_groups(r: Any, mc: Any) -> None:
