@@ -20,7 +20,7 @@ context length L is exactly L tokens long (answer included) for any tokenizer.
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
@@ -140,6 +140,36 @@ def mix_passkey_documents(docs: Sequence[str], fraction: float, *, seed: int = 0
     sets data.passkey_options = {short_share = ..., min_chars = ..., copy_share = ...}).
     Deterministic in `seed`.
     """
+    _check_mix_args(docs, fraction, depth_power, short_share, near_share)
+    fixed = len(NEEDLE.format(key="0" * digits)) + len(QUESTION) + len(ANSWER.format(key="0" * digits)) + 2
+    docs, lo, hi = _document_lengths(docs, fixed, seq_len, align, min_chars, max_chars)
+    if not 0 <= copy_share < 1:
+        raise ValueError(f"copy_share must be in [0, 1), got {copy_share}")
+    total = sum(len(d) for d in docs)
+    target = total if fraction >= 1 else fraction / (1 - fraction) * total
+    kinds, weights = _filler_weights(filler_mix)
+    draw_length = _length_sampler(lo, hi, fixed, seq_len, align, short_share, short_max)
+    rng = np.random.default_rng([seed, 0x9A55])
+    out: list[str] = []
+    made = 0
+    while made < target:
+        if rng.random() < copy_share:
+            out.append(_copy_drill(rng, seq_len - 1 if align else None))
+        else:
+            length = draw_length(rng)
+            key = random_key(rng, digits)
+            make = FILLER_KINDS[kinds[int(rng.choice(len(kinds), p=weights))]]
+            filler = make(docs, rng, length - fixed)
+            depth = float(rng.random()) ** depth_power  # u^2 puts more needles early: far retrieval is the hard part
+            if near_share > 0 and rng.random() < near_share:  # no draw at 0: the document stream stays as it was
+                depth = 1.0 - depth
+            out.append(passkey_document(filler, key, depth))
+        made += len(out[-1])
+    return out if fraction >= 1 else list(docs) + out
+
+
+def _check_mix_args(docs: Sequence[str], fraction: float, depth_power: float, short_share: float,
+                    near_share: float) -> None:
     if depth_power <= 0:
         raise ValueError(f"depth_power must be > 0, got {depth_power}")
     if not 0 <= short_share <= 1:
@@ -150,7 +180,12 @@ def mix_passkey_documents(docs: Sequence[str], fraction: float, *, seed: int = 0
         raise ValueError(f"fraction must be in (0, 1], got {fraction}")
     if not docs:
         raise ValueError("passkey documents need filler text: the corpus is empty")
-    fixed = len(NEEDLE.format(key="0" * digits)) + len(QUESTION) + len(ANSWER.format(key="0" * digits)) + 2
+
+
+def _document_lengths(docs: Sequence[str], fixed: int, seq_len: int, align: bool, min_chars: int | None,
+                      max_chars: int | None) -> tuple[Sequence[str], int, int]:
+    """(docs, lo, hi): the corpus (cut into seq_len - 1 character pieces when aligned) and the range of
+    synthetic document lengths; `fixed` is the characters of needle, question and answer."""
     n_align = seq_len - 1
     if align:
         if n_align < fixed + 8:
@@ -163,10 +198,11 @@ def mix_passkey_documents(docs: Sequence[str], fraction: float, *, seed: int = 0
         lo = min_chars if min_chars is not None else min(hi, fixed + 8)
     if lo < fixed or hi < lo:
         raise ValueError(f"passkey documents need {fixed} <= min_chars <= max_chars, got {lo}, {hi}")
-    if not 0 <= copy_share < 1:
-        raise ValueError(f"copy_share must be in [0, 1), got {copy_share}")
-    total = sum(len(d) for d in docs)
-    target = total if fraction >= 1 else fraction / (1 - fraction) * total
+    return docs, lo, hi
+
+
+def _filler_weights(filler_mix: dict[str, float] | None) -> tuple[list[str], np.ndarray]:
+    """The filler kinds (sorted) and their normalised weights (default: half snippet, half random)."""
     mix = filler_mix if filler_mix is not None else {"snippet": 0.5, "random": 0.5}
     unknown = set(mix) - set(FILLER_KINDS)
     if unknown or not mix or min(mix.values()) < 0 or sum(mix.values()) <= 0:
@@ -174,10 +210,15 @@ def mix_passkey_documents(docs: Sequence[str], fraction: float, *, seed: int = 0
     kinds = sorted(mix)
     weights = np.array([mix[k] for k in kinds], dtype=np.float64)
     weights /= weights.sum()
+    return kinds, weights
+
+
+def _length_sampler(lo: int, hi: int, fixed: int, seq_len: int, align: bool, short_share: float,
+                    short_max: int) -> Callable[[np.random.Generator], int]:
+    """draw(rng): the length of the next passkey document, short (a share `short_share`) or not."""
     # Packing splits a document of n tokens at a sample boundary with probability ~ n / seq_len,
     # so long documents are seen whole less often; drawing n with density ~ 1 / (seq_len - n + 8)
     # keeps the whole ones about evenly spread over lengths (needle distances up to seq_len).
-    # Depth = u^2 puts more needles early (far from the question): far retrieval is the hard part.
     lengths = np.arange(lo, hi + 1)
     length_p = 1.0 / (np.maximum(seq_len - lengths, 0) + 8.0) if not align else np.ones(len(lengths))
     length_p /= length_p.sum()
@@ -188,27 +229,13 @@ def mix_passkey_documents(docs: Sequence[str], fraction: float, *, seed: int = 0
     short_lengths = np.arange(short_lo, short_hi + 1)
     short_p = 1.0 / (np.maximum(short_hi + 1 - short_lengths, 0) + 8.0)
     short_p /= short_p.sum()
-    rng = np.random.default_rng([seed, 0x9A55])
-    out: list[str] = []
-    made = 0
-    while made < target:
-        if rng.random() < copy_share:
-            out.append(_copy_drill(rng, n_align if align else None))
-            made += len(out[-1])
-            continue
+
+    def draw(rng: np.random.Generator) -> int:
         if short_share > 0 and rng.random() < short_share:
-            length = int(rng.choice(short_lengths, p=short_p))
-        else:
-            length = int(rng.choice(lengths, p=length_p))
-        key = random_key(rng, digits)
-        make = FILLER_KINDS[kinds[int(rng.choice(len(kinds), p=weights))]]
-        filler = make(docs, rng, length - fixed)
-        depth = float(rng.random()) ** depth_power
-        if near_share > 0 and rng.random() < near_share:  # no draw at 0: the document stream stays as it was
-            depth = 1.0 - depth
-        out.append(passkey_document(filler, key, depth))
-        made += len(out[-1])
-    return out if fraction >= 1 else list(docs) + out
+            return int(rng.choice(short_lengths, p=short_p))
+        return int(rng.choice(lengths, p=length_p))
+
+    return draw
 
 
 # ---- evaluation prompts (token space) ---------------------------------------------------------

@@ -75,22 +75,10 @@ def run_ruler(model: nn.Module, tokenizer, *, lengths: Sequence[int], tasks: Seq
     from longtrain.launcher.data.tokenizers import build_tokenizer
     from longtrain.models.generate import generate  # imported here: only the runner needs the model side
 
-    if template not in TEMPLATES:
-        raise ConfigError(f"RULER template must be one of {', '.join(TEMPLATES)}, got {template!r}")
-    bad = [t for t in tasks if t not in TASKS]
-    if bad or not tasks:
-        raise ConfigError(f"unknown RULER task(s) {', '.join(bad) or '(none)'}; choose from {', '.join(TASKS)}")
-    if samples < 1 or not lengths or min(lengths) < 1:
-        raise ConfigError(f"RULER needs samples >= 1 and positive lengths (got {samples}, {list(lengths)})")
+    _check_ruler_args(template, tasks, samples, lengths)
     spec = tokenizer if isinstance(tokenizer, str) else None
     tok = build_tokenizer(tokenizer) if isinstance(tokenizer, str) else tokenizer
-    chat = None
-    if template == "chat":
-        source = chat_template if chat_template is not None else (spec if spec and spec != "bytes" else None)
-        if source is None:
-            raise ConfigError("template 'chat' needs a chat template: pass the tokenizer folder (its "
-                              "tokenizer_config.json chat_template), or use the base template")
-        chat = source if isinstance(source, ChatTemplate) else load_chat_template(source)
+    chat = _chat_template(template, chat_template, spec)
     opts = options or default_options(tok)
     if isinstance(haystack_docs, str):
         from longtrain.launcher.data.sources import load_documents
@@ -105,17 +93,52 @@ def run_ruler(model: nn.Module, tokenizer, *, lengths: Sequence[int], tasks: Seq
         p = next(iter(model.parameters()), None)
         device = p.device if p is not None else torch.device("cpu")
     eos = getattr(tok, "eos_id", None)
-    scores: dict[str, dict[int, float | None]] = {t: {int(n): None for n in lengths} for t in tasks}
-    budgets: dict[str, dict[int, int]] = {t: {} for t in tasks}
-    rows: list[dict[str, Any]] = []
-    # every prompt is built before any generation: a (task, length) that cannot hold its task (cwe's word
-    # list at a short length) is skipped with its reason, and the rest of the table is still measured
+    batches, skipped = _build_prompts(tasks, lengths, tok, samples, seed, haystack_docs, opts, chat)
+    scores, budgets, rows = _score_prompts(generate, model, tok, batches, tasks, lengths, device, batch_size,
+                                           eos, ctx)
+    average = {}
+    for n in lengths:
+        done = [scores[t][int(n)] for t in tasks if scores[t][int(n)] is not None]
+        average[int(n)] = round(float(np.mean(done)), 2) if done else None
+    return {"scores": scores, "average": average, "metrics": {t: METRICS[t] for t in tasks},
+            "answer_tokens": budgets, "samples": rows, "template": template, "seed": seed,
+            "options": dict(vars(opts)), "skipped": skipped}
+
+
+def _check_ruler_args(template: str, tasks: Sequence[str], samples: int, lengths: Sequence[int]) -> None:
+    if template not in TEMPLATES:
+        raise ConfigError(f"RULER template must be one of {', '.join(TEMPLATES)}, got {template!r}")
+    bad = [t for t in tasks if t not in TASKS]
+    if bad or not tasks:
+        raise ConfigError(f"unknown RULER task(s) {', '.join(bad) or '(none)'}; choose from {', '.join(TASKS)}")
+    if samples < 1 or not lengths or min(lengths) < 1:
+        raise ConfigError(f"RULER needs samples >= 1 and positive lengths (got {samples}, {list(lengths)})")
+
+
+def _chat_template(template: str, chat_template: ChatTemplate | str | Path | None,
+                   spec: str | None) -> ChatTemplate | None:
+    """The chat template to render (template 'chat'), else None: `chat_template`, or the tokenizer spec's."""
+    if template != "chat":
+        return None
+    source = chat_template if chat_template is not None else (spec if spec and spec != "bytes" else None)
+    if source is None:
+        raise ConfigError("template 'chat' needs a chat template: pass the tokenizer folder (its "
+                          "tokenizer_config.json chat_template), or use the base template")
+    return source if isinstance(source, ChatTemplate) else load_chat_template(source)
+
+
+def _build_prompts(tasks: Sequence[str], lengths: Sequence[int], tok, samples: int, seed: int,
+                   docs: Sequence[str], opts: RulerOptions, chat: ChatTemplate | None
+                   ) -> tuple[dict[tuple[str, int], list[RulerSample]], dict[str, dict[int, str]]]:
+    """Every prompt, built before any generation: a (task, length) that cannot hold its task (cwe's word
+    list at a short length) is skipped with its reason (a warning), and the rest of the table is still
+    measured. ConfigError when none fits."""
     batches: dict[tuple[str, int], list[RulerSample]] = {}
     skipped: dict[str, dict[int, str]] = {}
     for task in tasks:
         for n in lengths:
             try:
-                batches[task, int(n)] = ruler_samples(task, tok, int(n), samples, seed=seed, docs=haystack_docs,
+                batches[task, int(n)] = ruler_samples(task, tok, int(n), samples, seed=seed, docs=docs,
                                                       options=opts, chat=chat)
             except ConfigError as e:
                 skipped.setdefault(task, {})[int(n)] = str(e)
@@ -125,6 +148,17 @@ def run_ruler(model: nn.Module, tokenizer, *, lengths: Sequence[int], tasks: Seq
     for task, by_n in skipped.items():
         for n, why in by_n.items():
             log.warning("ruler %s @ %d: skipped (%s)", task, n, why)
+    return batches, skipped
+
+
+def _score_prompts(generate, model: nn.Module, tok, batches: dict[tuple[str, int], list[RulerSample]],
+                   tasks: Sequence[str], lengths: Sequence[int], device, batch_size: int, eos: int | None,
+                   ctx: int | None) -> tuple[dict, dict, list[dict[str, Any]]]:
+    """(scores {task: {length: score | None}}, answer budgets {task: {length: B}}, per-sample rows), the
+    model in eval mode meanwhile."""
+    scores: dict[str, dict[int, float | None]] = {t: {int(n): None for n in lengths} for t in tasks}
+    budgets: dict[str, dict[int, int]] = {t: {} for t in tasks}
+    rows: list[dict[str, Any]] = []
     was_training = model.training
     model.eval()
     try:
@@ -139,13 +173,7 @@ def run_ruler(model: nn.Module, tokenizer, *, lengths: Sequence[int], tasks: Seq
             log.info("ruler %s @ %d: %.1f", task, n, scores[task][int(n)])
     finally:
         model.train(was_training)
-    average = {}
-    for n in lengths:
-        done = [scores[t][int(n)] for t in tasks if scores[t][int(n)] is not None]
-        average[int(n)] = round(float(np.mean(done)), 2) if done else None
-    return {"scores": scores, "average": average, "metrics": {t: METRICS[t] for t in tasks},
-            "answer_tokens": budgets, "samples": rows, "template": template, "seed": seed,
-            "options": dict(vars(opts)), "skipped": skipped}
+    return scores, budgets, rows
 
 
 def _generate_all(generate, model: nn.Module, tok, batch: list[RulerSample], device, batch_size: int,
