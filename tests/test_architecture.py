@@ -1,5 +1,6 @@
-"""The house rules, checked from the source (docs/architecture.md): layering, no import cycles, module
-sizes, and the rules of sequence parallelism having one source that every user follows."""
+"""The house rules, checked from the source (docs/architecture.md): layering, no import cycles, no
+module reaching into another's private names, no long functions outside the kernels, and the rules
+of sequence parallelism having one source that every user follows."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1] / "longtrain"
 KERNEL_DIRS = ("kernels",)  # Triton/CUDA kernels may be long; everything else stays readable
+MAX_FUNCTION_LINES = 80
 
 
 def _module_name(path: Path) -> str:
@@ -25,6 +27,23 @@ def _modules() -> dict[str, Path]:
     return {_module_name(p): p for p in ROOT.rglob("*.py")}
 
 
+def _from_base(node: ast.ImportFrom, name: str, is_pkg: bool) -> str:
+    """The absolute module of `from X import ...` in module `name` (relative imports resolved)."""
+    base = node.module or ""
+    if node.level:
+        pkg = name.split(".") if is_pkg else name.split(".")[:-1]
+        pkg = pkg[:len(pkg) - (node.level - 1)]
+        base = ".".join(pkg + ([base] if base else []))
+    return base
+
+
+def _known_module(target: str, known: set[str]) -> str:
+    """'from pkg import name': the submodule if it is one, else pkg ('' outside `known`)."""
+    while target and target not in known:
+        target = target.rpartition(".")[0]
+    return target
+
+
 def _imports(path: Path, name: str, known: set[str]) -> set[str]:
     """longtrain modules imported anywhere in the file (module level, inside functions, TYPE_CHECKING)."""
     is_pkg = path.name == "__init__.py"
@@ -33,17 +52,12 @@ def _imports(path: Path, name: str, known: set[str]) -> set[str]:
         if isinstance(node, ast.Import):
             targets = [a.name for a in node.names]
         elif isinstance(node, ast.ImportFrom):
-            base = node.module or ""
-            if node.level:
-                pkg = name.split(".") if is_pkg else name.split(".")[:-1]
-                pkg = pkg[:len(pkg) - (node.level - 1)]
-                base = ".".join(pkg + ([base] if base else []))
+            base = _from_base(node, name, is_pkg)
             targets = [base] + [f"{base}.{a.name}" for a in node.names]
         else:
             continue
         for t in targets:
-            while t and t not in known:  # 'from pkg import name': the submodule if it is one, else pkg
-                t = t.rpartition(".")[0]
+            t = _known_module(t, known)
             if t and t.startswith("longtrain") and t != name:
                 out.add(t)
     # string tables of lazy imports (package __init__ _EXPORTS): edges too
@@ -51,6 +65,33 @@ def _imports(path: Path, name: str, known: set[str]) -> set[str]:
         if isinstance(node, ast.Constant) and isinstance(node.value, str) and node.value in known \
                 and node.value != name and is_pkg:
             out.add(node.value)
+    return out
+
+
+def _private_imports(path: Path, name: str, known: set[str]) -> list[str]:
+    """'importer <- module: _name' for each `from X import _name` (not a dunder) where X is another
+    longtrain module than the importer; a package importing its own submodule's private name counts."""
+    is_pkg = path.name == "__init__.py"
+    out = []
+    for node in ast.walk(ast.parse(path.read_text())):
+        if not isinstance(node, ast.ImportFrom):
+            continue
+        src = _known_module(_from_base(node, name, is_pkg), known)
+        if not src.startswith("longtrain") or src == name:
+            continue
+        out += [f"{name} <- {src}: {a.name}" for a in node.names
+                if a.name.startswith("_") and not a.name.startswith("__")]
+    return out
+
+
+def _long_functions(path: Path, limit: int = MAX_FUNCTION_LINES) -> list[str]:
+    """'name (n lines)' for each function or method (nested ones too) longer than `limit` lines."""
+    out = []
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            n = node.end_lineno - node.lineno + 1
+            if n > limit:
+                out.append(f"{node.name} ({n} lines)")
     return out
 
 
@@ -121,11 +162,45 @@ def test_the_cycle_detector_finds_a_cycle(tmp_path):
     assert _imports(pkg / "x" / "b.py", "longtrain.x.b", known) == {"longtrain.x.a"}
 
 
-def test_module_sizes():
-    lines = {m: len(p.read_text().splitlines()) for m, p in _modules().items()}
-    assert lines["longtrain.launcher.trainer"] <= 350
-    big = {m: n for m, n in lines.items() if n > 500 and _layer(m) not in KERNEL_DIRS}
-    assert not big, big
+def test_no_module_imports_another_modules_private_names():
+    """A name another module needs is public; `_name` stays inside its module (dunders are fine)."""
+    mods = _modules()
+    known = set(mods)
+    bad = [v for m, p in sorted(mods.items()) for v in _private_imports(p, m, known)]
+    assert not bad, bad
+
+
+def test_the_private_import_check_finds_one(tmp_path):
+    """The check above can fail: absolute, relative and package-to-submodule imports of a `_name`."""
+    pkg = tmp_path / "longtrain"
+    (pkg / "x").mkdir(parents=True)
+    (pkg / "x" / "__init__.py").write_text("from .a import _f, public\n")
+    (pkg / "x" / "a.py").write_text("from longtrain.x.a import _own\nfrom . import b\n"
+                                    "def f():\n    from .b import _g, __version__\n")
+    (pkg / "x" / "b.py").write_text("from longtrain.x.a import _f as f, public\nfrom longtrain.x import _h\n"
+                                    "from os.path import _joinrealpath\n")
+    known = {"longtrain.x", "longtrain.x.a", "longtrain.x.b"}
+    assert _private_imports(pkg / "x" / "__init__.py", "longtrain.x", known) == [
+        "longtrain.x <- longtrain.x.a: _f"]
+    assert _private_imports(pkg / "x" / "a.py", "longtrain.x.a", known) == ["longtrain.x.a <- longtrain.x.b: _g"]
+    assert sorted(_private_imports(pkg / "x" / "b.py", "longtrain.x.b", known)) == [
+        "longtrain.x.b <- longtrain.x.a: _f", "longtrain.x.b <- longtrain.x: _h"]
+
+
+def test_no_long_functions_outside_kernels():
+    """No function or method over MAX_FUNCTION_LINES lines (Triton/CUDA kernels excepted)."""
+    long = {m: fs for m, p in sorted(_modules().items()) if _layer(m) not in KERNEL_DIRS
+            for fs in [_long_functions(p)] if fs}
+    assert not long, long
+
+
+def test_the_long_function_check_finds_one(tmp_path):
+    """The check above can fail: an 81-line method is reported, an 80-line function is not."""
+    body = "".join(f"    x{i} = {i}\n" for i in range(79))
+    src = tmp_path / "m.py"
+    src.write_text(f"def fits():\n{body}\nclass C:\n    def too_long(self):\n"
+                   + body.replace("    ", "        ") + "        return x0\n")
+    assert _long_functions(src) == ["too_long (81 lines)"]
 
 
 # ---- one source for the rules of sequence parallelism --------------------------------------------
