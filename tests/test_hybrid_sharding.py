@@ -14,7 +14,7 @@ import pytest
 from helpers import REPO, TINY, cli_env, losses, run_train, train_cmd
 from longtrain.errors import ConfigError
 from longtrain.launcher.config import load_recipe
-from longtrain.launcher.replicate import choose_dp_replicate
+from longtrain.parallel.rules import choose_dp_replicate
 
 STEPS = 20
 COMMON = [f"training.steps={STEPS}", "training.schedule=constant", "training.dtype=fp32", "checkpoint.interval=10",

@@ -22,7 +22,7 @@ from typing import Any
 
 from longtrain.errors import ConfigError
 from longtrain.parallel.rules import SP_IMPLS, resolve_sp_impl
-from longtrain.launcher.replicate import choose_dp_replicate
+from longtrain.parallel.rules import choose_dp_replicate
 from longtrain.launcher.sizing import (GPUS, HOST_BASELINE_BYTES, GiB, INTERCONNECTS, Memory, StepTime, fsdp_traffic,
                                       recipe_memory, step_time)
 

@@ -1,38 +1,13 @@
-"""Hybrid sharding (parallel.dp_replicate): one rule for the recipe's validation, the planner and
-the training process. "auto" asks the planner's memory model (launcher/sizing.py) whether the step
-fits with the state sharded over one node."""
+"""Hybrid sharding (parallel.dp_replicate) in a training process: the rule (parallel/rules.py:
+check_dp_replicate, choose_dp_replicate, shared with validation and the planner) answered for "auto"
+with the planner's memory model (launcher/sizing.py) against this device."""
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any
 
-from longtrain.errors import ConfigError
 from longtrain.launcher.sizing import recipe_memory
-
-
-def check_dp_replicate(value: int | str, engine: str) -> None:
-    """What the recipe alone can check: an integer >= 1 or "auto", and hybrid only with FSDP2
-    (divisibility of the world is checked at launch, parallel/engines.py: check_replicate)."""
-    if value != "auto" and (isinstance(value, str) or value < 1):
-        raise ConfigError(f"'parallel.dp_replicate' must be an integer >= 1 or \"auto\", got {value!r}")
-    if value != 1 and engine != "fsdp2":
-        raise ConfigError(f"'parallel.dp_replicate' = {value!r} (hybrid sharding) needs parallel.dp_engine = "
-                          f"\"fsdp2\", got {engine!r}")
-
-
-def choose_dp_replicate(value: int | str, *, world: int, local_world: int,
-                        fits: Callable[[int], bool]) -> tuple[int, str]:
-    """Replica groups for FSDP2 and why. An integer is taken as is. "auto": the number of nodes
-    (world // local_world) when the run spans nodes and `fits(nodes)` (the step's memory per GPU with
-    the state sharded over one node's ranks fits the device), else 1 (plain FSDP2 over all ranks)."""
-    if value != "auto":
-        return int(value), "set in the recipe"
-    nodes = world // local_world if 0 < local_world < world and world % local_world == 0 else 1
-    if nodes == 1:
-        return 1, "auto: one node"
-    if not fits(nodes):
-        return 1, f"auto: sharded over one node ({local_world} ranks) it would not fit; sharding over all {world}"
-    return nodes, f"auto: {nodes} nodes, sharded within each node of {local_world} ranks"
+from longtrain.parallel.rules import choose_dp_replicate
 
 
 def resolve_dp_replicate(recipe: Any, cfg: Any, device: Any) -> int:

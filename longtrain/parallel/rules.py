@@ -8,9 +8,12 @@ planner, the training runtime and evaluation all ask here, so they cannot drift 
   default_ulysses_degree       the Ulysses group size 'hybrid' uses when none is given
   ulysses_heads_ok             whether Ulysses can split the heads over a degree
   ulysses_split_degree         the ranks one attention call's heads are split over
+  check_dp_replicate / choose_dp_replicate   hybrid sharding (parallel.dp_replicate)
 """
 
 from __future__ import annotations
+
+from typing import Callable
 
 from longtrain.errors import ConfigError
 
@@ -67,3 +70,28 @@ def ulysses_split_degree(sp: int, impl: str, ulysses_degree: int) -> int:
     if sp > 1 and impl == "ulysses":
         return sp
     return ulysses_degree if sp > 1 and impl.startswith("hybrid") and ulysses_degree else 1
+
+
+def check_dp_replicate(value: int | str, engine: str) -> None:
+    """What the recipe alone can check: an integer >= 1 or "auto", and hybrid only with FSDP2
+    (divisibility of the world is checked at launch, parallel/engines.py: check_replicate)."""
+    if value != "auto" and (isinstance(value, str) or value < 1):
+        raise ConfigError(f"'parallel.dp_replicate' must be an integer >= 1 or \"auto\", got {value!r}")
+    if value != 1 and engine != "fsdp2":
+        raise ConfigError(f"'parallel.dp_replicate' = {value!r} (hybrid sharding) needs parallel.dp_engine = "
+                          f"\"fsdp2\", got {engine!r}")
+
+
+def choose_dp_replicate(value: int | str, *, world: int, local_world: int,
+                        fits: Callable[[int], bool]) -> tuple[int, str]:
+    """Replica groups for FSDP2 and why. An integer is taken as is. "auto": the number of nodes
+    (world // local_world) when the run spans nodes and `fits(nodes)` (the step's memory per GPU with
+    the state sharded over one node's ranks fits the device), else 1 (plain FSDP2 over all ranks)."""
+    if value != "auto":
+        return int(value), "set in the recipe"
+    nodes = world // local_world if 0 < local_world < world and world % local_world == 0 else 1
+    if nodes == 1:
+        return 1, "auto: one node"
+    if not fits(nodes):
+        return 1, f"auto: sharded over one node ({local_world} ranks) it would not fit; sharding over all {world}"
+    return nodes, f"auto: {nodes} nodes, sharded within each node of {local_world} ranks"
