@@ -177,3 +177,22 @@ def test_head_groups_train_like_all_heads(tmp_path, engine, impl, policy, heads,
     assert sorted(a) == sorted(b) == [1, 2, 3, 4]
     # with Mesa and 'full' the 8-bit codes are the layer inputs', the same in both: the recompute is exact
     assert all(abs(b[s] - a[s]) / a[s] < 1e-5 for s in a), (a, b)
+
+
+def test_planner_counts_one_more_attention_forward_and_a_group_in_the_recomputed_layer():
+    """LLaMA-3-8B, bf16, every layer checkpointed: the recomputed layer holds one of 8 groups' attention
+    tensors (60.1 -> 35.5 KiB per token, the 54.9 KiB issue 34 needed for 8,388,608 tokens on 8 x H100)
+    and attention costs 5 forward-equivalents instead of 4 (x 1.25)."""
+    from longtrain.launcher.sizing import GPUS, activation_bytes_per_token, head_groups, step_time
+
+    cfg = model_config("llama3-8b")
+    whole = activation_bytes_per_token(cfg, 2, checkpointing="offload", mesa=True, mlp_tiled=True)
+    grouped = activation_bytes_per_token(cfg, 2, checkpointing="offload", mesa=True, mlp_tiled=True, head_groups=8)
+    assert round(whole["recompute"] / 1024, 1) == 60.1 and round(grouped["recompute"] / 1024, 1) == 35.5
+    assert head_groups(cfg, "auto", 1 << 20, 2) == 8 and head_groups(cfg, 0, 1 << 20, 2) == 1
+    kw = dict(world=8, sp=8, impl="ring", micro_batch=1, grad_accum=1, seq_len=4259840, dtype="bf16", engine="fsdp2",
+              checkpointing="offload", mfu=0.45, gpus_per_node=8, loss_chunk="auto", mlp_chunk="auto")
+    a = step_time(cfg, GPUS["h100"], 50.0, **kw)
+    b = step_time(cfg, GPUS["h100"], 50.0, **kw, attn_head_chunk="auto")
+    assert b.attention_s / a.attention_s == pytest.approx(1.25, rel=1e-9)
+    assert b.sp_comm_s / a.sp_comm_s == pytest.approx(4 / 3, rel=1e-9)
