@@ -21,6 +21,15 @@ FAST = ["data.max_documents=60", "data.seq_len=64", "training.micro_batch=2", "t
         "metrics.log_every=1", "model.max_seq_len=512"]
 
 
+def engine_matrix_sets(engine: str, impl: str, policy: str) -> list[str]:
+    """The 2-rank case the memory techniques are checked under: sp = 2 with `impl`, `engine`, packed
+    documents, a window layer, 2 accumulation steps, checkpointing `policy`, 4 steps of 128 tokens."""
+    return ["training.steps=4", "checkpoint.interval=100", "data.seq_len=128", "training.micro_batch=2",
+            "training.grad_accum=2", "training.lr=1e-3", "data.document_mask=true",
+            "model.attention=['full','window:48']", "parallel.sp=2", f"parallel.sp_impl={impl}",
+            f"parallel.dp_engine={engine}", f"training.activation_checkpointing='{policy}'"]
+
+
 def cli_env(**extra: str) -> dict[str, str]:
     env = dict(os.environ)
     env.update(OMP_NUM_THREADS="1", HF_DATASETS_OFFLINE="1", PYTHONUNBUFFERED="1")

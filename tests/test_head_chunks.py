@@ -161,12 +161,9 @@ def test_head_groups_train_like_all_heads(tmp_path, engine, impl, policy, heads,
     whose weights are fetched per module call): 4 steps' losses equal the ungrouped run's (fp32)."""
     if engine == "deepspeed":
         pytest.importorskip("deepspeed")
-    from helpers import losses, run_train
+    from helpers import engine_matrix_sets, losses, run_train
 
-    sets = ["training.steps=4", "checkpoint.interval=100", "data.seq_len=128", "training.micro_batch=2",
-            "training.grad_accum=2", "training.lr=1e-3", "data.document_mask=true",
-            "model.attention=['full','window:48']", "parallel.sp=2", f"parallel.sp_impl={impl}",
-            f"parallel.dp_engine={engine}", f"training.activation_checkpointing='{policy}'"]
+    sets = engine_matrix_sets(engine, impl, policy)
     if engine == "deepspeed":
         sets.append("parallel.zero_stage=3")
     if mesa:

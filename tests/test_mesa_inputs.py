@@ -141,12 +141,9 @@ def test_8bit_inputs_train_under_every_engine_and_sp_impl(tmp_path, engine, impl
     equals exact checkpointing bitwise (8-bit inputs change only backward), later ones stay within 1 %."""
     if engine == "deepspeed":
         pytest.importorskip("deepspeed")
-    from helpers import losses, run_train
+    from helpers import engine_matrix_sets, losses, run_train
 
-    sets = ["training.steps=4", "checkpoint.interval=100", "data.seq_len=128", "training.micro_batch=2",
-            "training.grad_accum=2", "training.lr=1e-3", "data.document_mask=true",
-            "model.attention=['full','window:48']", "parallel.sp=2", f"parallel.sp_impl={impl}",
-            f"parallel.dp_engine={engine}", f"training.activation_checkpointing='{policy}'"]
+    sets = engine_matrix_sets(engine, impl, policy)
     if policy == "every:2":  # layers 1 and 3 are plain: Mesa quantizes their activations as before
         sets.append("mesa.skip_layers=[1,3]")
     run_train(tmp_path / "exact", *sets)

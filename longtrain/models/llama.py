@@ -28,13 +28,16 @@ from longtrain.models.tiling import token_tiled
 
 
 class HeadLinear(nn.Linear):
-    """nn.Linear that can apply a slice of its output rows (`rows`) or input columns (`cols`) only,
-    for one group of heads. Called as a module, so engines that fetch weights in module hooks
-    (DeepSpeed ZeRO-3) see every use."""
+    """nn.Linear that can apply a slice of its output rows (`rows`, with their bias) or input columns
+    (`cols`: a partial sum, so no bias) only, for one group of heads. Called as a module, so engines
+    that fetch weights in module hooks (DeepSpeed ZeRO-3) see every use."""
 
     def forward(self, x: Tensor, rows: slice | None = None, cols: slice | None = None) -> Tensor:
+        if cols is not None and self.bias is not None:
+            raise ValueError("a column slice of a Linear with a bias would add the bias once per group")
         w = self.weight if rows is None else self.weight[rows]
-        return F.linear(x, w if cols is None else w[:, cols])
+        b = self.bias if self.bias is None or rows is None else self.bias[rows]
+        return F.linear(x, w if cols is None else w[:, cols], b)
 
 
 class Attention(nn.Module):
@@ -175,9 +178,9 @@ class Transformer(nn.Module):
     [B,1,V], the last position only, as decoding needs), or with `labels`
     [B,S] (-100 = not counted) the summed cross-entropy (0-d fp32; `reduction="none"`: per-token
     NLL fp32 [B,S] and argmax [B,S], no grad) computed in token chunks (the `loss_chunk` argument:
-    'auto' | 0 | tokens, see models/memory.py), so no [S, V] tensor exists. Memory settings (attributes): `activation_checkpointing` (a policy,
-    see `checkpoint_policy`), `set_mlp_chunk(tokens)`,
-    `set_attn_head_chunk(heads)`.
+    'auto' | 0 | tokens, see models/memory.py), so no [S, V] tensor exists. Memory settings
+    (attributes): `activation_checkpointing` (a policy, see `checkpoint_policy`),
+    `set_mlp_chunk(tokens)`, `set_attn_head_chunk(heads)`.
     """
 
     def __init__(self, cfg: ModelConfig) -> None:
