@@ -172,8 +172,11 @@ def test_head_groups_train_like_all_heads(tmp_path, engine, impl, policy, heads,
     run_train(tmp_path / "groups", *sets, f"training.attn_head_chunk={heads}")
     a, b = losses(tmp_path / "whole"), losses(tmp_path / "groups")
     assert sorted(a) == sorted(b) == [1, 2, 3, 4]
-    # with Mesa and 'full' the 8-bit codes are the layer inputs', the same in both: the recompute is exact
-    assert all(abs(b[s] - a[s]) / a[s] < 1e-5 for s in a), (a, b)
+    # with Mesa and 'full' the recompute saves 8-bit copies: a whole layer's attention tensors are among
+    # them, a group's are recomputed exactly from its 8-bit input (the nested checkpoint), so the two runs
+    # differ by Mesa's rounding of q/k/v/out (a few 1e-5 of the loss here)
+    tol = 1e-3 if mesa else 1e-5
+    assert all(abs(b[s] - a[s]) / a[s] < tol for s in a), (a, b)
 
 
 def test_planner_counts_one_more_attention_forward_and_a_group_in_the_recomputed_layer():

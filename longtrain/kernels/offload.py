@@ -27,7 +27,9 @@ from torch import Tensor
 
 
 class InputCodec(Protocol):
-    """Encodes a layer input into named tensors (the payload) and back."""
+    """Encodes a layer input into named tensors (the payload) and back. A codec may also have
+    `checkpoint(key, fn, *args)`, which the model then uses instead of torch's checkpoint for the
+    layer (Mesa's: the recomputed layer saves its activations in 8 bits too)."""
 
     def encode(self, key: int, x: Tensor) -> tuple[dict[str, Tensor], Any]: ...
 

@@ -292,6 +292,9 @@ class Transformer(nn.Module):
             # forward: the device tensor itself; recompute: rebuilt from the store (prefetching layer i-1's)
             return layer(store.take(i, hh, device, prefetch=i - 1 if i > 0 else None), rope_, ops_)
 
+        recompute = getattr(self.input_codec, "checkpoint", None)  # Mesa: the recompute saves 8-bit copies
+        if recompute is not None:
+            return recompute(i, run, held, rope, ops)
         return checkpoint(run, held, rope, ops, use_reentrant=False)
 
     def forward(self, tokens: Tensor, positions: Tensor | None = None, ops: AttentionOps | None = None,

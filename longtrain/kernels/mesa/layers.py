@@ -321,7 +321,7 @@ def _under_checkpoint() -> bool:
     if not top:
         return False
     qual = getattr(top[0], "__qualname__", "")
-    return qual.startswith(("_checkpoint_hook.", "_recomputation_hook."))
+    return qual.startswith(("_checkpoint_hook.", "_recomputation_hook.", "_Recompute."))
 
 
 def _largest_divisor_at_most(n: int, cap: int) -> int:
@@ -640,3 +640,80 @@ class MesaInputCodec:
         q = QTensor(payload["codes"], payload["shift"], payload["span"], groups, inner, qshape, torch.float32, bits)
         y = dequantize(q, dtype=torch.float32, backend=self.cfg.backend).view(shape)
         return (y * payload["rows"].float()).to(dtype)
+
+    def checkpoint(self, key: int, fn: Any, *args: Any) -> Any:
+        """`torch.utils.checkpoint` (non-reentrant) for layer `key` whose recompute in backward saves
+        the layer's activations in 8 bits, as `mesa_scope` does in a plain layer (`mesa_checkpoint`)."""
+        return mesa_checkpoint(self.state, key, fn, *args)
+
+
+class _Recompute:
+    """One checkpointed call (see `mesa_checkpoint`). The forward's saved tensors become place
+    numbers (`pack`); the first `unpack` in backward reruns `fn` under `rpack`, which keeps
+    Mesa's 8-bit record (or the exact tensor, by Mesa's rules) of each saved tensor in order;
+    each unpack then decodes its own and forgets it (a recomputed tensor is used once)."""
+
+    def __init__(self, state: MesaState, layer: int | str, fn: Any, args: tuple) -> None:
+        self.state, self.layer, self.fn, self.args = state, layer, fn, args
+        self.count = 0
+        self.saved: list[Any] | None = None
+        dev = next((a.device for a in args if isinstance(a, Tensor)), torch.device("cpu"))
+        self.device = dev
+        self.amp = (torch.is_autocast_enabled(dev.type), torch.get_autocast_dtype(dev.type))
+        # the RNG as torch's checkpoint keeps it (preserve_rng_state): a recompute draws what the forward did
+        self.rng = (torch.get_rng_state(), torch.cuda.get_rng_state(dev) if dev.type == "cuda" else None)
+
+    def pack(self, t: Tensor) -> int:
+        self.count += 1
+        return self.count - 1
+
+    def unpack(self, i: int) -> Tensor:
+        if self.saved is None:
+            self._run()
+        p = self.saved[i]
+        if p is None:
+            raise RuntimeError("mesa checkpoint: a recomputed tensor was unpacked twice "
+                               "(backward through a checkpointed Mesa layer with retain_graph is not supported)")
+        self.saved[i] = None
+        return _unpack(p)
+
+    def rpack(self, t: Tensor) -> None:
+        p = self.run.pack(t)
+        if isinstance(p, Tensor) and p.requires_grad:
+            p = p.detach()  # do not keep the recompute's graph alive
+        self.saved.append(p)
+
+    def _run(self) -> None:
+        self.saved, self.run = [], _ScopeRun(self.state, self.layer)
+        cpu, cuda = self.rng
+        devices = [self.device] if cuda is not None else []
+        try:
+            with torch.random.fork_rng(devices=devices), torch.enable_grad(), \
+                    torch.autocast(self.device.type, dtype=self.amp[1], enabled=self.amp[0]), \
+                    torch.autograd.graph.saved_tensors_hooks(self.rpack, _never_unpacked):
+                torch.set_rng_state(cpu)
+                if cuda is not None:
+                    torch.cuda.set_rng_state(cuda, self.device)
+                self.fn(*self.args)
+        finally:
+            self.run.close()
+            self.fn = self.args = self.run = None
+        if len(self.saved) != self.count:
+            raise RuntimeError(f"mesa checkpoint: layer {self.layer} saved {self.count} tensors in forward and "
+                               f"{len(self.saved)} in its recompute (its forward is not deterministic)")
+
+
+def _never_unpacked(_: Any) -> Tensor:
+    raise RuntimeError("mesa checkpoint: backward through a recomputed graph")
+
+
+def mesa_checkpoint(state: MesaState, layer: int | str, fn: Any, *args: Any) -> Any:
+    """`fn(*args)`, checkpointed: autograd keeps none of its activations, and backward recomputes
+    them (from `args`, once, when it first needs one) saving each in 8 bits by Mesa's rules and
+    running estimates of `layer` (`mesa_scope` steps aside in both passes: these hooks are the
+    innermost). Like `torch.utils.checkpoint(use_reentrant=False)` it replays autocast and the RNG,
+    and checkpoints nested inside (head groups) work: their inputs are saved tensors of this one.
+    Unlike it, a recomputed layer holds 8-bit copies instead of exact ones until backward uses them."""
+    rec = _Recompute(state, layer, fn, args)
+    with torch.autograd.graph.saved_tensors_hooks(rec.pack, rec.unpack):
+        return fn(*args)
