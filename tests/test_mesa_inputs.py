@@ -153,3 +153,25 @@ def test_8bit_inputs_train_under_every_engine_and_sp_impl(tmp_path, engine, impl
     assert a[1] == b[1]
     assert all(abs(b[s] - a[s]) / a[s] < 0.01 for s in (2, 3, 4)), (a, b)
     assert any(a[s] != b[s] for s in (2, 3, 4))
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_blocks_of_tokens_give_the_whole_tensors_codes(monkeypatch, bits):
+    """Encode / decode (and the torch quantizer under them) work block by block of tokens so their fp32
+    temporaries are a constant: with tiny blocks the codes, ranges and decoded values equal one block's
+    (round to nearest), for packed 4-bit codes too."""
+    import longtrain.kernels.mesa.quant as quant
+
+    x = torch.randn(3, 50, 64) * torch.logspace(-1, 1, 50).view(1, 50, 1)
+    whole = MesaInputCodec(MesaState(MesaConfig(stochastic=False, bits=bits), [input_key(0)]))
+    p0, m0 = whole.encode(0, x)
+    monkeypatch.setattr(quant, "CHUNK_ELEMENTS", 7 * 64)  # 7 tokens per block: 22 blocks, the last short
+    assert len(quant.row_blocks(150, 64)) == 22
+    blocked = MesaInputCodec(MesaState(MesaConfig(stochastic=False, bits=bits), [input_key(0)]))
+    p1, m1 = blocked.encode(0, x)
+    assert p0.keys() == p1.keys() and all(torch.equal(p0[k], p1[k]) for k in p0)
+    assert torch.equal(blocked.decode(p1, m1), whole.decode(p0, m0))
+    v = torch.randn(40, 4, 16)
+    q0 = quant.quantize_codes_torch(v, torch.zeros(4), torch.ones(4) * 50, 4, 16, 8, False)
+    monkeypatch.setattr(quant, "CHUNK_ELEMENTS", 1 << 22)
+    assert torch.equal(q0, quant.quantize_codes_torch(v, torch.zeros(4), torch.ones(4) * 50, 4, 16, 8, False))

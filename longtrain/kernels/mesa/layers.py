@@ -57,7 +57,7 @@ import torch
 from torch import Tensor, nn
 
 from longtrain.kernels.mesa.config import MesaConfig
-from longtrain.kernels.mesa.quant import QTensor, dequantize, group_layout, quantize
+from longtrain.kernels.mesa.quant import QTensor, dequantize, group_layout, quantize, row_blocks
 
 _VIEWLIKE = frozenset({
     "ToCopyBackward0", "TBackward0", "TransposeBackward0", "TransposeBackward1", "PermuteBackward0",
@@ -621,25 +621,47 @@ class MesaInputCodec:
         x = x.contiguous()
         c = x.shape[-1]
         g = channel_groups(cfg, c)
-        rows = x.abs().amax(dim=-1, keepdim=True).to(torch.bfloat16).clamp_min(1e-30)
-        y = x.float() / rows.float()
-        x3 = y.view(group_layout(y.shape, g, -1))
-        mn, mx = x3.amin(dim=(0, 2)), x3.amax(dim=(0, 2))
+        xf = x.view(-1, c)
+        # block by block of tokens (quant.row_blocks): the row-scaled fp32 copy is then a constant, not
+        # 4 bytes per element of the whole input (16 GiB at 1M tokens x 4096 in bf16)
+        blocks = row_blocks(xf.shape[0], c) if c % 8 == 0 else [slice(0, xf.shape[0])]  # packed codes split by bytes
+        rows = torch.empty(xf.shape[0], 1, dtype=torch.bfloat16, device=x.device)
+        mn = mx = None
+        for b in blocks:
+            rows[b] = xf[b].abs().amax(dim=-1, keepdim=True).to(torch.bfloat16).clamp_min(1e-30)
+            y3 = (xf[b].float() / rows[b].float()).view(group_layout(xf[b].shape, g, -1))
+            bmn, bmx = y3.amin(dim=(0, 2)), y3.amax(dim=(0, 2))
+            mn, mx = (bmn, bmx) if mn is None else (torch.minimum(mn, bmn), torch.maximum(mx, bmx))
         ranges = self.state.layer_ranges(input_key(key))
         shift, span = quantization_range(cfg, *ranges.estimate(0, mn, mx, float(cfg.ema_decay), self.state.training),
                                          mn, mx)
-        q = quantize(x3, g, dim=1, shift=shift, span=span, bits=cfg.bits, stochastic=cfg.stochastic,
-                     backend=cfg.backend, generator=self.state.generator(x.device))
-        payload = {"codes": q.codes, "shift": q.shift, "span": q.span, "rows": rows}
-        return payload, (q.groups, q.inner, q.shape, x.shape, x.dtype, q.bits)
+        per_byte = 8 // cfg.bits
+        codes = torch.empty(xf.numel() // per_byte, dtype=torch.uint8, device=x.device)
+        for b in blocks:
+            y3 = (xf[b].float() / rows[b].float()).view(group_layout(xf[b].shape, g, -1))
+            q = quantize(y3, g, dim=1, shift=shift, span=span, bits=cfg.bits, stochastic=cfg.stochastic,
+                         backend=cfg.backend, generator=self.state.generator(x.device))
+            codes[b.start * c // per_byte:b.stop * c // per_byte] = q.codes
+        payload = {"codes": codes, "shift": q.shift, "span": q.span, "rows": rows.view(*x.shape[:-1], 1)}
+        return payload, (g, c // g, group_layout(xf.shape, g, -1), x.shape, x.dtype, cfg.bits)
 
     def decode(self, payload: dict[str, Tensor], meta: Any) -> Tensor:
         if meta is None:
             return payload["x"]
         groups, inner, qshape, shape, dtype, bits = meta
-        q = QTensor(payload["codes"], payload["shift"], payload["span"], groups, inner, qshape, torch.float32, bits)
-        y = dequantize(q, dtype=torch.float32, backend=self.cfg.backend).view(shape)
-        return (y * payload["rows"].float()).to(dtype)
+        codes, rows = payload["codes"], payload["rows"].view(-1, 1)
+        c = shape[-1]
+        n = rows.shape[0]
+        blocks = row_blocks(n, c) if c % 8 == 0 else [slice(0, n)]
+        per_byte = 8 // bits
+        out = torch.empty(n, c, dtype=dtype, device=codes.device)
+        for b in blocks:  # as in encode: one block's fp32 at a time
+            m = b.stop - b.start
+            q = QTensor(codes[b.start * c // per_byte:b.stop * c // per_byte], payload["shift"], payload["span"],
+                        groups, inner, (m, groups, inner), torch.float32, bits)
+            y = dequantize(q, dtype=torch.float32, backend=self.cfg.backend).view(m, c)
+            out[b] = y * rows[b].float()
+        return out.view(shape)
 
     def checkpoint(self, key: int, fn: Any, *args: Any) -> Any:
         """`torch.utils.checkpoint` (non-reentrant) for layer `key` whose recompute in backward saves

@@ -134,29 +134,59 @@ def quant_params(shift: Tensor, span: Tensor, bits: int) -> tuple[Tensor, Tensor
     return shift, span, (levels / span).contiguous(), (span / levels).contiguous()
 
 
+# the torch path works on blocks of this many elements at most: its fp32 temporaries (and the
+# noise) are then a constant, not copies of the whole tensor (at 1M tokens x 4096 one fp32 copy is 16 GiB)
+CHUNK_ELEMENTS = 1 << 22
+
+
+def row_blocks(rows: int, width: int) -> list[slice]:
+    """Slices of `rows` rows of `width` elements each, of at most CHUNK_ELEMENTS elements (>= 1 row)."""
+    step = max(1, CHUNK_ELEMENTS // max(1, width))
+    return [slice(i, min(rows, i + step)) for i in range(0, rows, step)]
+
+
 def quantize_codes_torch(x: Tensor, shift: Tensor, inv: Tensor, groups: int, inner: int, bits: int,
                          stochastic: bool, noise: Tensor | None = None,
                          generator: torch.Generator | None = None) -> Tensor:
-    """Torch twin of the Triton quantize kernel: contiguous x -> uint8 codes (flat, unpacked)."""
-    levels = float(2 ** bits - 1)
+    """Torch twin of the Triton quantize kernel: contiguous x -> uint8 codes (flat, unpacked),
+    block by block of `row_blocks` (the same codes; stochastic noise is drawn per block)."""
     x3 = x.reshape(-1, groups, inner)
+    blocks = row_blocks(x3.shape[0], groups * inner)
+    if len(blocks) == 1:
+        return _quantize_block(x3, shift, inv, bits, stochastic, noise, generator).reshape(-1)
+    out = torch.empty(x3.shape, dtype=torch.uint8, device=x.device)
+    n3 = noise.reshape(x3.shape) if noise is not None else None
+    for b in blocks:
+        out[b] = _quantize_block(x3[b], shift, inv, bits, stochastic, None if n3 is None else n3[b], generator)
+    return out.reshape(-1)
+
+
+def _quantize_block(x3: Tensor, shift: Tensor, inv: Tensor, bits: int, stochastic: bool, noise: Tensor | None,
+                    generator: torch.Generator | None) -> Tensor:
+    levels = float(2 ** bits - 1)
     v = torch.sub(x3, shift.view(1, -1, 1))  # a new fp32 tensor (bf16/fp16 x promote exactly)
     v.mul_(inv.view(1, -1, 1))
     if stochastic:
         if noise is None:
-            noise = torch.rand(x3.shape, device=x.device, dtype=torch.float32, generator=generator)
+            noise = torch.rand(x3.shape, device=x3.device, dtype=torch.float32, generator=generator)
         v.add_(noise.reshape(x3.shape).float())
     else:
         v.add_(0.5)
-    return v.floor_().clamp_(0.0, levels).to(torch.uint8).reshape(-1)
+    return v.floor_().clamp_(0.0, levels).to(torch.uint8)
 
 
 def dequantize_codes_torch(codes: Tensor, shift: Tensor, step: Tensor, groups: int, inner: int,
                            dtype: torch.dtype) -> Tensor:
-    """Torch twin of the Triton dequantize kernel: flat uint8 codes -> flat tensor of `dtype`."""
+    """Torch twin of the Triton dequantize kernel: flat uint8 codes -> flat tensor of `dtype`
+    (block by block of `row_blocks`: the fp32 temporaries are a constant)."""
     q3 = codes.reshape(-1, groups, inner)
-    y = q3.float() * step.view(1, -1, 1) + shift.view(1, -1, 1)
-    return y.to(dtype).reshape(-1)
+    blocks = row_blocks(q3.shape[0], groups * inner)
+    if len(blocks) == 1:
+        return (q3.float() * step.view(1, -1, 1) + shift.view(1, -1, 1)).to(dtype).reshape(-1)
+    out = torch.empty(q3.shape, dtype=dtype, device=codes.device)
+    for b in blocks:
+        out[b] = q3[b].float() * step.view(1, -1, 1) + shift.view(1, -1, 1)
+    return out.reshape(-1)
 
 
 def pack_bits(codes: Tensor, bits: int) -> Tensor:
