@@ -105,7 +105,7 @@ def test_moh_llama3_8b_recipe(tmp_path):
 
 def test_llama3_long_recipe_fits_one_node(tmp_path):
     """The long recipe's last stage fits 8 x H100 80 GB by the plan, at >= 512k tokens. (It was the
-    longest length the plan allowed until the RMSNorms stopped saving fp32 copies; the 8m and 12m
+    longest length the plan allowed until the RMSNorms stopped saving fp32 copies; the 8m and 16m
     recipes, Mesa + offload + head groups, now hold that claim in tests/test_plan_host.py.)"""
     from longtrain.launcher.plan import make_plan
 
@@ -116,7 +116,7 @@ def test_llama3_long_recipe_fits_one_node(tmp_path):
     seq = pl.layout["seq_len"]
     assert seq >= 524288 and seq == r.stages[-1].seq_len
     assert pl.memory_gib["total"] <= 0.9 * 80
-    # the exact-inputs baseline; the longest lengths (Mesa + offload) are the 8m / 12m recipes' (test_plan_host)
+    # the exact-inputs baseline; the longest lengths (Mesa + offload) are the 8m / 16m recipes' (test_plan_host)
     assert pl.layout["longest_seq_fitting"] >= seq
     assert all(s.seq_len % (2 * r.parallel.sp) == 0 for s in r.stages)
 
@@ -125,7 +125,7 @@ def test_llama3_long_recipe_fits_one_node(tmp_path):
 def test_llama3_long_cpu_trains(tmp_path, name):
     """The twins from a tiny HF folder: 2 processes, sp = 2 ring, FSDP2 from the meta device, offload,
     loss chunks and MLP tiles (the second: Mesa's 8-bit offloaded inputs and attention in head groups, as
-    the 8m / 12m recipes), through all three stages (64 -> 256 -> 1040 tokens)."""
+    the 8m / 16m recipes), through all three stages (64 -> 256 -> 1040 tokens)."""
     import torch
 
     from longtrain.models import Transformer, model_config

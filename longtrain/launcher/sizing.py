@@ -100,14 +100,16 @@ def activation_bytes_per_token(cfg: Any, act_bytes: int, *, mesa: bool = False, 
 
     Per layer (d = dim, f = ffn_dim, q = n_heads*head_dim, kv = n_kv_heads*head_dim, a = act_bytes):
       2 RMSNorms: input (its dtype), fp32 rstd, output (input of the next linears)  2 * (a*d + 4 + a*d)
-      attention: q and k after RoPE, v, out, o-proj input, lse (fp32)               a*(3q + 2kv) + 4*H
+      attention: q and k after RoPE, v, out (also the o-proj input: a view), lse    a*(2q + 2kv) + 4*H
       SwiGLU: w1 out, silu out, w3 out, product (w2 input)                          4 a f
               (tiled, training.mlp_chunk: nothing beyond its input, the norm's output)
     With `attention_fraction` < 1 (MoH: only shared + routed heads are computed) the per-head
     attention tensors shrink accordingly. Mesa keeps these tensors in 8 bits (about half of bf16,
     a quarter of fp32; norm statistics stay fp32). A checkpointed layer ('full', 'offload',
     'every:N') keeps only its input (a*d; in host memory with 'offload': `host`) and is recomputed
-    one layer at a time during backward, exactly (the recomputed layer's tensors are not 8-bit).
+    one layer at a time during backward; with Mesa the recompute saves its tensors in 8 bits too
+    (kernels/mesa/layers.mesa_checkpoint), as a plain Mesa layer does, and holds the norm's output and
+    the (ungrouped) attention tensors exactly while its forward computes attention.
     With Mesa the checkpointed input is stored as uint8 codes, 1 byte per element (its scales, a bf16
     per token and per-channel-group ranges, are < 0.1% at d = 4096, not counted): `inputs` = n_ck * d.
     With `head_groups` G > 1 (training.attn_head_chunk) a layer saves no attention tensor (each group is
@@ -119,7 +121,7 @@ def activation_bytes_per_token(cfg: Any, act_bytes: int, *, mesa: bool = False, 
     q = cfg.n_heads * cfg.head_dim * attention_fraction
     kv = cfg.n_kv_heads * cfg.head_dim
     norms = 2 * (2 * act_bytes * d + 4)  # models/layers.RMSNorm saves its input and rstd only
-    attn = act_bytes * (3 * q + 2 * kv) + 4 * cfg.n_heads
+    attn = act_bytes * (2 * q + 2 * kv) + 4 * cfg.n_heads
     mlp = 0 if mlp_tiled else 4 * act_bytes * f
     grouped = head_groups > 1
     plain_layer = norms + (0.0 if grouped else attn) + mlp
@@ -131,10 +133,15 @@ def activation_bytes_per_token(cfg: Any, act_bytes: int, *, mesa: bool = False, 
     host = inputs if policy == "offload" else 0.0
     device_inputs = inputs - host
     group = attn / head_groups if grouped else 0.0  # one head group recomputed at a time, exactly
-    recompute = plain_layer + group if n_ck else group  # one checkpointed layer recomputed at a time, exactly
+    recompute = layer + group if n_ck else group  # one checkpointed layer recomputed at a time (Mesa: 8-bit)
+    # while a Mesa layer's forward (or recompute) computes attention, the norm's output and (ungrouped)
+    # q, k, v and out are alive exactly beside their 8-bit copies until the forward lets go of them
+    attn_transient = (1 - 1 / act_bytes) * (act_bytes * d + (0.0 if grouped else attn)) if mesa else 0.0
+    if n_ck:
+        recompute += attn_transient
     total = device_inputs + (L - n_ck) * layer + recompute
     return {"per_layer": layer, "plain_layer": plain_layer, "total": total, "inputs": inputs, "host": host,
-            "kept_layers": (L - n_ck) * layer, "recompute": recompute}
+            "kept_layers": (L - n_ck) * layer, "recompute": recompute, "attn_transient": attn_transient}
 
 
 def head_groups(cfg: Any, attn_head_chunk: int | str, tokens: float, act_bytes: int, divisor: int = 1) -> int:
@@ -305,8 +312,9 @@ def memory_per_gpu(cfg: Any, *, world: int, sp: int, micro_batch: int, seq_len: 
     mlp_bwd = 0.0 if tiled else 2 * a * cfg.ffn_dim * tokens
     recompute = tokens * mine["recompute"]
     backward_start = act - recompute + max(logits, recompute + mlp_bwd) + gathered
-    if mesa and policy == "none":  # backward dequantizes one layer's saved tensors at a time
-        backward_start = max(backward_start, act + tokens * mine["plain_layer"] + mlp_bwd + gathered)
+    if mesa and policy == "none":  # a layer's forward holds its norm output and attention tensors exactly
+        # beside their 8-bit copies until it lets go of them (backward decodes one tensor at a time)
+        backward_start = max(backward_start, act + tokens * mine["attn_transient"] + mlp_bwd + gathered)
     backward_end = grads + (act if ckpt else layer_act) + gathered + mlp_tile
     optimizer_step = grads + opt_temp
     total = params + optimizer + max(backward_start, backward_end, optimizer_step)

@@ -123,10 +123,10 @@ def head_groups_split(heads: int, kv_heads: int, degree: int) -> bool:
 
 
 def attention_head_bytes(head_dim: int, n_heads: int, n_kv_heads: int, act_bytes: int) -> float:
-    """Bytes of a layer's saved attention tensors per query head and token: q and k after RoPE,
-    the output and the output projection's input (a x head_dim each), the head's share of v and
-    of k, and the log-sum-exp (fp32)."""
-    return act_bytes * head_dim * (3 + 2 * n_kv_heads / n_heads) + 4
+    """Bytes of a layer's saved attention tensors per query head and token: q after RoPE and the
+    output (a x head_dim each; the output projection's input is a view of the output), the head's
+    share of k after RoPE and of v, and the log-sum-exp (fp32)."""
+    return act_bytes * head_dim * (2 + 2 * n_kv_heads / n_heads) + 4
 
 
 def attn_head_chunk_heads(setting: int | str, n_heads: int, n_kv_heads: int, tokens: int, head_bytes: float,

@@ -55,6 +55,7 @@ from typing import Any, Iterable, Iterator
 
 import torch
 from torch import Tensor, nn
+from torch.multiprocessing.reductions import StorageWeakRef
 
 from longtrain.kernels.mesa.config import MesaConfig
 from longtrain.kernels.mesa.quant import QTensor, dequantize, group_layout, quantize, row_blocks
@@ -393,8 +394,11 @@ class _ScopeRun:
         self.layer = layer
         self.ranges = state.layer_ranges(layer)
         self.slot = 0
-        self.by_storage: dict[tuple, list[tuple[_Entry, Tensor]]] = {}
-        self.by_cast: dict[tuple, tuple[_Saved, Tensor]] = {}
+        # weak: a tensor quantized here is freed as soon as the forward lets go of it (holding it would
+        # keep a whole exact layer alive until the scope closes); an expired storage never matches, so a
+        # later tensor at a reused address is not mistaken for it
+        self.by_storage: dict[tuple, list[tuple[_Entry, StorageWeakRef]]] = {}
+        self.by_cast: dict[tuple, tuple[_Saved, Any]] = {}  # the copy's grad_fn, keeping the key's id unique
         self.report: list[dict[str, Any]] = []
         state.last_report[_layer_key(layer)] = self.report
 
@@ -467,8 +471,8 @@ class _ScopeRun:
         lo = t.storage_offset()
         if all(s >= 0 for s in t.stride()):
             hi = lo + sum((n - 1) * s for n, s in zip(t.shape, t.stride()))
-            for entry, _ in self.by_storage.get(self._storage_key(t), ()):
-                if entry.start <= lo and hi < entry.start + entry.numel:
+            for entry, ref in self.by_storage.get(self._storage_key(t), ()):
+                if not ref.expired() and entry.start <= lo and hi < entry.start + entry.numel:
                     return _Saved(entry, t.shape, t.stride(), lo - entry.start, t.dtype)
         ck = self._cast_key(t)
         if ck is not None and ck in self.by_cast:
@@ -518,10 +522,10 @@ class _ScopeRun:
         entry = _Entry(q, max(start, 0), mem.numel(), backend, row_scale)
         saved = _Saved(entry, shape, stride, offset, t.dtype)
         if start >= 0:
-            self.by_storage.setdefault(self._storage_key(t), []).append((entry, t))
+            self.by_storage.setdefault(self._storage_key(t), []).append((entry, StorageWeakRef(t.untyped_storage())))
         ck = self._cast_key(t)
         if ck is not None:
-            self.by_cast[ck] = (saved, t)
+            self.by_cast[ck] = (saved, t.grad_fn)
         self._report(t, f"quantized {cfg.bits}-bit, {g} groups along dim {dim} of {tuple(mem.shape)}", slot)
         return saved
 
