@@ -134,9 +134,11 @@ def activation_bytes_per_token(cfg: Any, act_bytes: int, *, mesa: bool = False, 
     device_inputs = inputs - host
     group = attn / head_groups if grouped else 0.0  # one head group recomputed at a time, exactly
     recompute = layer + group if n_ck else group  # one checkpointed layer recomputed at a time (Mesa: 8-bit)
-    # while a Mesa layer's forward (or recompute) computes attention, the norm's output and (ungrouped)
-    # q, k, v and out are alive exactly beside their 8-bit copies until the forward lets go of them
-    attn_transient = (1 - 1 / act_bytes) * (act_bytes * d + (0.0 if grouped else attn)) if mesa else 0.0
+    # while a Mesa layer's forward (or recompute) computes attention or the MLP, the norm's output and
+    # (ungrouped) q, k, v and out, or the untiled MLP's intermediates, are alive exactly beside their 8-bit
+    # copies until the forward lets go of them
+    held = max(0.0 if grouped else attn, mlp)
+    attn_transient = (1 - 1 / act_bytes) * (act_bytes * d + held) if mesa else 0.0
     if n_ck:
         recompute += attn_transient
     total = device_inputs + (L - n_ck) * layer + recompute
