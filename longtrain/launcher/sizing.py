@@ -109,7 +109,7 @@ def activation_bytes_per_token(cfg: Any, act_bytes: int, *, mesa: bool = False, 
     'every:N') keeps only its input (a*d; in host memory with 'offload': `host`) and is recomputed
     one layer at a time during backward; with Mesa the recompute saves its tensors in 8 bits too
     (kernels/mesa/layers.mesa_checkpoint), as a plain Mesa layer does, and holds the norm's output and
-    the (ungrouped) attention tensors exactly while its forward computes attention.
+    the (ungrouped) attention tensors or the untiled MLP's exactly while its forward computes them.
     With Mesa the checkpointed input is stored as uint8 codes, 1 byte per element (its scales, a bf16
     per token and per-channel-group ranges, are < 0.1% at d = 4096, not counted): `inputs` = n_ck * d.
     With `head_groups` G > 1 (training.attn_head_chunk) a layer saves no attention tensor (each group is
@@ -138,12 +138,12 @@ def activation_bytes_per_token(cfg: Any, act_bytes: int, *, mesa: bool = False, 
     # (ungrouped) q, k, v and out, or the untiled MLP's intermediates, are alive exactly beside their 8-bit
     # copies until the forward lets go of them
     held = max(0.0 if grouped else attn, mlp)
-    attn_transient = (1 - 1 / act_bytes) * (act_bytes * d + held) if mesa else 0.0
+    mesa_transient = (1 - 1 / act_bytes) * (act_bytes * d + held) if mesa else 0.0
     if n_ck:
-        recompute += attn_transient
+        recompute += mesa_transient
     total = device_inputs + (L - n_ck) * layer + recompute
     return {"per_layer": layer, "plain_layer": plain_layer, "total": total, "inputs": inputs, "host": host,
-            "kept_layers": (L - n_ck) * layer, "recompute": recompute, "attn_transient": attn_transient}
+            "kept_layers": (L - n_ck) * layer, "recompute": recompute, "mesa_transient": mesa_transient}
 
 
 def head_groups(cfg: Any, attn_head_chunk: int | str, tokens: float, act_bytes: int, divisor: int = 1) -> int:
@@ -314,9 +314,9 @@ def memory_per_gpu(cfg: Any, *, world: int, sp: int, micro_batch: int, seq_len: 
     mlp_bwd = 0.0 if tiled else 2 * a * cfg.ffn_dim * tokens
     recompute = tokens * mine["recompute"]
     backward_start = act - recompute + max(logits, recompute + mlp_bwd) + gathered
-    if mesa and policy == "none":  # a layer's forward holds its norm output and attention tensors exactly
-        # beside their 8-bit copies until it lets go of them (backward decodes one tensor at a time)
-        backward_start = max(backward_start, act + tokens * mine["attn_transient"] + mlp_bwd + gathered)
+    if mesa and policy == "none":  # a layer's forward holds its norm output and attention (or MLP) tensors
+        # exactly beside their 8-bit copies until it lets go of them (backward decodes one tensor at a time)
+        backward_start = max(backward_start, act + tokens * mine["mesa_transient"] + mlp_bwd + gathered)
     backward_end = grads + (act if ckpt else layer_act) + gathered + mlp_tile
     optimizer_step = grads + opt_temp
     total = params + optimizer + max(backward_start, backward_end, optimizer_step)

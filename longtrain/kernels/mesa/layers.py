@@ -42,8 +42,9 @@ opens inside a checkpointed function (its hooks are the innermost ones), it
 steps aside: the block keeps nothing for backward but its input and recomputes its
 activations in backward from it. With `enable_mesa(..., inputs=True)` that input is
 stored in 8 bits (`MesaInputCodec`, on the device or offloaded to host memory,
-kernels/offload.py) and decoded before the recompute; without, checkpoint holds it
-exactly. Layers that are not checkpointed are quantized as usual.
+kernels/offload.py) and decoded before the recompute, and the layer is checkpointed by
+`mesa_checkpoint` instead, whose recompute saves its tensors in 8 bits as this scope would;
+without, checkpoint holds the input exactly. Layers that are not checkpointed are quantized as usual.
 """
 
 from __future__ import annotations
@@ -631,7 +632,7 @@ class MesaInputCodec:
         blocks = row_blocks(xf.shape[0], c) if c % 8 == 0 else [slice(0, xf.shape[0])]  # packed codes split by bytes
         rows = torch.empty(xf.shape[0], 1, dtype=torch.bfloat16, device=x.device)
         mn = mx = None
-        for b in blocks:
+        for b in blocks:  # pass 1: row scales and the range; pass 2 below scales again and quantizes
             rows[b] = xf[b].abs().amax(dim=-1, keepdim=True).to(torch.bfloat16).clamp_min(1e-30)
             y3 = (xf[b].float() / rows[b].float()).view(group_layout(xf[b].shape, g, -1))
             bmn, bmx = y3.amin(dim=(0, 2)), y3.amax(dim=(0, 2))
