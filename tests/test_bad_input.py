@@ -39,6 +39,10 @@ def _assert_clean_error(proc: subprocess.CompletedProcess, *needles: str) -> Non
     (["parallel.sp_impl=rign"], ["parallel.sp_impl", "ring"]),
     (["model.attention=['full','window:0']"], ["window"]),
     (["checkpoint.resume=/nonexistent/ckpt"], ["checkpoint", "/nonexistent/ckpt"]),
+    (["training.steps=3", "profile.steps=[2,5]"], ["profile.steps", "step 5", "1..3"]),
+    (["profile.steps='12-10'"], ["profile.steps", "empty"]),
+    (["profile.steps='two'"], ["profile.steps", "10-12"]),
+    (["profile.ranks=[]"], ["profile.ranks"]),
 ])
 def test_bad_recipe_values(sets, needles):
     args = ["train", str(TINY), "--nproc", "2"]
@@ -153,3 +157,11 @@ def test_worker_side_bad_inputs_under_nproc_2(tmp_path, case):
         return
     sets, needles = _worker_side_cases(tmp_path)[case]
     _assert_clean_error(_cli("train", str(TINY), *common, *sets), *needles)
+
+
+@pytest.mark.parametrize("nproc", ["1", "2"])
+def test_profile_rank_that_does_not_exist(tmp_path, nproc):
+    """The world size is known in the workers only: one line and exit 2 there too."""
+    _assert_clean_error(_cli("train", str(TINY), "--nproc", nproc, "--set", f"run.output_dir={tmp_path / 'o'}",
+                             "--set", "profile.steps=[1]", "--set", f"profile.ranks=[0,{nproc}]"),
+                        "profile.ranks", f"rank {nproc}", f"{nproc} rank")

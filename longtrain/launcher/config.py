@@ -175,6 +175,29 @@ class MetricsSection:
 
 
 @dataclass
+class ProfileSection:
+    """[profile]: torch.profiler traces of chosen steps (docs/profiling.md); off unless `steps` is set."""
+
+    steps: list[int] | str = field(default_factory=list)  # [2, 5] or "10-12" (inclusive); [] = off
+    ranks: list[int] = field(default_factory=lambda: [0])  # global ranks that trace
+    memory: bool = False  # CUDA: a memory snapshot of the steps (_record_memory_history); CPU: an RSS timeline
+    record_shapes: bool = True  # input shapes of each op in the trace
+    stack: bool = False  # Python stacks of each op (larger traces)
+
+    def step_list(self) -> list[int]:
+        """The profiled step numbers, sorted (steps count from 1, as the progress line does)."""
+        if isinstance(self.steps, str):
+            lo, sep, hi = self.steps.partition("-")
+            try:
+                a, b = int(lo), int(hi if sep else lo)
+            except ValueError:
+                raise ConfigError(f"'profile.steps' must be a list of steps or a range like \"10-12\", "
+                                  f"got {self.steps!r}") from None
+            return list(range(a, b + 1)) if a <= b else []
+        return sorted(set(self.steps))
+
+
+@dataclass
 class EvalSection:
     every: int = 0  # steps between in-training evaluations (0 = off)
     lengths: list[int] = field(default_factory=list)
@@ -197,6 +220,7 @@ class Recipe:
     checkpoint: CheckpointSection = field(default_factory=CheckpointSection)
     metrics: MetricsSection = field(default_factory=MetricsSection)
     eval: EvalSection = field(default_factory=EvalSection)
+    profile: ProfileSection = field(default_factory=ProfileSection)
     source_path: str = ""  # where the recipe was read from (not a TOML key)
 
     # ---- derived -------------------------------------------------------------------------

@@ -11,12 +11,14 @@ from __future__ import annotations
 import logging
 import math
 import time
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.distributed as dist
 
+from longtrain import ranges
 from longtrain.errors import CheckpointError, ConfigError, TrainingError
 from longtrain.launcher import signals
 from longtrain.launcher.build import build_for_engine
@@ -32,6 +34,7 @@ from longtrain.launcher.feed import TrainingData
 from longtrain.launcher.metrics import (Metrics, memory_mb, peak_flops, setup_logging, tensorboard_hint,
                                         train_flops_per_token)
 from longtrain.launcher.optim import make_engine
+from longtrain.launcher.planned import PlanCheck
 from longtrain.parallel.mesh import SPAttention, make_layout, shard_batch
 from longtrain.parallel.rules import check_sequence_length
 
@@ -46,6 +49,12 @@ class Trainer:
         setup_logging(self.env.is_main)
         self.layout = make_layout(r.parallel.sp)
         check_sequence_length(r.data.seq_len, self.layout.sp, r.parallel.sp_layout)
+        self.profiler = None  # [profile] (launcher/profile.py is imported only when it is set)
+        if r.profile.step_list():
+            from longtrain.launcher.profile import StepProfiler
+
+            self.profiler = StepProfiler(r.profile, r.output_dir, rank=self.layout.rank, world=self.layout.world,
+                                         device=self.device, compiled=r.training.compile)
         spec = corpus_tokenizer(r.data, self._tokenizer_spec(), explicit=r.data.tokenizer != "auto")
         self.tokenizer = build_tokenizer(spec)
         r.data.tokenizer = spec  # the resolved recipe (and eval) name the tokenizer actually used
@@ -57,6 +66,7 @@ class Trainer:
         self.model, self.mesa = build_for_engine(r, self.tokenizer.vocab_size, self.device, self.dtype)
         self.engine = make_engine(self.model, r, self.device, self.dtype)
         self.sp_attention = SPAttention.from_parallel(r.parallel, self.model.cfg.n_heads, self.model.cfg.n_kv_heads)
+        self.plan_check = self._plan_check()
         if self.layout.sp > 1 and self.sp_attention.impl in ("ring", "tokenring"):
             from longtrain.parallel.comm import warm_up
 
@@ -69,6 +79,18 @@ class Trainer:
         self.async_group = (dist.new_group(backend="gloo") if r.checkpoint.async_save and self.engine.name != "deepspeed"
                             else None)
         self.metrics: Metrics | None = None
+
+    def _plan_check(self) -> PlanCheck:
+        """The planner's memory (and step time) beside the run's (launcher/planned.py)."""
+        r, lay = self.recipe, self.layout
+        replicate = 1
+        if r.parallel.dp_engine == "fsdp2" and r.parallel.dp_replicate != 1:
+            from longtrain.launcher.replicate import resolve_dp_replicate
+
+            replicate = resolve_dp_replicate(r, self.model.cfg, self.device, quiet=True)
+        return PlanCheck(r, self.model.cfg, self.model, getattr(self.engine, "optimizer", None), world=lay.world,
+                         sp=lay.sp, impl=self.sp_attention.impl, device=self.device, replicate=replicate,
+                         is_main=self.env.is_main)
 
     def _tokenizer_spec(self) -> str:
         """The recipe's tokenizer: auto/bytes with init_from = as init_from was trained (else bytes)."""
@@ -85,8 +107,9 @@ class Trainer:
         meta = {"data_position": d.position, "world_size": lay.world, "dp": lay.dp, "sp": lay.sp,
                 "global_batch": d.global_batch, "seq_len": d.seq_len, "rope_theta": self.model.cfg.rope_theta,
                 "model": self.model.cfg.to_dict(), **self.engine.checkpoint_meta()}
-        self.engine.save(self.checkpointer, self.step, meta, background=self.async_group is not None,
-                         group=self.async_group)
+        with ranges.scope("checkpoint"):
+            self.engine.save(self.checkpointer, self.step, meta, background=self.async_group is not None,
+                             group=self.async_group)
 
     def resume(self) -> None:
         r = self.recipe
@@ -139,7 +162,8 @@ class Trainer:
             self.mesa.reseed(step_seed * 1_000_003 + 17)
         self._apply_stage()
         step_begins(self.step + 1)  # fault hooks (LONGTRAIN_FAULT)
-        micro = [self._shard(b) for b in self.data.micro_batches(self.step)]
+        with ranges.scope("data"):
+            micro = [self._shard(b) for b in self.data.micro_batches(self.step)]
         local_count = sum(int((b["labels"] != -100).sum()) for b in micro)
         # on the training device: NCCL has no CPU tensors (make gpu-check found this on its first run)
         counts = torch.tensor([float(local_count)], dtype=torch.float64, device=self.device)
@@ -150,7 +174,8 @@ class Trainer:
         aux_sum = torch.zeros((), dtype=torch.float64, device=self.device)
         for i, b in enumerate(micro):
             with engine.micro_batch(last=i == len(micro) - 1):
-                loss = engine(b["tokens"], b["positions"], b["ops"], b["labels"], loss_chunk=r.training.loss_chunk)
+                with ranges.scope("forward"):
+                    loss = engine(b["tokens"], b["positions"], b["ops"], b["labels"], loss_chunk=r.training.loss_chunk)
                 if fault_nan(self.step + 1):
                     loss = loss * float("nan")
                 total = loss * scale
@@ -158,13 +183,15 @@ class Trainer:
                 if aux is not None:
                     total = total + aux / len(micro)  # engines average over ranks
                     aux_sum += aux.detach().double()
-                engine.backward(total)
+                with ranges.scope("backward"):
+                    engine.backward(total)
             loss_sum += loss.detach().double()
         dist.all_reduce(loss_sum)
         # NaN guard: the global loss and the global grad norm are the same on every rank, so all ranks
         # agree on skipping without another collective; the weights keep the last good update
         finite = math.isfinite(loss_sum.item())
-        gnorm, stepped = engine.step(r.training.grad_clip, lambda g: finite and math.isfinite(g))
+        with ranges.scope("optimizer"):
+            gnorm, stepped = engine.step(r.training.grad_clip, lambda g: finite and math.isfinite(g))
         self._count_bad(stepped, finite)
         if self.mesa is not None and lay.world > 1:
             self._sync_mesa_ranges()
@@ -263,36 +290,48 @@ class Trainer:
         if r.eval.every:
             from longtrain.launcher.eval.in_training import in_training_eval as evaluator
         while self.step < r.training.steps:
-            t0 = time.perf_counter()
-            res = self.train_step()
-            dt = time.perf_counter() - t0
-            history.append(res["loss"])
-            self.metrics.step(self.step, self.step_scalars(res, dt, peak), dt, first_step)
-            self._log_moh_usage()
-            if evaluator is not None and self.step % r.eval.every == 0:
-                self.metrics.scalars(self.step, evaluator(self))
-            if self.bad_streak >= r.training.max_bad_steps:
-                self.checkpointer.wait()
-                last = self.checkpointer.latest()
-                raise TrainingError(
-                    f"stopping at step {self.step}: {self.bad_streak} consecutive steps with a non-finite loss or "
-                    f"gradient norm (training.max_bad_steps = {r.training.max_bad_steps}); the newest checkpoint, "
-                    f"{last.name if last else 'none'}, holds weights from before them (lower training.lr, or "
-                    "check the data)")
-            self.checkpointer.poll()  # publishes a finished background save
-            saved = self.bad_streak == 0 and (self.step % r.checkpoint.interval == 0 or self.step == r.training.steps)
-            if saved:
-                self.save()
-            if r.checkpoint.save_on_signal and self._signal_received():
-                if not saved and self.bad_streak == 0:
-                    self.save()
-                self.checkpointer.wait()
-                last = self.checkpointer.latest()
-                raise signals.Preempted(
-                    f"received {signals.requested or 'a stop signal (on another rank)'} during step {self.step}: "
-                    f"checkpoint {last.name if last else 'none'} is saved; exiting with status "
-                    f"{signals.PREEMPTED_EXIT} (requeue). Rerun the same command to resume.")
+            n = self.step + 1
+            with self.profiler.step(n, self.model) if self.profiler is not None else nullcontext():
+                self.plan_check.before(n)
+                t0 = time.perf_counter()
+                res = self.train_step()
+                dt = time.perf_counter() - t0
+                history.append(res["loss"])
+                self.metrics.step(self.step, self.step_scalars(res, dt, peak), dt, first_step)
+                planned = self.plan_check.after(n, self.data.seq_len, r.training.steps, dt)
+                if planned:
+                    self.metrics.scalars(self.step, planned)
+                self._log_moh_usage()
+                if evaluator is not None and self.step % r.eval.every == 0:
+                    with ranges.scope("eval"):
+                        self.metrics.scalars(self.step, evaluator(self))
+                self._after_step()
         self.checkpointer.wait()  # the last background save is published before the run ends
+
+    def _after_step(self) -> None:
+        """Stop on too many bad steps; checkpoint at the interval, the end, or on a stop signal."""
+        r = self.recipe
+        if self.bad_streak >= r.training.max_bad_steps:
+            self.checkpointer.wait()
+            last = self.checkpointer.latest()
+            raise TrainingError(
+                f"stopping at step {self.step}: {self.bad_streak} consecutive steps with a non-finite loss or "
+                f"gradient norm (training.max_bad_steps = {r.training.max_bad_steps}); the newest checkpoint, "
+                f"{last.name if last else 'none'}, holds weights from before them (lower training.lr, or "
+                "check the data)")
+        self.checkpointer.poll()  # publishes a finished background save
+        saved = self.bad_streak == 0 and (self.step % r.checkpoint.interval == 0 or self.step == r.training.steps)
+        if saved:
+            self.save()
+        if r.checkpoint.save_on_signal and self._signal_received():
+            if not saved and self.bad_streak == 0:
+                self.save()
+            self.checkpointer.wait()
+            last = self.checkpointer.latest()
+            raise signals.Preempted(
+                f"received {signals.requested or 'a stop signal (on another rank)'} during step {self.step}: "
+                f"checkpoint {last.name if last else 'none'} is saved; exiting with status "
+                f"{signals.PREEMPTED_EXIT} (requeue). Rerun the same command to resume.")
 
     def _signal_received(self) -> bool:
         """Whether any rank got a save-on-signal signal: one tiny all-reduce per step, so all agree."""

@@ -42,6 +42,7 @@ def validate(r: Any) -> None:
     _check_data_sources(r.data)
     _check_data_options(r.data)
     _check_eval(r.eval)
+    _check_profile(r)
 
 
 def _check_training(r: Any) -> None:
@@ -215,6 +216,22 @@ def _check_eval(e: Any) -> None:
         if bad:
             raise ConfigError(f"unknown 'eval.ruler_tasks' {', '.join(bad)}; choose from {', '.join(TASKS)}")
         _positive("eval.ruler_samples", e.ruler_samples)
+
+
+def _check_profile(r: Any) -> None:
+    """[profile]: steps within the run, ranks >= 0 (against the world size once it is known: the trainer)."""
+    pr = r.profile
+    steps = pr.step_list()
+    if isinstance(pr.steps, str) and not steps:
+        raise ConfigError(f"'profile.steps' range {pr.steps!r} is empty (write it low-high, e.g. \"10-12\")")
+    bad = [s for s in steps if s < 1 or s > r.training.steps]
+    if bad:
+        raise ConfigError(f"'profile.steps' asks for step {bad[0]}, outside this run's steps 1..{r.training.steps} "
+                          "(training.steps)")
+    if not pr.ranks:
+        raise ConfigError("'profile.ranks' is empty: name at least one rank (e.g. [0])")
+    if any(x < 0 for x in pr.ranks):
+        raise ConfigError(f"'profile.ranks' must be ranks >= 0, got {pr.ranks}")
 
 
 def _check_head_groups(r: Any, mc: Any) -> None:

@@ -14,6 +14,8 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as dist
 
+from longtrain import ranges
+
 
 @dataclass
 class Counters:
@@ -91,9 +93,10 @@ class P2P:
 
     def start(self) -> "Handles":
         recvs, sends, self.recvs, self.sends = self.recvs, self.sends, [], []
-        if TRANSPORT is not None:
-            return Handles(TRANSPORT.start(self.group, recvs, sends))
-        return Handles(launch_p2p(self.group, recvs, sends))
+        with ranges.scope("sp_comm/post"):
+            if TRANSPORT is not None:
+                return Handles(TRANSPORT.start(self.group, recvs, sends))
+            return Handles(launch_p2p(self.group, recvs, sends))
 
 
 def launch_p2p(group: dist.ProcessGroup | None, recvs: list[tuple[torch.Tensor, int, int]],
@@ -112,8 +115,11 @@ class Handles:
 
     def wait(self) -> None:
         works, self.works = self.works, []
-        for w in works:
-            w.wait()
+        if not works:
+            return
+        with ranges.scope("sp_comm/wait"):
+            for w in works:
+                w.wait()
 
 
 def wait(handles: "Handles | None") -> None:

@@ -21,6 +21,7 @@ from typing import Sequence
 import torch
 import torch.distributed as dist
 
+from longtrain import ranges
 from longtrain.kernels.documents import DocBounds, as_doc_bounds
 from longtrain.kernels.lightning import lightning_attention
 
@@ -54,14 +55,16 @@ class _GatherStates(torch.autograd.Function):
         ctx.group, ctx.world = group, world
         flat = x.contiguous().view(-1)
         out = flat.new_empty(world * flat.numel())
-        _all_gather(out, flat, group=group)
+        with ranges.scope("sp_comm/all_gather"):
+            _all_gather(out, flat, group=group)
         return out.view(world, *x.shape)
 
     @staticmethod
     def backward(ctx, g):
         flat = g.contiguous().view(-1)
         out = flat.new_empty(flat.numel() // ctx.world)
-        _reduce_scatter(out, flat, group=ctx.group)
+        with ranges.scope("sp_comm/reduce_scatter"):
+            _reduce_scatter(out, flat, group=ctx.group)
         return out.view(g.shape[1:]), None, None
 
 

@@ -7,6 +7,7 @@ from typing import Sequence
 import torch.distributed as dist
 from torch import Tensor
 
+from longtrain import ranges
 from longtrain.kernels.documents import DocBounds, as_doc_bounds
 from longtrain.models.ops import outside_compile
 from longtrain.parallel.rules import resolve_sp_impl
@@ -33,13 +34,15 @@ class SequenceParallelOps:
         from longtrain.parallel.sp_attention import sequence_parallel_attention
 
         impl = resolve_sp_impl(self.impl, q.shape[2], k.shape[2])
-        return sequence_parallel_attention(q, k, v, self.group, impl=impl, causal=True, layout=self.layout,
-                                           softmax_scale=softmax_scale, window=window,
-                                           cu_seqlens=self.cu_seqlens, ulysses_degree=self.ulysses_degree,
-                                           one_communicator=self.one_communicator)
+        with ranges.scope(f"sp_attention/{impl}"):
+            return sequence_parallel_attention(q, k, v, self.group, impl=impl, causal=True, layout=self.layout,
+                                               softmax_scale=softmax_scale, window=window,
+                                               cu_seqlens=self.cu_seqlens, ulysses_degree=self.ulysses_degree,
+                                               one_communicator=self.one_communicator)
 
     @outside_compile
     def linear(self, q: Tensor, k: Tensor, v: Tensor, decay: Tensor) -> Tensor:
         from longtrain.parallel.linear_sp import linear_sp_attention
 
-        return linear_sp_attention(q, k, v, decay, self.group, layout=self.layout, cu_seqlens=self.cu_seqlens)
+        with ranges.scope("sp_attention/lightning"):
+            return linear_sp_attention(q, k, v, decay, self.group, layout=self.layout, cu_seqlens=self.cu_seqlens)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
+from longtrain import ranges
 from longtrain.kernels.attention import Bounds, attention_block
 from longtrain.parallel.comm import COUNTERS, nbytes
 from longtrain.parallel.sharding import Segment, segment_positions, segments_from_positions
@@ -33,7 +34,8 @@ def _a2a(send: torch.Tensor, group, kind: str) -> torch.Tensor:
     """all_to_all_single on dim 0 of send [W, ...]; slot j goes to rank j."""
     send = send.contiguous()
     recv = torch.empty_like(send)
-    dist.all_to_all_single(recv, send, group=group)
+    with ranges.scope("sp_comm/all_to_all"):
+        dist.all_to_all_single(recv, send, group=group)
     w = send.shape[0]
     per = nbytes(send) // w
     COUNTERS.bytes_sent["a2a"] += per * (w - 1)
