@@ -10,10 +10,10 @@ from longtrain.launcher.sizing import recipe_memory
 from longtrain.parallel.rules import choose_dp_replicate
 
 
-def resolve_dp_replicate(recipe: Any, cfg: Any, device: Any) -> int:
+def resolve_dp_replicate(recipe: Any, cfg: Any, device: Any, *, quiet: bool = False) -> int:
     """In a training process: parallel.dp_replicate as a number of replica groups ("auto" resolved with
     choose_dp_replicate against 90% of the device's memory: a GPU's, or on CPU the host's share per
-    local rank), logged once on rank 0. torch is imported here only."""
+    local rank), logged once on rank 0 (never with `quiet`). torch is imported here only."""
     import logging
     import os
 
@@ -36,7 +36,7 @@ def resolve_dp_replicate(recipe: Any, cfg: Any, device: Any) -> int:
     from longtrain.parallel.engines import check_replicate
 
     check_replicate(world, replicate)  # one line naming both numbers, before anything is built
-    if value != 1 and (not dist.is_initialized() or dist.get_rank() == 0):
+    if value != 1 and not quiet and (not dist.is_initialized() or dist.get_rank() == 0):
         logging.getLogger("longtrain").info("FSDP2 sharding: %s (%s)", f"hybrid, {replicate} replicas x "
                                             f"{world // replicate} ranks" if replicate > 1 else
                                             f"plain over all {world} ranks", why)

@@ -238,6 +238,9 @@ def _model_state(cfg: Any, *, world: int, engine: str, zero_stage: int, bf16: bo
     gathered = 0.0
     if engine == "fsdp2" or (engine == "deepspeed" and zero_stage >= 3):
         gathered = 2 * per_layer_params * (2 if bf16 else 4) * 2  # two gathered layers (prefetch) + their grads
+    if engine == "fsdp2":  # the root (embedding, final norm, output) is not resharded after forward: whole
+        # from the first forward to the end of backward (measured by the run's plan check, launcher/planned.py)
+        gathered += (cfg.vocab_size * cfg.dim * (1 if cfg.tie_embeddings else 2) + cfg.dim) * (2 if bf16 else 4)
     opt_temp = P * 4 / shard_o  # foreach AdamW temporaries (about one fp32 copy of the local shard)
     host_opt = 0.0
     if optimizer_offload:  # training.optimizer_offload (parallel/engines.py: shard_fsdp2, deepspeed_config)
