@@ -3,6 +3,11 @@
 Both run in this process, alternating step by step (median step time of each), on the same model,
 data and optimizer settings (world size 1), so the ratio shows longtrain's own overhead (engine wrapping, global-token loss,
 metrics, all-reduces).
+
+--profile: instead, what [profile] costs (docs/profiling.md). One trainer alternates four kinds of
+step, round after round: profiling off (as every run without [profile]), off again (the noise between
+two identical arms), our named ranges recording without a profiler (longtrain/ranges.py active), and
+a step under torch.profiler with the ranges (trace not exported); median step time of each vs off.
 """
 
 from __future__ import annotations
@@ -103,6 +108,41 @@ def _save_cost(rank: int, world: int, recipe_path: str, sets: list[str], steps: 
     return out
 
 
+def _profile_cost(rank: int, world: int, recipe_path: str, sets: list[str], steps: int, warmup: int) -> dict:
+    """Median tokens/s of each arm in the --profile mode (module doc), alternating round by round."""
+    import torch.profiler
+
+    from longtrain import ranges
+    from longtrain.launcher.config import load_recipe
+    from longtrain.launcher.trainer import Trainer
+
+    trainer = Trainer(load_recipe(recipe_path, sets))
+
+    def off() -> float:
+        return trainer.train_step()["tokens"]
+
+    def recording() -> float:
+        ranges.ACTIVE = True
+        try:
+            return trainer.train_step()["tokens"]
+        finally:
+            ranges.ACTIVE = False
+
+    def profiled() -> float:
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], record_shapes=True):
+            return recording()
+
+    arms = {"off": off, "off (again)": off, "ranges recording": recording, "torch.profiler + ranges": profiled}
+    times: dict[str, list[float]] = {k: [] for k in arms}
+    tokens = 0.0
+    for i in range(warmup + steps):
+        for name, fn in arms.items():
+            tokens, t = _timed(fn)
+            if i >= warmup:
+                times[name].append(t)
+    return {k: tokens / sorted(v)[len(v) // 2] for k, v in times.items()}
+
+
 def _worker(rank: int, world: int, recipe_path: str, sets: list[str], steps: int, warmup: int):
     from longtrain.launcher.config import load_recipe
 
@@ -120,10 +160,22 @@ def main(argv: list[str]) -> int:
                     help="also run each engine with training.compile = true (compiled vs eager tokens/s)")
     ap.add_argument("--save", action="store_true",
                     help="instead: how long a checkpoint save blocks the loop, sync vs checkpoint.async")
+    ap.add_argument("--profile", action="store_true",
+                    help="instead: tokens/s with [profile] off vs our ranges recording vs torch.profiler on")
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
 
     from longtrain.testing import run_distributed
+
+    if args.profile:
+        sets = [*args.overrides, "checkpoint.resume=none", "run.output_dir=/tmp/longtrain-bench-profile"]
+        (res,) = run_distributed(_profile_cost, 1, args.recipe, sets, args.steps, args.warmup,
+                                 threads=torch.get_num_threads(), timeout=1800)
+        rows = [{"arm": k, "tokens_per_s": v, "vs_off": v / res["off"]} for k, v in res.items()]
+        print_table(rows)
+        write_json("step-profile", {"recipe": args.recipe, "steps": args.steps, "overrides": args.overrides,
+                                    "rows": rows}, args.out)
+        return 0
 
     if args.save:
         sets = [*args.overrides, "checkpoint.resume=none", "checkpoint.keep_last=1"]
