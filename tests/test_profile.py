@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import tempfile
+from types import SimpleNamespace
 
 import pytest
 
@@ -159,3 +160,55 @@ def test_fsdp2_plan_holds_the_root_whole():
         assert gathered == pytest.approx(2 * layer * 2 * 2 + root, rel=1e-9)
         d = memory_per_gpu(cfg, world=world, engine="ddp", **kw)
         assert d.transient == pytest.approx(cfg.n_params * 4)
+
+
+def test_step_time_check_on_a_known_gpu(monkeypatch, caplog):
+    """On a GPU the planner knows, the plan check's step time is `longtrain plan`'s for the same layout
+    (a stand-in H100: CUDA's device query is the only thing replaced), and a step twice as slow warns."""
+    import logging
+
+    import torch
+
+    from longtrain.launcher.config import load_recipe
+    from longtrain.launcher.plan import make_plan
+    from longtrain.launcher.planned import PlanCheck
+
+    monkeypatch.setattr(torch.cuda, "get_device_properties",
+                        lambda dev: SimpleNamespace(name="NVIDIA H100 80GB HBM3", total_memory=80 * 2**30))
+    recipe = load_recipe(str(TINY), ["training.dtype=bf16"])
+    cfg = recipe.model_config()
+    pc = PlanCheck(recipe, cfg, None, None, world=1, sp=1, impl="ring", device=SimpleNamespace(type="cuda"))
+    got = pc._step_time(recipe.data.seq_len, 1.0)
+    want = make_plan(recipe, gpus=1, gpu="h100").step_time[0]["step_s"]
+    assert got["perf/planned_step_time_s"] == pytest.approx(want, rel=1e-12)
+    assert got["perf/planned_mfu"] == 0.45
+    m = pc.planned_memory(recipe.data.seq_len)
+    planned = {"total": m.total, "params": m.params, "optimizer": m.optimizer}
+    slow = {**got, "perf/measured_step_time_s": 2 * want}
+    with caplog.at_level(logging.INFO, logger="longtrain"):
+        pc._report(2, recipe.data.seq_len, m, planned, dict(planned), 0.0, 0.0, slow)
+    assert any("2.00x the planned time" in r.getMessage() for r in caplog.records if r.levelno == logging.WARNING)
+    assert not any("memory differs" in r.getMessage() for r in caplog.records)
+
+
+def test_memory_gap_warning_names_the_component(caplog):
+    """Past 25% and 128 MiB the plan check warns and names the component with the largest gap."""
+    import logging
+
+    from longtrain.launcher.config import load_recipe
+    from longtrain.launcher.planned import GiB, PlanCheck
+
+    recipe = load_recipe(str(TINY), [])
+    pc = PlanCheck(recipe, recipe.model_config(), None, None, world=1, sp=1, impl="ring",
+                   device=SimpleNamespace(type="cpu"))
+    m = pc.planned_memory(recipe.data.seq_len)
+    planned = {"total": 1.0 * GiB, "params": 0.1 * GiB, "optimizer": 0.2 * GiB}
+    for measured_total, warns in ((1.2 * GiB, False), (1.0 * GiB + 0.3 * GiB * 2, True)):
+        caplog.clear()
+        measured = {**planned, "total": measured_total}
+        with caplog.at_level(logging.INFO, logger="longtrain"):
+            pc._report(2, 256, m, planned, measured, 0.7 * GiB, measured_total - 0.3 * GiB, {})
+        warned = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+        assert bool(warned) == warns, warned
+        if warns:
+            assert "activations and the rest" in warned[0] and "+0.6 GiB" in warned[0], warned[0]
