@@ -87,6 +87,12 @@ def run_train(out: Path, *sets: str, nproc: int = 2, timeout: int = 300, check: 
     return proc
 
 
+def steps_logged(out: Path) -> int:
+    """Training steps in metrics.jsonl so far: lines with a loss (eval, MoH and plan-check records have none)."""
+    f = out / "metrics.jsonl"
+    return sum('"loss":' in line for line in f.read_text().splitlines()) if f.is_file() else 0
+
+
 def losses(out: Path) -> dict[int, float]:
     """Per-step loss from metrics.jsonl; the LAST record of a step wins (a resumed run rewrites it)."""
     from longtrain.launcher.metrics import read_jsonl

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import FAST, HANG_S, REPO, TINY, cli_env, losses, run_train
+from helpers import FAST, HANG_S, REPO, TINY, cli_env, losses, run_train, steps_logged
 
 pytest.importorskip("mpi4py")
 MPIRUN = shutil.which("mpirun", path=str(Path(sys.executable).parent)) or shutil.which("mpirun")
@@ -88,7 +88,7 @@ def _wait_for_steps(out: Path, proc: subprocess.Popen, n: int) -> float:
     import time
 
     deadline = time.time() + 240
-    while not (out / "metrics.jsonl").is_file() or len((out / "metrics.jsonl").read_text().splitlines()) < n:
+    while steps_logged(out) < n:
         assert time.time() < deadline and proc.poll() is None, proc.communicate()
         time.sleep(0.05)
     return time.time()

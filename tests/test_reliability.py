@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import HANG_S, losses, run_train
+from helpers import HANG_S, losses, run_train, steps_logged
 
 N, EVERY = 8, 2
 # constant schedule: a run stopped at step 6 follows the same lr as one planned for 8
@@ -135,7 +135,7 @@ def test_signal_saves_and_resumes_exactly(sig, background, tmp_path, tmp_path_fa
     proc = subprocess.Popen(train_cmd(out, *sets), env=cli_env(LONGTRAIN_FAULT="slow_steps:0.4"), cwd=REPO,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
     deadline = time.time() + 240
-    while not (out / "metrics.jsonl").is_file() or len((out / "metrics.jsonl").read_text().splitlines()) < 8:
+    while steps_logged(out) < 8:
         assert time.time() < deadline and proc.poll() is None, proc.communicate()
         time.sleep(0.05)
     os.killpg(proc.pid, getattr(signal, sig))
@@ -196,7 +196,7 @@ def _kill_rank_midway(tmp_path: Path, nproc: int) -> tuple[subprocess.CompletedP
                             env=cli_env(LONGTRAIN_FAULT="slow_steps:0.3"), cwd=REPO, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, start_new_session=True)
     deadline = time.time() + 240
-    while not (out / "metrics.jsonl").is_file() or len((out / "metrics.jsonl").read_text().splitlines()) < 7:
+    while steps_logged(out) < 7:
         assert time.time() < deadline and proc.poll() is None, proc.communicate()
         time.sleep(0.05)
     victim = None
@@ -284,7 +284,7 @@ def _hang_run(out: Path, *sets: str, fault: str, nproc: int = 2) -> tuple[subpro
     proc = subprocess.Popen(train_cmd(out, *sets, nproc=nproc), env=cli_env(LONGTRAIN_FAULT=fault), cwd=REPO,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
     deadline = time.time() + 240
-    while not (out / "metrics.jsonl").is_file() or len((out / "metrics.jsonl").read_text().splitlines()) < 4:
+    while steps_logged(out) < 4:
         assert time.time() < deadline and proc.poll() is None, proc.communicate()
         time.sleep(0.05)
     t0 = time.time()
