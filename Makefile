@@ -8,7 +8,7 @@ STAMP := $(VENV)/.longtrain-installed
 NPROC ?= 2
 PYTEST_ARGS ?=
 
-.PHONY: demo test test-recipes bench gpu-check gpu-check-multi setup clean-runs
+.PHONY: demo test test-recipes bench peer-setup gpu-check gpu-check-multi setup clean-runs
 
 setup: $(STAMP)
 
@@ -34,6 +34,16 @@ test-recipes: $(STAMP)
 
 bench: $(STAMP)
 	$(VENV)/bin/longtrain bench step
+
+# torchtitan for `longtrain bench peer` (docs/peer.md) in a folder of its own, every package --no-deps, so
+# the venv's torch stays as it is; the bench puts the folder on the torchtitan run's PYTHONPATH only
+PEER_SITE ?= .peer-site
+PEER_PKGS := torchtitan==0.3.0 torchdata==0.11.0 torch_checkpointing==0.1.1 tyro==1.0.17 spmd_types==0.2.3 \
+	docstring_parser==0.18.0 typeguard==4.6.1 requests==2.34.2 urllib3==2.8.0 charset_normalizer==3.5.3 \
+	idna==3.21 certifi==2026.10.19.post1
+peer-setup: $(STAMP)
+	$(PIP) install -q --no-deps --upgrade --target $(PEER_SITE) $(PEER_PKGS)
+	@echo "torchtitan ready in $(PEER_SITE): $(VENV)/bin/longtrain bench peer"
 
 # One command on a CUDA box (docs/gpu.md): compiled Triton kernels, CUDA attention backends, simulated
 # rings, NCCL, a bf16 training run, timings. Installs nothing: `PYTHON=python3 make gpu-check` runs the

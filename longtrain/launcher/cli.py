@@ -16,7 +16,8 @@ from longtrain.errors import LongtrainError
 from longtrain.launcher.supervise import (PEER_LOST, RunInfo, peer_lost, report_worker_error, spawn_mpirun,
                                           spawn_torchrun, worker_exit)
 
-BENCHES = ("step", "sp", "lightning", "mesa", "memory", "models", "moh", "data", "gpu-check", "extend", "attention", "kernels")
+BENCHES = ("step", "sp", "lightning", "mesa", "memory", "models", "moh", "data", "gpu-check", "extend", "attention", "kernels",
+           "peer")
 
 
 def _error(msg: str) -> int:
