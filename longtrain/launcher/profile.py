@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import threading
 import time
 from contextlib import contextmanager
@@ -34,15 +33,16 @@ from torch import nn
 
 from longtrain import ranges
 from longtrain.errors import ConfigError
+from longtrain.launcher.metrics import memory_mb
 
 log = logging.getLogger("longtrain")
 
 RSS_INTERVAL_S = 0.002
+_CPU = torch.device("cpu")
 
 
 def _rss_mib() -> float:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+    return memory_mb(_CPU)  # the resident set, as the progress line's CPU figure
 
 
 class _RssTimeline:
